@@ -1,0 +1,376 @@
+"""The divergences DistiLLM and its baselines minimise, and the masked cross-entropy beside them.
+
+Every loss compares the student distribution ``q`` with the teacher distribution ``p`` at each target
+token and reduces to a token-level masked mean over the whole (global) batch. The rules (PAPER.md §1,
+DESIGN.md decision 5) that make these safe to train with for days:
+
+- math in float32 whatever the logits' dtype;
+- mixtures of ``p`` and ``q`` formed in log space (``logaddexp``), so they never underflow to ``log 0``;
+- a vocabulary entry whose logit is ``-inf`` in either model (padded vocabulary) contributes 0, not NaN,
+  to the value and to the gradient;
+- values are true divergences: the teacher entropy is kept, every per-token value is >= 0, and it is
+  0 when student == teacher.
+
+``divergence`` takes full ``[..., V]`` logits. ``chunked_divergence`` takes final hidden states and
+output-embedding matrices instead and never materialises the full ``[B, T, V]`` logits of either model,
+for vocabularies of 100k+ entries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Mapping
+from numbers import Real
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+Array = jax.Array
+
+# ---------------------------------------------------------------------------------------------------
+# Per-token building blocks. Inputs are "safe" log-probabilities: finite everywhere, with `valid`
+# marking the vocabulary entries that exist in both models. Invalid entries are masked out of every sum.
+
+
+def _safe_log_probs(student_logits: Array, teacher_logits: Array) -> tuple[Array, Array, Array]:
+    """float32 log-softmax of both models, with -inf entries replaced by 0 and flagged invalid.
+
+    Replacing before any arithmetic (not after) keeps ``inf - inf`` out of the forward pass and NaN out
+    of the backward pass, where a plain ``where`` on the result would still propagate it.
+    """
+    ls = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+    lt = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
+    valid = jnp.isfinite(ls) & jnp.isfinite(lt)
+    return jnp.where(valid, ls, 0.0), jnp.where(valid, lt, 0.0), valid
+
+
+def _kl(log_a: Array, log_b: Array, valid: Array) -> Array:
+    """KL(a ‖ b) = Σ_v a (log a − log b) over valid entries."""
+    return jnp.sum(jnp.where(valid, jnp.exp(log_a) * (log_a - log_b), 0.0), axis=-1)
+
+
+def _log_mix(log_a: Array, log_b: Array, w: float) -> Array:
+    """log(w·a + (1 − w)·b), computed in log space."""
+    log_w = math.log(w) if w > 0 else -math.inf
+    log_1mw = math.log1p(-w) if w < 1 else -math.inf
+    return jnp.logaddexp(log_w + log_a, log_1mw + log_b)
+
+
+def _fkl(ls: Array, lt: Array, valid: Array) -> Array:
+    return _kl(lt, ls, valid)
+
+
+def _rkl(ls: Array, lt: Array, valid: Array) -> Array:
+    return _kl(ls, lt, valid)
+
+
+def _sfkl(ls: Array, lt: Array, valid: Array, alpha: float) -> Array:
+    return _kl(lt, _log_mix(lt, ls, alpha), valid)
+
+
+def _srkl(ls: Array, lt: Array, valid: Array, alpha: float) -> Array:
+    return _kl(ls, _log_mix(lt, ls, 1.0 - alpha), valid)
+
+
+def _jsd(ls: Array, lt: Array, valid: Array, beta: float) -> Array:
+    log_m = _log_mix(lt, ls, beta)
+    return beta * _kl(lt, log_m, valid) + (1.0 - beta) * _kl(ls, log_m, valid)
+
+
+def _tvd(ls: Array, lt: Array, valid: Array) -> Array:
+    return 0.5 * jnp.sum(jnp.where(valid, jnp.abs(jnp.exp(ls) - jnp.exp(lt)), 0.0), axis=-1)
+
+
+def _symkl(ls: Array, lt: Array, valid: Array, lam: float) -> Array:
+    return (1.0 - lam) * _kl(lt, ls, valid) + lam * _kl(ls, lt, valid)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    per_token: Callable[..., Array]
+    defaults: Mapping[str, float]
+    doc: str
+
+
+_REGISTRY: dict[str, _Spec] = {
+    "fkl": _Spec(_fkl, {}, "KL(p ‖ q), forward KL (KD)"),
+    "rkl": _Spec(_rkl, {}, "KL(q ‖ p), reverse KL"),
+    "sfkl": _Spec(_sfkl, {"alpha": 0.1}, "KL(p ‖ α p + (1−α) q), skew forward KL (SKL)"),
+    "srkl": _Spec(_srkl, {"alpha": 0.1}, "KL(q ‖ (1−α) p + α q), skew reverse KL (SRKL)"),
+    "jsd": _Spec(_jsd, {"beta": 0.5}, "β KL(p ‖ m) + (1−β) KL(q ‖ m), m = β p + (1−β) q"),
+    "tvd": _Spec(_tvd, {}, "½ Σ |p − q|, total variation distance"),
+    "symkl": _Spec(_symkl, {"lam": 0.9}, "(1−λ) KL(p ‖ q) + λ KL(q ‖ p)"),
+}
+
+NAMES: tuple[str, ...] = tuple(_REGISTRY)
+"""Every divergence name ``divergence`` accepts."""
+
+
+def _resolve(name: str, kw: Mapping[str, float]) -> tuple[_Spec, dict[str, float]]:
+    """Look up a divergence and validate its parameters, with one-line errors for every mistake."""
+    spec = _REGISTRY.get(name)
+    if spec is None:
+        raise ValueError(f"unknown divergence {name!r}; valid names: {', '.join(NAMES)}")
+    unknown = sorted(set(kw) - set(spec.defaults))
+    if unknown:
+        takes = ", ".join(spec.defaults) if spec.defaults else "no parameters"
+        raise ValueError(f"divergence {name!r} takes {takes}; got unexpected {', '.join(unknown)}")
+    params = {**spec.defaults, **kw}
+    for key, value in params.items():
+        if not isinstance(value, Real) or not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"divergence {name!r}: {key} must be a number in [0, 1], got {value!r}")
+    return spec, {k: float(v) for k, v in params.items()}
+
+
+def _token_values(spec: _Spec, params: Mapping[str, float], s_logits: Array, t_logits: Array) -> Array:
+    ls, lt, valid = _safe_log_probs(s_logits, t_logits)
+    # Exact divergences are >= 0; clamp the float32 rounding of near-equal distributions.
+    return jnp.maximum(spec.per_token(ls, lt, valid, **params), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reductions and shape checks.
+
+
+def masked_mean(values: Array, mask: Array) -> Array:
+    """Mean of ``values`` over positions where ``mask`` is nonzero; 0 when nothing is selected.
+
+    Masked positions are excluded with ``where`` (not multiplied by 0), so a NaN there cannot leak in.
+    Under ``jit`` with sharded inputs the sums run over the global batch.
+    """
+    keep = mask != 0
+    total = jnp.sum(jnp.where(keep, values, 0.0))
+    return total / jnp.maximum(jnp.sum(keep), 1).astype(jnp.float32)
+
+
+def _check_logits(what: str, student_logits: Array, teacher_logits: Array, m: tuple) -> None:
+    s, t = jnp.shape(student_logits), jnp.shape(teacher_logits)
+    if len(s) < 1 or s != t:
+        raise ValueError(
+            f"{what}: student_logits {s} and teacher_logits {t} must have the same shape [..., vocab]"
+        )
+    if m != s[:-1]:
+        raise ValueError(f"{what}: mask {m} must have the logits' shape without vocab, {s[:-1]}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public API on full logits.
+
+
+def token_divergence(name: str, student_logits: Array, teacher_logits: Array, **kw: float) -> Array:
+    """Per-token divergence ``[...]`` between ``[..., V]`` student and teacher logits (float32).
+
+    For losses that reduce differently (per-sequence means, policy-gradient rewards).
+    """
+    spec, params = _resolve(name, kw)
+    _check_logits(f"divergence {name!r}", student_logits, teacher_logits, jnp.shape(student_logits)[:-1])
+    return _token_values(spec, params, student_logits, teacher_logits)
+
+
+def divergence(name: str, student_logits: Array, teacher_logits: Array, mask: Array, **kw: float) -> Array:
+    """Token-level masked mean of divergence ``name`` (one of ``NAMES``) between student and teacher.
+
+    Args:
+      name: ``fkl``, ``rkl``, ``sfkl``, ``srkl``, ``jsd``, ``tvd`` or ``symkl`` (PAPER.md §1).
+      student_logits, teacher_logits: ``[..., V]``, any float dtype; math runs in float32.
+      mask: ``[...]``; nonzero marks the target tokens that count.
+      **kw: the divergence's parameter: ``alpha`` (sfkl, srkl; 0.1), ``beta`` (jsd; 0.5),
+        ``lam`` (symkl; 0.9).
+    Returns:
+      A float32 scalar, >= 0.
+    """
+    spec, params = _resolve(name, kw)
+    _check_logits(f"divergence {name!r}", student_logits, teacher_logits, jnp.shape(mask))
+    return masked_mean(_token_values(spec, params, student_logits, teacher_logits), mask)
+
+
+def fkl(student_logits: Array, teacher_logits: Array, mask: Array) -> Array:
+    """Forward KL(p ‖ q): the KD loss, reported as a true KL (teacher entropy kept)."""
+    return divergence("fkl", student_logits, teacher_logits, mask)
+
+
+def rkl(student_logits: Array, teacher_logits: Array, mask: Array) -> Array:
+    """Reverse KL(q ‖ p): mode-seeking."""
+    return divergence("rkl", student_logits, teacher_logits, mask)
+
+
+def sfkl(student_logits: Array, teacher_logits: Array, mask: Array, alpha: float = 0.1) -> Array:
+    """Skew forward KL, KL(p ‖ α p + (1−α) q): DistiLLM's SKL."""
+    return divergence("sfkl", student_logits, teacher_logits, mask, alpha=alpha)
+
+
+def srkl(student_logits: Array, teacher_logits: Array, mask: Array, alpha: float = 0.1) -> Array:
+    """Skew reverse KL, KL(q ‖ (1−α) p + α q): DistiLLM's SRKL; gradient flows through both q's."""
+    return divergence("srkl", student_logits, teacher_logits, mask, alpha=alpha)
+
+
+def jsd(student_logits: Array, teacher_logits: Array, mask: Array, beta: float = 0.5) -> Array:
+    """Generalised Jensen-Shannon divergence of GKD with weight β on the teacher."""
+    return divergence("jsd", student_logits, teacher_logits, mask, beta=beta)
+
+
+def tvd(student_logits: Array, teacher_logits: Array, mask: Array) -> Array:
+    """Total variation distance ½ Σ |p − q|."""
+    return divergence("tvd", student_logits, teacher_logits, mask)
+
+
+def symkl(student_logits: Array, teacher_logits: Array, mask: Array, lam: float = 0.9) -> Array:
+    """(1−λ) forward KL + λ reverse KL."""
+    return divergence("symkl", student_logits, teacher_logits, mask, lam=lam)
+
+
+def cross_entropy(logits: Array, labels: Array, mask: Array) -> Array:
+    """Token-level masked mean of −log softmax(logits)[label], in float32.
+
+    Labels at masked positions may hold anything (-100, pad ids): they are never gathered from.
+    """
+    s, lab, m = jnp.shape(logits), jnp.shape(labels), jnp.shape(mask)
+    if len(s) < 1 or lab != s[:-1] or m != s[:-1]:
+        raise ValueError(
+            f"cross_entropy: labels {lab} and mask {m} must both be the logits' shape without vocab, "
+            f"{s[:-1]} (logits {s})"
+        )
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    safe_labels = jnp.where(mask != 0, labels, 0).astype(jnp.int32)
+    nll = -jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
+    return masked_mean(nll, mask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chunked form: the same divergence from hidden states and output embeddings, one sequence chunk at
+# a time, so [B, T, V] logits never exist. Rather than jax.checkpoint (which recomputes both models'
+# logits in the backward pass: 1.5x the matmul FLOPs), the forward pass of each chunk also computes the
+# chunk's gradient w.r.t. the student's hidden states and head (a custom VJP). The loss is a sum over
+# chunks, so the backward pass only scales those stored gradients: the same FLOPs as the plain form,
+# with residuals of the size of the hidden states and the head.
+
+
+def _to_chunks(x: Array, chunk: int) -> Array:
+    """[B, T, ...] -> [n, B, chunk, ...], zero-padding T. Chunks cut the sequence, not the batch,
+    so a batch sharded over data axes stays sharded inside every chunk."""
+    b, t = x.shape[:2]
+    n = -(-t // chunk)
+    x = jnp.pad(x, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+
+def _from_chunks(x: Array, t: int) -> Array:
+    """Inverse of ``_to_chunks``: [n, B, chunk, ...] -> [B, T, ...]."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :t]
+
+
+def _logits(hidden: Array, head: Array) -> Array:
+    return jnp.einsum("bcd,dv->bcv", hidden, head, preferred_element_type=jnp.float32)
+
+
+def _masked_sum(token_fn: Callable[[Array, Array], Array], s: Array, t: Array, m: Array) -> Array:
+    return jnp.sum(jnp.where(m != 0, token_fn(s, t), 0.0))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunked_sum(token_fn, chunk, hs, ht, ws, wt, mask):
+    """Σ over masked tokens of token_fn(hs @ ws, ht @ wt), one chunk of the sequence at a time."""
+
+    def body(total, xs):
+        hs_c, ht_c, m_c = xs
+        return total + _masked_sum(token_fn, _logits(hs_c, ws), _logits(ht_c, wt), m_c), None
+
+    xs = (_to_chunks(hs, chunk), _to_chunks(ht, chunk), _to_chunks(mask, chunk))
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)[0]
+
+
+def _chunked_sum_fwd(token_fn, chunk, hs, ht, ws, wt, mask):
+    # symbolic_zeros=True: each argument arrives as CustomVJPPrimal(value, perturbed).
+    want_h, want_w = hs.perturbed, ws.perturbed
+    hs, ht, ws, wt, mask = hs.value, ht.value, ws.value, wt.value, mask.value
+
+    def body(carry, xs):
+        total, dws = carry
+        hs_c, ht_c, m_c = xs
+        t_logits = _logits(ht_c, wt)
+        value, vjp = jax.vjp(lambda h, w: _masked_sum(token_fn, _logits(h, w), t_logits, m_c), hs_c, ws)
+        dhs_c, dws_c = vjp(jnp.ones((), jnp.float32))
+        if want_w:
+            dws = dws + dws_c.astype(jnp.float32)
+        return (total + value, dws), (dhs_c if want_h else None)
+
+    xs = (_to_chunks(hs, chunk), _to_chunks(ht, chunk), _to_chunks(mask, chunk))
+    dws0 = jnp.zeros(ws.shape if want_w else (), jnp.float32)
+    (total, dws), dhs = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dws0), xs)
+    dhs = _from_chunks(dhs, hs.shape[1]) if want_h else None
+    return total, (dhs, dws.astype(ws.dtype) if want_w else None)
+
+
+def _chunked_sum_bwd(token_fn, chunk, residuals, g):
+    if isinstance(g, SymbolicZero):
+        g = jnp.zeros((), jnp.float32)
+    d_hidden, d_head = (None if d is None else (g * d).astype(d.dtype) for d in residuals)
+    # The teacher side and the mask are constants of the loss (the teacher is trained elsewhere).
+    return d_hidden, None, d_head, None, None
+
+
+_chunked_sum.defvjp(_chunked_sum_fwd, _chunked_sum_bwd, symbolic_zeros=True)
+
+
+def chunked_divergence(
+    name: str,
+    student_hidden: Array,
+    teacher_hidden: Array,
+    student_head: Array,
+    teacher_head: Array,
+    mask: Array,
+    *,
+    chunk_size: int = 128,
+    **kw: float,
+) -> Array:
+    """``divergence(name, student_hidden @ student_head, teacher_hidden @ teacher_head, mask, **kw)``
+    without ever holding the full ``[B, T, V]`` logits of either model.
+
+    Args:
+      student_hidden, teacher_hidden: final hidden states ``[B, T, Ds]`` and ``[B, T, Dt]`` (after the
+        final norm and any output rescaling, e.g. T5's ``d_model**-0.5`` for tied embeddings).
+      student_head, teacher_head: output embeddings ``[Ds, V]`` and ``[Dt, V]`` (pass ``embedding.T``
+        for tied heads). Logits are their products, accumulated in float32.
+      mask: ``[B, T]``, nonzero marks target tokens.
+      chunk_size: sequence positions per chunk; peak memory scales with ``B * chunk_size * V``.
+    Returns:
+      The same float32 scalar as ``divergence``, and the same gradient w.r.t. the student's hidden
+      states and head. The teacher is treated as a constant (stop_gradient), as in distillation.
+    """
+    spec, params = _resolve(name, kw)
+    what = f"chunked_divergence {name!r}"
+    shapes = [jnp.shape(x) for x in (student_hidden, teacher_hidden, student_head, teacher_head)]
+    (hs, ht, ws, wt), m = shapes, jnp.shape(mask)
+    if (
+        len(hs) != 3
+        or len(ht) != 3
+        or hs[:2] != ht[:2]
+        or m != hs[:2]
+        or len(ws) != 2
+        or len(wt) != 2
+        or ws[0] != hs[2]
+        or wt[0] != ht[2]
+        or ws[1] != wt[1]
+    ):
+        raise ValueError(
+            f"{what}: expected student_hidden [B, T, Ds], teacher_hidden [B, T, Dt], student_head "
+            f"[Ds, V], teacher_head [Dt, V], mask [B, T]; got {hs}, {ht}, {ws}, {wt}, {m}"
+        )
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{what}: chunk_size must be a positive int, got {chunk_size!r}")
+    token_fn = functools.partial(_token_values, spec, params)
+    chunk = min(chunk_size, hs[1])
+    total = _chunked_sum(
+        token_fn,
+        chunk,
+        student_hidden,
+        jax.lax.stop_gradient(teacher_hidden),
+        student_head,
+        jax.lax.stop_gradient(teacher_head),
+        (jnp.asarray(mask) != 0).astype(jnp.float32),
+    )
+    return total / jnp.maximum(jnp.sum(mask != 0), 1).astype(jnp.float32)
