@@ -45,6 +45,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-time", action="store_true", help="compiled memory only")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--quick", action="store_true", help="tiny shapes, for testing the script")
+    p.add_argument("--table-from", metavar="JSON", help="print the table of a saved run and exit")
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.seq, args.vocab, args.hidden, args.teacher_hidden = 2, 40, [300], 16, 24
@@ -102,7 +103,8 @@ def measure(args: argparse.Namespace, vocab: int, name: str, chunked: bool, inpu
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: one line per (vocab, divergence), plain and chunked side by side, with ratios."""
+    """Markdown: one line per (vocab, divergence), plain and chunked side by side, with ratios
+    (chunked / plain: below 1 means the chunked form needs less)."""
     out = [
         "| V | divergence | plain temp MiB | chunked temp MiB | memory ratio | plain ms | chunked ms "
         "| time ratio | value rel. diff |",
@@ -129,6 +131,11 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    if args.table_from:
+        with open(args.table_from) as f:
+            saved = json.load(f)
+        print(f"# {saved['machine']}\n{table(saved['rows'])}")
+        return saved["rows"]
     print(f"# {machine_note()}", flush=True)
     print(
         f"# B={args.batch} T={args.seq} hidden student/teacher={args.hidden}/{args.teacher_hidden} "

@@ -292,11 +292,16 @@ def _chunked_sum_fwd(token_fn, chunk, hs, ht, ws, wt, mask):
         total, dws = carry
         hs_c, ht_c, m_c = xs
         t_logits = _logits(ht_c, wt)
-        value, vjp = jax.vjp(lambda h, w: _masked_sum(token_fn, _logits(h, w), t_logits, m_c), hs_c, ws)
-        dhs_c, dws_c = vjp(jnp.ones((), jnp.float32))
-        if want_w:
-            dws = dws + dws_c.astype(jnp.float32)
-        return (total + value, dws), (dhs_c if want_h else None)
+        value, vjp = jax.vjp(lambda s: _masked_sum(token_fn, s, t_logits, m_c), _logits(hs_c, ws))
+        # d loss / d logits, in the matmul dtype (bf16 for bf16 models, as mixed precision does).
+        d_logits = vjp(jnp.ones((), jnp.float32))[0].astype(ws.dtype)
+        if want_w:  # accumulate in float32 inside the matmul: no per-chunk [Ds, V] temporary
+            dws = dws + jnp.einsum("bcd,bcv->dv", hs_c, d_logits, preferred_element_type=jnp.float32)
+        dhs_c = None
+        if want_h:
+            dhs_c = jnp.einsum("bcv,dv->bcd", d_logits, ws, preferred_element_type=jnp.float32)
+            dhs_c = dhs_c.astype(hs.dtype)
+        return (total + value, dws), dhs_c
 
     xs = (_to_chunks(hs, chunk), _to_chunks(ht, chunk), _to_chunks(mask, chunk))
     dws0 = jnp.zeros(ws.shape if want_w else (), jnp.float32)
@@ -339,7 +344,9 @@ def chunked_divergence(
       chunk_size: sequence positions per chunk; peak memory scales with ``B * chunk_size * V``.
     Returns:
       The same float32 scalar as ``divergence``, and the same gradient w.r.t. the student's hidden
-      states and head. The teacher is treated as a constant (stop_gradient), as in distillation.
+      states and head (with bfloat16 inputs, d loss / d logits is rounded to bfloat16 before the
+      matmuls, as mixed-precision backward passes do). The teacher is treated as a constant
+      (stop_gradient), as in distillation.
     """
     spec, params = _resolve(name, kw)
     what = f"chunked_divergence {name!r}"
