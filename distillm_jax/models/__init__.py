@@ -1,0 +1,137 @@
+"""Model families in Flax NNX and their Hugging Face checkpoints.
+
+    model = models.from_pretrained("path/or/hub-id", dtype=jnp.bfloat16, mesh=mesh)
+    logits = model(input_ids, attention_mask)                       # decoder-only: [B, T, V] float32
+    logits = model(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)   # T5 family
+    models.save_pretrained(model, "out/")                            # loads in transformers unchanged
+
+Every model also exposes ``hidden(...)`` (final hidden states and KV cache, for the sampler and the
+chunked loss), ``head()`` (the [D, V] output embedding) and ``init_cache(batch, slots)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from types import ModuleType
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from distillm_jax import sharding as shd
+from distillm_jax.models import hf_io, llama
+from distillm_jax.models.hf_io import CheckpointError
+
+_MODULES: tuple[ModuleType, ...] = (llama,)
+FAMILIES: dict[str, ModuleType] = {t: m for m in _MODULES for t in m.MODEL_TYPES}
+"""HF ``model_type`` -> the module that implements it."""
+
+__all__ = ["FAMILIES", "CheckpointError", "create", "from_pretrained", "load_hf_config", "save_pretrained"]
+
+
+def _family(model_type: str, where: str) -> ModuleType:
+    if model_type not in FAMILIES:
+        raise CheckpointError(
+            f"unsupported model_type {model_type!r} in {where}; supported: {', '.join(sorted(FAMILIES))}"
+        )
+    return FAMILIES[model_type]
+
+
+def load_hf_config(directory: str):
+    """The transformers config of a checkpoint directory (config.json via AutoConfig)."""
+    from transformers import AutoConfig
+
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"no config.json in {directory}")
+    try:
+        with open(path) as f:
+            model_type = json.load(f).get("model_type")
+    except ValueError as e:
+        raise CheckpointError(f"corrupt {path}: {e}") from None
+    _family(model_type, path)
+    return AutoConfig.from_pretrained(directory)
+
+
+def _abstract(hf_config, param_dtype, dtype) -> tuple[ModuleType, nnx.GraphDef, nnx.State]:
+    family = _family(hf_config.model_type, "the config")
+    cfg = family.Config.from_hf(hf_config)
+
+    def build():
+        model = family.Model(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype)
+        model.hf_config = hf_config.to_dict()
+        return model
+
+    graphdef, state = nnx.split(nnx.eval_shape(build))
+    return family, graphdef, state
+
+
+def create(hf_config, *, dtype=jnp.float32, param_dtype=None, mesh: Mesh | None = None, seed: int = 0):
+    """A randomly initialised model for a transformers config, created directly in its shardings."""
+    family = _family(hf_config.model_type, "the config")
+    cfg, param_dtype = family.Config.from_hf(hf_config), param_dtype or dtype
+
+    def init():
+        model = family.Model(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype, dtype=dtype)
+        return nnx.split(model)[1]
+
+    _, graphdef, abstract = _abstract(hf_config, param_dtype, dtype)
+    out = None if mesh is None else shd.state_shardings(abstract, mesh)
+    return nnx.merge(graphdef, jax.jit(init, out_shardings=out)())
+
+
+def _local_dir(path_or_hub_id: str) -> str:
+    if os.path.isdir(path_or_hub_id):
+        return path_or_hub_id
+    if os.path.exists(path_or_hub_id) or path_or_hub_id.startswith((".", "/")):
+        raise CheckpointError(f"{path_or_hub_id} is not a checkpoint directory")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
+    return snapshot_download(path_or_hub_id, allow_patterns=patterns)
+
+
+def from_pretrained(path_or_hub_id: str, dtype=jnp.float32, mesh: Mesh | None = None, param_dtype=None):
+    """Load an HF checkpoint (local directory or hub id) into our NNX model, torch-free.
+
+    ``dtype`` is the compute dtype; ``param_dtype`` (default: ``dtype``) the dtype parameters are kept
+    in. With a ``mesh`` every tensor goes straight to its sharding.
+    """
+    directory = _local_dir(path_or_hub_id)
+    hf_config = load_hf_config(directory)
+    param_dtype = param_dtype or dtype
+    family, graphdef, abstract = _abstract(hf_config, param_dtype, dtype)
+    cfg = family.Config.from_hf(hf_config)
+    state = hf_io.load_state(
+        abstract,
+        family.hf_rules(cfg),
+        hf_io.open_checkpoint(directory),
+        where=directory,
+        mesh=mesh,
+        ignore=family.ignore_hf_key,
+    )
+    return nnx.merge(graphdef, state)
+
+
+def save_pretrained(model: nnx.Module, out_dir: str, tokenizer=None, max_shard_size: int = 5 * 2**30) -> None:
+    """Write config.json + safetensors (sharded above ``max_shard_size`` bytes) that transformers loads
+    unchanged, plus the tokenizer when given. Tied heads are stored once, as transformers does."""
+    family = _family(model.hf_config["model_type"], "the model")
+    cfg = family.Config.from_hf(_hf_config_object(model.hf_config))
+    tensors = hf_io.export_tensors(nnx.state(model, nnx.Param), family.hf_rules(cfg))
+    hf_io.write_checkpoint(out_dir, tensors, max_shard_size)
+    config = dict(model.hf_config)
+    config["dtype"] = str(jnp.dtype(next(iter(tensors.values())).dtype))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+def _hf_config_object(config: dict):
+    from transformers import AutoConfig
+
+    kwargs = {k: v for k, v in config.items() if k != "model_type"}
+    return AutoConfig.for_model(config["model_type"], **kwargs)

@@ -1,0 +1,299 @@
+"""Blocks that several model families share: parameters with logical axes, norms, attention with a KV
+cache, MLPs, rotary embeddings, masks.
+
+KV cache (the sampler's interface). A self-attention layer's cache is ``{"k", "v"}``, each
+``[B, S, kv_heads, head_dim]`` in the compute dtype, where ``S`` is a fixed number of *slots* (prompt
+length + new tokens). A call with ``T`` new tokens writes them to slots ``[index, index + T)`` and
+attends over all ``S`` slots, masked by ``kv_valid [B, S]`` (which slots hold real tokens) and
+causality on slots. Left-padded prompts simply have invalid leading slots; *positions* (for rotary or
+learned position embeddings) are passed separately and count only real tokens, so a left-padded row
+computes exactly what the unpadded row would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+Cache = dict[str, Array]
+MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so an all-masked row softmaxes to uniform, not NaN
+
+
+def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], dtype, std: float = 0.02):
+    """A normally initialised parameter carrying its logical axis names (see sharding.py)."""
+    return nnx.Param(std * jax.random.normal(rngs.params(), tuple(shape), dtype), axes=tuple(axes))
+
+
+def ones_param(shape: Sequence[int], axes: Sequence[str | None], dtype) -> nnx.Param:
+    return nnx.Param(jnp.ones(tuple(shape), dtype), axes=tuple(axes))
+
+
+def zeros_param(shape: Sequence[int], axes: Sequence[str | None], dtype) -> nnx.Param:
+    return nnx.Param(jnp.zeros(tuple(shape), dtype), axes=tuple(axes))
+
+
+def activation(name: str):
+    """HF activation names -> functions (gelu_new is the tanh approximation)."""
+    table = {
+        "relu": jax.nn.relu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+    }
+    if name not in table:
+        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(table)}")
+    return table[name]
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, computed in float32 (Llama, Qwen, T5's 'LayerNorm')."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype, dtype, axes: str = "norm"):
+        self.scale = ones_param((dim,), (axes,), param_dtype)
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x: Array) -> Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """Standard LayerNorm with scale and bias, computed in float32 (GPT-2, OPT)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype, dtype, affine: bool = True):
+        self.scale = ones_param((dim,), ("norm",), param_dtype) if affine else None
+        self.bias = zeros_param((dim,), ("norm",), param_dtype) if affine else None
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x: Array) -> Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        xf = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.scale is not None:
+            xf = xf * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return xf.astype(self.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding [V, D]; also the tied output head."""
+
+    def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, param_dtype, dtype, std: float = 0.02):
+        self.table = param(rngs, (vocab, dim), ("vocab", "embed"), param_dtype, std)
+        self.dtype = dtype
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.table[...], ids, axis=0).astype(self.dtype)
+
+    def as_head(self) -> Array:
+        """[D, V], the layout ``losses.chunked_divergence`` and ``logits`` take."""
+        return self.table[...].T
+
+
+def logits(hidden: Array, head: Array) -> Array:
+    """[B, T, D] @ [D, V] -> float32 [B, T, V]."""
+    return jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Positions and masks.
+
+
+def default_positions(attention_mask: Array) -> Array:
+    """Positions that count real tokens only: left padding does not shift them (as HF generate does)."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def attention_mask(
+    q_slots: Array, kv_valid: Array, *, causal: bool = True, window: int | None = None
+) -> Array:
+    """Boolean [B, 1, Tq, S]: query slot may attend key slot (valid, not in the future, in the window)."""
+    k_slots = jnp.arange(kv_valid.shape[-1])
+    allowed = kv_valid[:, None, None, :].astype(bool)
+    if causal:
+        allowed = allowed & (k_slots[None, :] <= q_slots[:, None])[None, None]
+    if window is not None:
+        allowed = allowed & (k_slots[None, :] > q_slots[:, None] - window)[None, None]
+    return allowed
+
+
+def rope_inv_freq(head_dim: int, rope: dict) -> Array:
+    """Rotary inverse frequencies from HF ``rope_parameters`` (default, linear and llama3 scaling)."""
+    theta = float(rope.get("rope_theta", 10000.0))
+    inv = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    kind = rope.get("rope_type", rope.get("type", "default")) or "default"
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / rope["factor"]
+    if kind == "llama3":
+        factor, lo, hi = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        old = rope["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        return jnp.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope_type {kind!r}; supported: default, linear, llama3")
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+    """Rotate [B, T, H, Dh] by positions [B, T] (HF's rotate_half convention), in float32."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, -1)[:, :, None, :]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, -1)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    return (xf * cos + jnp.concatenate([-x2, x1], -1) * sin).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention.
+
+
+def dot_attention(q: Array, k: Array, v: Array, mask: Array, bias: Array | None, scale: float) -> Array:
+    """Grouped-query attention. q [B, Tq, H, Dh]; k, v [B, S, Hkv, Dh]; mask [B, 1, Tq, S]; bias
+    broadcastable to [B, H, Tq, S]. Softmax in float32."""
+    b, tq, h, dh = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, tq, hkv, h // hkv, dh)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32).reshape(bias.shape[0], hkv, h // hkv, *bias.shape[2:])
+    scores = jnp.where(mask[:, :, None], scores, MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, tq, h, v.shape[-1]).astype(v.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head / grouped-query attention with optional biases, q/k norm, rotary, relative bias, a
+    self-attention KV cache, and cross-attention (keys and values from another sequence)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype,
+        dtype,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        qk_norm_eps: float | None = None,
+        std: float = 0.02,
+    ):
+        if heads % kv_heads:
+            raise ValueError(f"attention heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
+        self.q = param(rngs, (d_model, heads, head_dim), ("embed", "heads", "head_dim"), param_dtype, std)
+        self.k = param(rngs, (d_model, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), param_dtype, std)
+        self.v = param(rngs, (d_model, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), param_dtype, std)
+        self.o = param(rngs, (heads, head_dim, d_model), ("heads", "head_dim", "embed"), param_dtype, std)
+        bias = lambda n: zeros_param((n, head_dim), ("heads" if n == heads else "kv_heads", "head_dim"), param_dtype)  # noqa: E731
+        self.q_bias = bias(heads) if qkv_bias else None
+        self.k_bias = bias(kv_heads) if qkv_bias else None
+        self.v_bias = bias(kv_heads) if qkv_bias else None
+        self.o_bias = zeros_param((d_model,), ("embed",), param_dtype) if out_bias else None
+        norm = dict(param_dtype=param_dtype, dtype=dtype, axes="head_dim")
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps, **norm) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps, **norm) if qk_norm_eps is not None else None
+        self.dtype = dtype
+
+    def _proj(self, x: Array, w: nnx.Param, b: nnx.Param | None) -> Array:
+        y = jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype))
+        return y if b is None else y + b[...].astype(self.dtype)
+
+    def kv(self, x: Array) -> Cache:
+        """Keys and values of ``x`` [B, S, D] (what a cross-attention cache holds)."""
+        k = self._proj(x, self.k, self.k_bias)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return {"k": k, "v": self._proj(x, self.v, self.v_bias)}
+
+    def __call__(
+        self,
+        x: Array,
+        mask: Array,
+        *,
+        scale: float,
+        positions: Array | None = None,
+        inv_freq: Array | None = None,
+        bias: Array | None = None,
+        cache: Cache | None = None,
+        cache_index: Array | int = 0,
+        cross: Cache | None = None,
+    ) -> tuple[Array, Cache | None]:
+        """Self-attention over ``x`` (writing to ``cache`` when given), or cross-attention to the
+        precomputed keys/values ``cross``. Returns the output and the updated cache."""
+        q = self._proj(x, self.q, self.q_bias)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if cross is not None:
+            kv = cross
+        else:
+            kv = self.kv(x)
+            if inv_freq is not None:
+                q = apply_rope(q, positions, inv_freq)
+                kv["k"] = apply_rope(kv["k"], positions, inv_freq)
+            if cache is not None:
+                at = (0, cache_index, 0, 0)
+                kv = {n: jax.lax.dynamic_update_slice(cache[n], kv[n].astype(cache[n].dtype), at) for n in kv}
+                cache = kv
+        out = dot_attention(q, kv["k"], kv["v"], mask, bias, scale)
+        y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(self.dtype))
+        return (y if self.o_bias is None else y + self.o_bias[...].astype(self.dtype)), cache
+
+
+def init_kv_cache(layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype) -> list[Cache]:
+    """Zeroed self-attention caches, one ``{"k", "v"}`` per layer."""
+    shape = (batch, slots, kv_heads, head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(layers)]
+
+
+class MLP(nnx.Module):
+    """Gated (act(x W_gate) * x W_up) W_down, or plain act(x W_in + b) W_out + b."""
+
+    def __init__(
+        self,
+        d_model: int,
+        hidden: int,
+        act: str,
+        *,
+        gated: bool,
+        bias: bool,
+        rngs: nnx.Rngs,
+        param_dtype,
+        dtype,
+        std: float = 0.02,
+    ):
+        self.gate = param(rngs, (d_model, hidden), ("embed", "mlp"), param_dtype, std) if gated else None
+        self.up = param(rngs, (d_model, hidden), ("embed", "mlp"), param_dtype, std)
+        self.down = param(rngs, (hidden, d_model), ("mlp", "embed"), param_dtype, std)
+        self.gate_bias = zeros_param((hidden,), ("mlp",), param_dtype) if bias and gated else None
+        self.up_bias = zeros_param((hidden,), ("mlp",), param_dtype) if bias else None
+        self.down_bias = zeros_param((d_model,), ("embed",), param_dtype) if bias else None
+        self.act, self.dtype = activation(act), dtype
+
+    def __call__(self, x: Array) -> Array:
+        w = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        h = x @ w(self.up)
+        if self.up_bias is not None:
+            h = h + w(self.up_bias)
+        if self.gate is None:
+            h = self.act(h)
+        else:
+            g = x @ w(self.gate)
+            h = self.act(g if self.gate_bias is None else g + w(self.gate_bias)) * h
+        y = h @ w(self.down)
+        return y if self.down_bias is None else y + w(self.down_bias)
