@@ -21,10 +21,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from distillm_jax import sharding as shd
-from distillm_jax.models import hf_io, llama
+from distillm_jax.models import gpt2, hf_io, llama, opt, t5
 from distillm_jax.models.hf_io import CheckpointError
 
-_MODULES: tuple[ModuleType, ...] = (llama,)
+_MODULES: tuple[ModuleType, ...] = (gpt2, llama, opt, t5)
 FAMILIES: dict[str, ModuleType] = {t: m for m in _MODULES for t in m.MODEL_TYPES}
 """HF ``model_type`` -> the module that implements it."""
 
@@ -104,10 +104,13 @@ def from_pretrained(path_or_hub_id: str, dtype=jnp.float32, mesh: Mesh | None = 
     param_dtype = param_dtype or dtype
     family, graphdef, abstract = _abstract(hf_config, param_dtype, dtype)
     cfg = family.Config.from_hf(hf_config)
+    tensors = hf_io.open_checkpoint(directory)
+    if hasattr(family, "canonical_keys"):
+        tensors = family.canonical_keys(tensors)
     state = hf_io.load_state(
         abstract,
         family.hf_rules(cfg),
-        hf_io.open_checkpoint(directory),
+        tensors,
         where=directory,
         mesh=mesh,
         ignore=family.ignore_hf_key,
@@ -124,6 +127,8 @@ def save_pretrained(model: nnx.Module, out_dir: str, tokenizer=None, max_shard_s
     hf_io.write_checkpoint(out_dir, tensors, max_shard_size)
     config = dict(model.hf_config)
     config["dtype"] = str(jnp.dtype(next(iter(tensors.values())).dtype))
+    if hasattr(family, "export_config"):
+        config = family.export_config(config, cfg)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     if tokenizer is not None:

@@ -54,7 +54,9 @@ class Rule(NamedTuple):
     hf: str  # HF tensor name, e.g. "model.layers.0.self_attn.q_proj.weight"
     to_ours: Callable = identity
     to_hf: Callable = identity
-    part: tuple[int, int, int] | None = None  # (index, count, axis): one of `count` equal slices of a fused tensor
+    part: tuple[int, int, int] | None = (
+        None  # (index, count, axis): one of `count` equal slices of a fused tensor
+    )
 
 
 def transposed(hf: str, ours: str) -> Rule:
@@ -134,7 +136,9 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         shape = tuple(info["shape"])
         if dtype is None or start + end > size or end - begin != dtype.itemsize * int(np.prod(shape)):
             raise CheckpointError(f"corrupt safetensors file {path}: bad entry for tensor {name!r}")
-        out[name] = np.memmap(path, dtype, "r", offset=start + begin, shape=shape) if shape else np.zeros((), dtype)
+        out[name] = (
+            np.memmap(path, dtype, "r", offset=start + begin, shape=shape) if shape else np.zeros((), dtype)
+        )
     return out
 
 
@@ -209,17 +213,18 @@ def load_state(
     for i, (path, var) in enumerate(flat):
         rule = by_path.get(_dotted(path))
         if rule is None:
-            raise CheckpointError(f"no checkpoint rule for parameter {_dotted(path)} (a bug in the family's map)")
+            raise CheckpointError(
+                f"no checkpoint rule for parameter {_dotted(path)} (a bug in the family's map)"
+            )
         want = var.get_value()
         hf_shape = jax.eval_shape(rule.to_hf, jax.ShapeDtypeStruct(want.shape, want.dtype)).shape
         raw = tensors[rule.hf]
         if rule.part is not None:  # the whole fused tensor is `count` slices of this shape
-            index, count, axis = rule.part
+            _, count, axis = rule.part
             hf_shape = tuple(n * count if a == axis else n for a, n in enumerate(hf_shape))
         if tuple(raw.shape) != tuple(hf_shape):
-            raise CheckpointError(
-                f"tensor {rule.hf} in {where} has shape {tuple(raw.shape)}, the config needs {tuple(hf_shape)}"
-            )
+            got, need = tuple(raw.shape), tuple(hf_shape)
+            raise CheckpointError(f"tensor {rule.hf} in {where} has shape {got}, the config needs {need}")
         host = np.asarray(rule.to_ours(_hf_slice(raw, rule.part))).astype(want.dtype)
         if shardings is None:
             value = jnp.asarray(host)
@@ -238,7 +243,9 @@ def export_tensors(state: nnx.State, rules: list[Rule]) -> dict[str, np.ndarray]
         index, _, axis = r.part or (0, 1, 0)
         parts.setdefault(r.hf, []).append((index, axis, np.asarray(jax.device_get(r.to_hf(values[r.ours])))))
     return {
-        name: ps[0][2] if len(ps) == 1 else np.concatenate([p[2] for p in sorted(ps, key=lambda p: p[0])], ps[0][1])
+        name: ps[0][2]
+        if len(ps) == 1
+        else np.concatenate([p[2] for p in sorted(ps, key=lambda p: p[0])], ps[0][1])
         for name, ps in parts.items()
     }
 

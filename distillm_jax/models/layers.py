@@ -112,9 +112,7 @@ def default_positions(attention_mask: Array) -> Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def attention_mask(
-    q_slots: Array, kv_valid: Array, *, causal: bool = True, window: int | None = None
-) -> Array:
+def slot_mask(q_slots: Array, kv_valid: Array, *, causal: bool = True, window: int | None = None) -> Array:
     """Boolean [B, 1, Tq, S]: query slot may attend key slot (valid, not in the future, in the window)."""
     k_slots = jnp.arange(kv_valid.shape[-1])
     allowed = kv_valid[:, None, None, :].astype(bool)
@@ -197,13 +195,17 @@ class Attention(nnx.Module):
         if heads % kv_heads:
             raise ValueError(f"attention heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
         self.q = param(rngs, (d_model, heads, head_dim), ("embed", "heads", "head_dim"), param_dtype, std)
-        self.k = param(rngs, (d_model, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), param_dtype, std)
-        self.v = param(rngs, (d_model, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), param_dtype, std)
+        self.k = param(
+            rngs, (d_model, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), param_dtype, std
+        )
+        self.v = param(
+            rngs, (d_model, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), param_dtype, std
+        )
         self.o = param(rngs, (heads, head_dim, d_model), ("heads", "head_dim", "embed"), param_dtype, std)
-        bias = lambda n: zeros_param((n, head_dim), ("heads" if n == heads else "kv_heads", "head_dim"), param_dtype)  # noqa: E731
-        self.q_bias = bias(heads) if qkv_bias else None
-        self.k_bias = bias(kv_heads) if qkv_bias else None
-        self.v_bias = bias(kv_heads) if qkv_bias else None
+        self.q_bias = zeros_param((heads, head_dim), ("heads", "head_dim"), param_dtype) if qkv_bias else None
+        kv_bias = lambda: zeros_param((kv_heads, head_dim), ("kv_heads", "head_dim"), param_dtype)  # noqa: E731
+        self.k_bias = kv_bias() if qkv_bias else None
+        self.v_bias = kv_bias() if qkv_bias else None
         self.o_bias = zeros_param((d_model,), ("embed",), param_dtype) if out_bias else None
         norm = dict(param_dtype=param_dtype, dtype=dtype, axes="head_dim")
         self.q_norm = RMSNorm(head_dim, qk_norm_eps, **norm) if qk_norm_eps is not None else None
@@ -297,3 +299,65 @@ class MLP(nnx.Module):
             h = self.act(g if self.gate_bias is None else g + w(self.gate_bias)) * h
         y = h @ w(self.down)
         return y if self.down_bias is None else y + w(self.down_bias)
+
+
+class NormBlock(nnx.Module):
+    """A LayerNorm transformer block, pre-norm (GPT-2, most OPT) or post-norm (OPT-350m): attention
+    with biases and a plain MLP."""
+
+    def __init__(self, cfg, *, pre_norm: bool, affine: bool = True, rngs: nnx.Rngs, param_dtype, dtype):
+        kw = dict(param_dtype=param_dtype, dtype=dtype)
+        self.attn_norm = LayerNorm(cfg.d_model, cfg.eps, affine=affine, **kw)
+        self.attn = Attention(
+            cfg.d_model,
+            cfg.heads,
+            cfg.heads,
+            cfg.head_dim,
+            rngs=rngs,
+            qkv_bias=cfg.bias,
+            out_bias=cfg.bias,
+            **kw,
+        )
+        self.mlp_norm = LayerNorm(cfg.d_model, cfg.eps, affine=affine, **kw)
+        self.mlp = MLP(cfg.d_model, cfg.mlp, cfg.act, gated=False, bias=cfg.bias, rngs=rngs, **kw)
+        self.pre_norm, self.scale = pre_norm, cfg.head_dim**-0.5
+
+    def __call__(self, x, mask, positions, cache, cache_index):
+        h = self.attn_norm(x) if self.pre_norm else x
+        h, cache = self.attn(h, mask, scale=self.scale, cache=cache, cache_index=cache_index)
+        x = x + h if self.pre_norm else self.attn_norm(x + h)
+        h = self.mlp(self.mlp_norm(x) if self.pre_norm else x)
+        return (x + h if self.pre_norm else self.mlp_norm(x + h)), cache
+
+
+class CausalLM(nnx.Module):
+    """What every decoder-only family shares: masks, positions, the KV cache and the layer loop.
+
+    A family sets ``config`` (with layers, kv_heads, head_dim, window), ``layers`` (blocks called as
+    ``block(x, mask, positions, cache, cache_index)``), ``dtype``, and implements ``embed_inputs``,
+    ``finish`` (final norm/projection) and ``head`` ([D, V] output embedding).
+    """
+
+    def init_cache(self, batch: int, slots: int) -> list[Cache]:
+        c = self.config
+        return init_kv_cache(c.layers, batch, slots, c.kv_heads, c.head_dim, self.dtype)
+
+    def hidden(self, input_ids, attention_mask, *, positions=None, cache=None, cache_index=0):
+        """Final hidden states [B, T, D] and the updated cache. Without a cache ``attention_mask`` is
+        [B, T]; with one it is [B, S] over cache slots and ``positions`` [B, T] must be given."""
+        if positions is None:
+            if cache is not None:
+                raise ValueError("decoding with a cache needs explicit positions")
+            positions = default_positions(attention_mask)
+        q_slots = cache_index + jnp.arange(input_ids.shape[1])
+        mask = slot_mask(q_slots, attention_mask, window=self.config.window)
+        x = self.embed_inputs(input_ids, positions)
+        new_cache = []
+        for i, block in enumerate(self.layers):
+            x, c = block(x, mask, positions, None if cache is None else cache[i], cache_index)
+            new_cache.append(c)
+        return self.finish(x), (None if cache is None else new_cache)
+
+    def __call__(self, input_ids, attention_mask):
+        """Float32 logits [B, T, V]; left padding allowed."""
+        return logits(self.hidden(input_ids, attention_mask)[0], self.head())

@@ -80,15 +80,15 @@ class Block(nnx.Module):
         )
         self.mlp_norm = L.RMSNorm(cfg.d_model, cfg.eps, **kw)
         self.mlp = L.MLP(cfg.d_model, cfg.mlp, cfg.act, gated=True, bias=cfg.mlp_bias, rngs=rngs, **kw)
-        self.scale = cfg.head_dim**-0.5
+        self.head_dim, self.rope = cfg.head_dim, cfg.rope
 
-    def __call__(self, x, mask, positions, inv_freq, cache, cache_index):
+    def __call__(self, x, mask, positions, cache, cache_index):
         h, cache = self.attn(
             self.attn_norm(x),
             mask,
-            scale=self.scale,
+            scale=self.head_dim**-0.5,
             positions=positions,
-            inv_freq=inv_freq,
+            inv_freq=L.rope_inv_freq(self.head_dim, dict(self.rope)),
             cache=cache,
             cache_index=cache_index,
         )
@@ -96,7 +96,7 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x)), cache
 
 
-class Model(nnx.Module):
+class Model(L.CausalLM):
     """Decoder-only causal LM. ``model(ids, mask)`` -> float32 logits [B, T, V]."""
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32):
@@ -105,35 +105,19 @@ class Model(nnx.Module):
         self.embed = L.Embed(cfg.vocab, cfg.d_model, rngs=rngs, **kw)
         self.layers = nnx.List([Block(cfg, rngs=rngs, **kw) for _ in range(cfg.layers)])
         self.norm = L.RMSNorm(cfg.d_model, cfg.eps, **kw)
-        self.lm_head = None if cfg.tied else L.param(rngs, (cfg.d_model, cfg.vocab), ("embed", "vocab"), param_dtype)
+        self.lm_head = (
+            None if cfg.tied else L.param(rngs, (cfg.d_model, cfg.vocab), ("embed", "vocab"), param_dtype)
+        )
+
+    def embed_inputs(self, input_ids, positions):
+        return self.embed(input_ids)
+
+    def finish(self, x):
+        return self.norm(x)
 
     def head(self) -> jax.Array:
         """Output embedding [D, V]."""
         return self.embed.as_head() if self.lm_head is None else self.lm_head[...]
-
-    def init_cache(self, batch: int, slots: int) -> list[L.Cache]:
-        c = self.config
-        return L.init_kv_cache(c.layers, batch, slots, c.kv_heads, c.head_dim, self.dtype)
-
-    def hidden(self, input_ids, attention_mask, *, positions=None, cache=None, cache_index=0):
-        """Final hidden states [B, T, D] and the updated cache. Without a cache ``attention_mask`` is
-        [B, T]; with one it is [B, S] over cache slots and ``positions`` [B, T] must be given."""
-        t = input_ids.shape[1]
-        if positions is None:
-            if cache is not None:
-                raise ValueError("decoding with a cache needs explicit positions")
-            positions = L.default_positions(attention_mask)
-        mask = L.attention_mask(cache_index + jnp.arange(t), attention_mask, window=self.config.window)
-        inv_freq = L.rope_inv_freq(self.config.head_dim, dict(self.config.rope))
-        x = self.embed(input_ids)
-        new_cache = []
-        for i, block in enumerate(self.layers):
-            x, c = block(x, mask, positions, inv_freq, None if cache is None else cache[i], cache_index)
-            new_cache.append(c)
-        return self.norm(x), (None if cache is None else new_cache)
-
-    def __call__(self, input_ids, attention_mask):
-        return L.logits(self.hidden(input_ids, attention_mask)[0], self.head())
 
 
 def hf_rules(cfg: Config) -> list[Rule]:
@@ -143,10 +127,14 @@ def hf_rules(cfg: Config) -> list[Rule]:
     for i in range(cfg.layers):
         hf, us = f"model.layers.{i}", f"layers.{i}"
         for name, heads in (("q", cfg.heads), ("k", cfg.kv_heads), ("v", cfg.kv_heads)):
-            rules.append(split_heads(f"{hf}.self_attn.{name}_proj.weight", f"{us}.attn.{name}", heads, cfg.head_dim))
+            rules.append(
+                split_heads(f"{hf}.self_attn.{name}_proj.weight", f"{us}.attn.{name}", heads, cfg.head_dim)
+            )
             if cfg.qkv_bias:
                 rules.append(
-                    split_heads(f"{hf}.self_attn.{name}_proj.bias", f"{us}.attn.{name}_bias", heads, cfg.head_dim)
+                    split_heads(
+                        f"{hf}.self_attn.{name}_proj.bias", f"{us}.attn.{name}_bias", heads, cfg.head_dim
+                    )
                 )
         rules.append(merge_heads(f"{hf}.self_attn.o_proj.weight", f"{us}.attn.o", cfg.heads, cfg.head_dim))
         if cfg.o_bias:

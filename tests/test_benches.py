@@ -1,9 +1,11 @@
-"""The loss benchmark runs end to end on tiny shapes, and its two forms agree."""
+"""The benchmarks run end to end on tiny shapes, and their two sides agree."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,3 +25,13 @@ def test_bench_losses_quick(tmp_path):
         assert abs(chunked["value"] - plain["value"]) <= 1e-5 * abs(plain["value"])
         assert chunked["temp_mib"] < plain["temp_mib"]
         assert plain["ms"] > 0 and chunked["ms"] > 0
+
+
+def test_bench_forward_quick(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, "bench/forward.py", "--quick", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows] == ["gpt2", "llama"] and all(r["ratio"] > 0 for r in rows)
