@@ -3,6 +3,7 @@ compiled memory of a jitted function. Benchmarks report ratios measured side by 
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -49,3 +50,10 @@ def free_memory_bytes() -> int:
     with open("/proc/meminfo") as f:
         info = dict(line.split(":", 1) for line in f)
     return int(info["MemAvailable"].split()[0]) * 1024
+
+
+def write_rows(path: str | None, args: Any, rows: list[dict]) -> None:
+    """Save a benchmark's rows with the machine and the arguments they were measured with."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"machine": machine_note(), "args": vars(args), "rows": rows}, f, indent=1)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import machine_note, median_seconds
+from common import machine_note, median_seconds, write_rows
 
 from distillm_jax import models
 
@@ -53,16 +53,20 @@ def hf_configs(quick: bool) -> dict:
     }
 
 
-def torch_seconds(model, ids: np.ndarray, mask: np.ndarray, repeats: int) -> float:
+def torch_seconds(model, ids: np.ndarray, mask: np.ndarray, repeats: int, device: str) -> float:
     import torch
 
-    ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
+    model = model.to(device)
+    ids_t, mask_t = torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     with torch.inference_mode():
         model(input_ids=ids_t, attention_mask=mask_t)  # warm-up
+        sync()
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             model(input_ids=ids_t, attention_mask=mask_t)
+            sync()
             times.append(time.perf_counter() - start)
     return float(np.median(times))
 
@@ -81,7 +85,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     import torch
     import transformers
 
-    print(f"# {machine_note()}; torch {torch.__version__} with {torch.get_num_threads()} threads", flush=True)
+    device = "cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available() else "cpu"
+    if device == "cuda":  # full float32 matmuls on both sides (no TF32), as torch does by default
+        jax.config.update("jax_default_matmul_precision", "highest")
+    threads = torch.get_num_threads()
+    print(f"# {machine_note()}; torch {torch.__version__} on {device} ({threads} CPU threads)", flush=True)
     rows = []
     for name, config in hf_configs(args.quick).items():
         config._attn_implementation = "sdpa"
@@ -96,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             ours = models.from_pretrained(d)
         forward = jax.jit(lambda i, m, model=ours: model(i, m))
         ours_s = median_seconds(forward, jnp.asarray(ids), jnp.asarray(mask), repeats=args.repeats)
-        torch_s = torch_seconds(hf, ids, mask, args.repeats)
+        torch_s = torch_seconds(hf, ids, mask, args.repeats, device)
         tokens = args.batch * args.seq
         rows.append(
             {
@@ -115,9 +123,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             f"| {r['model']} | {r['params_m']:.0f}M | {args.batch} x {args.seq} | {r['ours_tok_s']:.0f} "
             f"| {r['torch_tok_s']:.0f} | {r['ratio']:.2f}× |"
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine_note(), "args": vars(args), "rows": rows}, f, indent=1)
+    write_rows(args.json, args, rows)
     return rows
 
 

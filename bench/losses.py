@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from common import free_memory_bytes, machine_note, median_seconds, temp_bytes
+from common import free_memory_bytes, machine_note, median_seconds, temp_bytes, write_rows
 
 from distillm_jax import losses
 
@@ -151,9 +151,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 print(json.dumps(rows[-1]), flush=True)
         del inputs
     print(table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine_note(), "args": vars(args), "rows": rows}, f, indent=1)
+    write_rows(args.json, args, rows)
     return rows
 
 

@@ -1,11 +1,12 @@
 """Every test sees 8 simulated CPU devices, so sharded code paths run on any machine.
 
-The flags must be set before jax is imported anywhere; pytest imports this file first.
+The flags must be set before jax is imported anywhere; pytest imports this file first. Setting
+JAX_PLATFORMS (e.g. ``cuda``) beforehand runs the single-device tests on an accelerator instead.
 """
 
 import os
 
-os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()

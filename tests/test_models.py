@@ -292,3 +292,13 @@ def test_fresh_random_torch_weights_match(name, tmp_path):
         want = hf(**kw).logits.numpy()
     got, mask = run(models.from_pretrained(str(tmp_path)), ref)
     assert_logits_close(got, want, mask)
+
+
+@pytest.mark.parametrize(("name", "prefix"), [("gpt2", "transformer."), ("opt", "model.")])
+def test_old_hub_names_without_base_prefix_load(name, prefix, tmp_path):
+    d = broken_copy(tmp_path, name)
+    rewrite_weights(d, lambda t: t.update({k.removeprefix(prefix): t.pop(k) for k in list(t)}))
+    assert not any(k.startswith(prefix) for k in hf_io.read_safetensors(str(d / hf_io.WEIGHTS)))
+    ref = reference(name)
+    got, mask = run(models.from_pretrained(str(d)), ref)
+    assert_logits_close(got, ref["logits"], mask)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from distillm_jax.models import layers as L
-from distillm_jax.models.hf_io import Rule, merge_heads, split_heads
+from distillm_jax.models.hf_io import Rule, merge_heads, split_heads, with_prefix
 
 MODEL_TYPES = ("gpt2",)
 
@@ -111,9 +111,7 @@ def hf_rules(cfg: Config) -> list[Rule]:
 
 def canonical_keys(tensors: dict) -> dict:
     """The original hub GPT-2 checkpoints name tensors without the ``transformer.`` prefix."""
-    if any(k.startswith("transformer.") for k in tensors):
-        return tensors
-    return {k if k.startswith("lm_head.") else f"transformer.{k}": v for k, v in tensors.items()}
+    return with_prefix(tensors, "transformer.")
 
 
 def ignore_hf_key(name: str) -> bool:

@@ -180,6 +180,14 @@ def open_checkpoint(directory: str) -> dict[str, np.ndarray]:
     raise CheckpointError(f"no {WEIGHTS} or {INDEX} in {directory}")
 
 
+def with_prefix(tensors: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """Older hub checkpoints name a model's tensors without the base-model prefix that transformers
+    writes today (``transformer.`` for GPT-2, ``model.`` for OPT): add it when no name carries it."""
+    if any(k.startswith(prefix) for k in tensors):
+        return dict(tensors)
+    return {k if k.startswith("lm_head.") else prefix + k: v for k, v in tensors.items()}
+
+
 # ---------------------------------------------------------------------------------------------------
 # NNX state <-> HF tensors.
 

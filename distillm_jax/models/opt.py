@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from distillm_jax.models import layers as L
-from distillm_jax.models.hf_io import Rule, merge_heads, split_heads, transposed
+from distillm_jax.models.hf_io import Rule, merge_heads, split_heads, transposed, with_prefix
 
 MODEL_TYPES = ("opt",)
 POSITION_OFFSET = 2  # OPT's learned position table starts two rows in
@@ -143,9 +143,7 @@ def hf_rules(cfg: Config) -> list[Rule]:
 
 def canonical_keys(tensors: dict) -> dict:
     """Older hub OPT checkpoints name tensors ``decoder.*`` without the ``model.`` prefix."""
-    if any(k.startswith("model.") for k in tensors):
-        return tensors
-    return {k if k.startswith("lm_head.") else f"model.{k}": v for k, v in tensors.items()}
+    return with_prefix(tensors, "model.")
 
 
 def ignore_hf_key(name: str) -> bool:
