@@ -97,7 +97,27 @@ def test_kv_cache_decoding_equals_full_forward(name):
     )
 
 
-@pytest.mark.parametrize("name", ["gpt2", "opt_350m_style", "llama", "qwen3", *ENCODER_DECODER[:1]])
+@pytest.mark.parametrize("name", ["t5", "t5_v1_1"])
+def test_t5_cached_decoding_equals_full_decoder(name):
+    """Encode once, cache cross-attention keys/values, decode one token at a time."""
+    ref = reference(name)
+    model = models.from_pretrained(str(FIXTURES / name))
+    ids, mask = jnp.asarray(ref["input_ids"]), jnp.asarray(ref["attention_mask"])
+    dec = jnp.asarray(ref["decoder_input_ids"])
+    b, t = dec.shape
+    full = np.asarray(model(ids, mask, dec, jnp.ones_like(dec)))
+    enc = model.encode(ids, mask)
+    cache = model.init_cache(b, t, enc, mask)
+    step = jax.jit(lambda d, v, c, k: model.hidden(d, v, None, None, cache=c, cache_index=k))
+    got = []
+    for i in range(t):
+        valid = (jnp.arange(t) <= i).astype(jnp.int32)[None].repeat(b, 0)
+        hidden, cache = step(dec[:, i : i + 1], valid, cache, i)
+        got.append(np.asarray(L.logits(hidden, model.head())))
+    np.testing.assert_allclose(np.concatenate(got, 1), full, atol=5e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt_350m_style", "llama", "qwen3", "t5"])
 def test_sharded_forward_equals_unsharded_and_specs_follow_rules(name):
     mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
     ref = reference(name)
@@ -194,6 +214,15 @@ def test_unsupported_model_type(tmp_path):
     with pytest.raises(
         models.CheckpointError, match=r"unsupported model_type 'bert' .*; supported: gpt2, llama"
     ):
+        models.from_pretrained(str(d))
+
+
+def test_unsupported_rope_scaling(tmp_path):
+    d = broken_copy(tmp_path, "llama")
+    config = json.loads((d / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"unsupported rope_type 'yarn'; supported: default, linear, llama3"):
         models.from_pretrained(str(d))
 
 

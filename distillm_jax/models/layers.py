@@ -123,6 +123,9 @@ def slot_mask(q_slots: Array, kv_valid: Array, *, causal: bool = True, window: i
     return allowed
 
 
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
 def rope_inv_freq(head_dim: int, rope: dict) -> Array:
     """Rotary inverse frequencies from HF ``rope_parameters`` (default, linear and llama3 scaling)."""
     theta = float(rope.get("rope_theta", 10000.0))
@@ -141,7 +144,7 @@ def rope_inv_freq(head_dim: int, rope: dict) -> Array:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old / hi) & (wavelen <= old / lo)
         return jnp.where(medium, smoothed, scaled)
-    raise ValueError(f"unsupported rope_type {kind!r}; supported: default, linear, llama3")
+    raise ValueError(f"unsupported rope_type {kind!r}; supported: {', '.join(ROPE_TYPES)}")
 
 
 def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:

@@ -40,6 +40,10 @@ class Config:
         heads = c.num_attention_heads
         rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
         rope.setdefault("rope_theta", getattr(c, "rope_theta", None) or 10000.0)
+        if (rope.get("rope_type") or rope.get("type") or "default") not in L.ROPE_TYPES:
+            raise ValueError(
+                f"unsupported rope_type {rope.get('rope_type')!r}; supported: {', '.join(L.ROPE_TYPES)}"
+            )
         qwen = c.model_type in ("qwen2", "qwen3")
         if qwen and getattr(c, "use_sliding_window", False):
             raise ValueError(f"{c.model_type} with use_sliding_window=True is not supported")
