@@ -57,3 +57,24 @@ def write_rows(path: str | None, args: Any, rows: list[dict]) -> None:
     if path:
         with open(path, "w") as f:
             json.dump({"machine": machine_note(), "args": vars(args), "rows": rows}, f, indent=1)
+
+
+def torch_and_ours(config, seed: int = 0):
+    """A transformers PyTorch model with random weights and the same weights loaded by our
+    ``models.from_pretrained`` (saved and read back, as a user's checkpoint would be)."""
+    import tempfile
+
+    import torch
+    import transformers
+
+    from distillm_jax import models
+
+    torch.manual_seed(seed)
+    auto = (
+        transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
+    )
+    hf = auto.from_config(config).eval()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        ours = models.from_pretrained(d)
+    return hf, ours

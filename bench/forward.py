@@ -13,16 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import machine_note, median_seconds, write_rows
-
-from distillm_jax import models
+from common import machine_note, median_seconds, torch_and_ours, write_rows
 
 
 def hf_configs(quick: bool) -> dict:
@@ -83,7 +80,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         args.batch, args.seq, args.repeats = 2, 32, 1
 
     import torch
-    import transformers
 
     device = "cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available() else "cpu"
     if device == "cuda":  # full float32 matmuls on both sides (no TF32), as torch does by default
@@ -93,15 +89,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     rows = []
     for name, config in hf_configs(args.quick).items():
         config._attn_implementation = "sdpa"
-        torch.manual_seed(0)
-        hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+        hf, ours = torch_and_ours(config)
         params = sum(p.numel() for p in hf.parameters())
         rng = np.random.default_rng(0)
         ids = rng.integers(0, config.vocab_size, (args.batch, args.seq))
         mask = np.ones_like(ids)
-        with tempfile.TemporaryDirectory() as d:
-            hf.save_pretrained(d)
-            ours = models.from_pretrained(d)
         forward = jax.jit(lambda i, m, model=ours: model(i, m))
         ours_s = median_seconds(forward, jnp.asarray(ids), jnp.asarray(mask), repeats=args.repeats)
         torch_s = torch_seconds(hf, ids, mask, args.repeats, device)

@@ -31,6 +31,13 @@ FAMILIES: dict[str, ModuleType] = {t: m for m in _MODULES for t in m.MODEL_TYPES
 __all__ = ["FAMILIES", "CheckpointError", "create", "from_pretrained", "load_hf_config", "save_pretrained"]
 
 
+class FrozenConfig(dict):
+    """A model's HF config as a dict that hashes by content, so a model's graph can key jit caches."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(json.dumps(self, sort_keys=True, default=str))
+
+
 def _family(model_type: str, where: str) -> ModuleType:
     if model_type not in FAMILIES:
         raise CheckpointError(
@@ -61,7 +68,7 @@ def _abstract(hf_config, param_dtype, dtype) -> tuple[ModuleType, nnx.GraphDef, 
 
     def build():
         model = family.Model(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype)
-        model.hf_config = hf_config.to_dict()
+        model.hf_config = FrozenConfig(hf_config.to_dict())
         return model
 
     graphdef, state = nnx.split(nnx.eval_shape(build))

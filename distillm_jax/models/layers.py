@@ -2,10 +2,11 @@
 cache, MLPs, rotary embeddings, masks.
 
 KV cache (the sampler's interface). A self-attention layer's cache is ``{"k", "v"}``, each
-``[B, S, kv_heads, head_dim]`` in the compute dtype, where ``S`` is a fixed number of *slots* (prompt
-length + new tokens). A call with ``T`` new tokens writes them to slots ``[index, index + T)`` and
-attends over all ``S`` slots, masked by ``kv_valid [B, S]`` (which slots hold real tokens) and
-causality on slots. Left-padded prompts simply have invalid leading slots; *positions* (for rotary or
+``[B, kv_heads, S, head_dim]`` in the compute dtype, where ``S`` is a fixed number of *slots* (prompt
+length + new tokens). Heads come before slots so that a decode step reads each head's keys contiguously:
+with slots first, XLA on CPU transposes the whole cache every step (measured 14x slower attention).
+A call with ``T`` new tokens writes them to slots ``[index, index + T)`` and attends over all ``S``
+slots, masked by ``kv_valid [B, S]`` (which slots hold real tokens) and causality on slots. Left-padded prompts simply have invalid leading slots; *positions* (for rotary or
 learned position embeddings) are passed separately and count only real tokens, so a left-padded row
 computes exactly what the unpadded row would.
 """
@@ -162,18 +163,19 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
 
 
 def dot_attention(q: Array, k: Array, v: Array, mask: Array, bias: Array | None, scale: float) -> Array:
-    """Grouped-query attention. q [B, Tq, H, Dh]; k, v [B, S, Hkv, Dh]; mask [B, 1, Tq, S]; bias
+    """Grouped-query attention. q [B, Tq, H, Dh]; k, v [B, Hkv, S, Dh]; mask [B, 1, Tq, S]; bias
     broadcastable to [B, H, Tq, S]. Softmax in float32."""
     b, tq, h, dh = q.shape
-    hkv = k.shape[2]
+    hkv = k.shape[1]
     qg = q.reshape(b, tq, hkv, h // hkv, dh)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
+    # Scores in the compute dtype, softmax in float32, as transformers' eager attention does (XLA:CPU also
+    # has no bf16 x bf16 -> f32 kernel for these batched shapes).
+    scores = jnp.einsum("bqkgd,bksd->bkgqs", qg, k).astype(jnp.float32) * scale
     if bias is not None:
         scores = scores + bias.astype(jnp.float32).reshape(bias.shape[0], hkv, h // hkv, *bias.shape[2:])
     scores = jnp.where(mask[:, :, None], scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, tq, h, v.shape[-1]).astype(v.dtype)
+    return jnp.einsum("bkgqs,bksd->bqkgd", probs, v).reshape(b, tq, h, v.shape[-1])
 
 
 class Attention(nnx.Module):
@@ -219,12 +221,15 @@ class Attention(nnx.Module):
         y = jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype))
         return y if b is None else y + b[...].astype(self.dtype)
 
-    def kv(self, x: Array) -> Cache:
-        """Keys and values of ``x`` [B, S, D] (what a cross-attention cache holds)."""
+    def kv(self, x: Array, positions: Array | None = None, inv_freq: Array | None = None) -> Cache:
+        """Keys and values of ``x`` [B, S, D] as [B, kv_heads, S, head_dim] (the cache layout; also what
+        a cross-attention cache holds), rotated when ``inv_freq`` is given."""
         k = self._proj(x, self.k, self.k_bias)
         if self.k_norm is not None:
             k = self.k_norm(k)
-        return {"k": k, "v": self._proj(x, self.v, self.v_bias)}
+        if inv_freq is not None:
+            k = apply_rope(k, positions, inv_freq)
+        return {"k": k.transpose(0, 2, 1, 3), "v": self._proj(x, self.v, self.v_bias).transpose(0, 2, 1, 3)}
 
     def __call__(
         self,
@@ -247,12 +252,11 @@ class Attention(nnx.Module):
         if cross is not None:
             kv = cross
         else:
-            kv = self.kv(x)
+            kv = self.kv(x, positions, inv_freq)
             if inv_freq is not None:
                 q = apply_rope(q, positions, inv_freq)
-                kv["k"] = apply_rope(kv["k"], positions, inv_freq)
             if cache is not None:
-                at = (0, cache_index, 0, 0)
+                at = (0, 0, cache_index, 0)
                 kv = {n: jax.lax.dynamic_update_slice(cache[n], kv[n].astype(cache[n].dtype), at) for n in kv}
                 cache = kv
         out = dot_attention(q, kv["k"], kv["v"], mask, bias, scale)
@@ -261,8 +265,8 @@ class Attention(nnx.Module):
 
 
 def init_kv_cache(layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype) -> list[Cache]:
-    """Zeroed self-attention caches, one ``{"k", "v"}`` per layer."""
-    shape = (batch, slots, kv_heads, head_dim)
+    """Zeroed self-attention caches, one ``{"k", "v"}`` per layer, [B, kv_heads, slots, head_dim]."""
+    shape = (batch, kv_heads, slots, head_dim)
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(layers)]
 
 

@@ -126,7 +126,7 @@ class Model(nnx.Module):
     """Encoder-decoder LM. ``model(ids, mask, dec_ids, dec_mask)`` -> float32 logits [B, T_dec, V].
 
     Decoder cache (``init_cache``): per layer ``{"k", "v"}`` self-attention slots as in layers.py, plus
-    the cross-attention keys/values ``"ck", "cv"`` [B, S_enc, heads, d_kv] and the encoder mask
+    the cross-attention keys/values ``"ck", "cv"`` [B, heads, S_enc, d_kv] and the encoder mask
     ``"enc_mask"`` [B, S_enc], all computed once from the encoder output.
     """
 

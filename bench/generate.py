@@ -1,0 +1,138 @@
+"""Generated tokens/s of our sampler against transformers' ``generate`` (sampling, same weights, same
+machine, same run), for ~50M-parameter GPT-2- and T5-shaped models. EOS is disabled on both sides so
+every row generates exactly ``--new`` tokens; compile time is reported apart from the timed runs.
+Run from the repository root (needs torch):
+
+    python bench/generate.py              # batch 8 and 32, prompt 256, 256 new tokens
+    python bench/generate.py --quick      # tiny shapes, seconds: checks the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from common import machine_note, torch_and_ours, write_rows
+
+from distillm_jax.generate import generate
+
+T5_IDS = {"decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1}
+
+
+def hf_configs(quick: bool) -> dict:
+    import transformers
+
+    if quick:
+        return {
+            "gpt2": transformers.GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=128),
+            "t5": transformers.T5Config(
+                vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4
+            ),
+        }
+    return {  # ~51M and ~60M parameters
+        "gpt2": transformers.GPT2Config(vocab_size=50257, n_embd=512, n_layer=8, n_head=8, n_positions=1024),
+        "t5": transformers.T5Config(
+            vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8
+        ),
+    }
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """(seconds of the first call, median seconds of the next ``repeats`` calls)."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return first, float(np.median(times))
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--batch", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--prompt", type=int, default=256)
+    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", help="also write the rows to this file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.prompt, args.new, args.repeats = [2], 16, 8, 1
+
+    import torch
+
+    device = "cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available() else "cpu"
+    print(f"# {machine_note()}; torch {torch.__version__} on {device}", flush=True)
+    rows = []
+    for name, config in hf_configs(args.quick).items():
+        hf, ours = torch_and_ours(config)
+        hf = hf.to(device)
+        if config.is_encoder_decoder:
+            hf.generation_config.update(**T5_IDS)
+        for batch in args.batch:
+            rng = np.random.default_rng(0)
+            ids = rng.integers(2, config.vocab_size, (batch, args.prompt))
+            mask = np.ones_like(ids)
+
+            def run(ours=ours, ids=ids, mask=mask):
+                return generate(
+                    ours, ids, mask, args.new, temperature=1.0, rng=jax.random.key(0), eos_token_id=-1
+                )
+
+            compile_s, ours_s = timed(run, args.repeats)
+            ids_t, mask_t = torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+            def hf_run(hf=hf, ids_t=ids_t, mask_t=mask_t):
+                with torch.inference_mode():
+                    out = hf.generate(
+                        input_ids=ids_t,
+                        attention_mask=mask_t,
+                        max_new_tokens=args.new,
+                        min_new_tokens=args.new,
+                        do_sample=True,
+                        top_k=0,
+                        top_p=1.0,
+                        temperature=1.0,
+                    )
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                return out
+
+            _, torch_s = timed(hf_run, args.repeats)
+            new_tokens = batch * args.new
+            rows.append(
+                {
+                    "model": name,
+                    "batch": batch,
+                    "ours_tok_s": new_tokens / ours_s,
+                    "torch_tok_s": new_tokens / torch_s,
+                    "ratio": torch_s / ours_s,
+                    "ours_first_call_s": compile_s,
+                    "ours_run_s": ours_s,
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    print(
+        "| model | batch | prompt + new | ours tok/s | transformers tok/s | ours / transformers "
+        "| ours first call (compile + run) s |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['batch']} | {args.prompt} + {args.new} | {r['ours_tok_s']:.0f} "
+            f"| {r['torch_tok_s']:.0f} | {r['ratio']:.2f}× | {r['ours_first_call_s']:.1f} |"
+        )
+    write_rows(args.json, args, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,242 @@
+"""The sampler: prefill, then a ``lax.while_loop`` decode over a fixed-size KV cache.
+
+One jitted function per (model graph, settings, shapes): evaluation (ROUGE-L, BLEU) and student-generated
+outputs call the same code on the training state's params, which are passed in, not copied or closed
+over. The loop stops as soon as every row has produced its EOS. Decoder-only prompts may be padded on
+either side: rows are left-aligned first, and positions count real tokens only, so a padded row generates
+what it would alone. Encoder-decoder models run the encoder once; the decoder caches cross-attention keys
+and values.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from distillm_jax import sharding as shd
+from distillm_jax.models import layers as L
+
+Array = jax.Array
+NEG_INF = -jnp.inf
+
+
+def _ban_repeated_ngrams(logits: Array, seq: Array, length: Array, n: int) -> Array:
+    """HF's no_repeat_ngram_size: forbid every token that would complete an n-gram already present
+    in ``seq[:, :length]`` (prompt, padding included as HF does, and generated tokens)."""
+    b, total = seq.shape
+    if n == 1:
+        banned = seq
+        valid = jnp.arange(total)[None, :] < length
+    else:
+        tail = jax.lax.dynamic_slice_in_dim(seq, length - (n - 1), n - 1, axis=1)  # last n-1 tokens
+        starts = jnp.arange(total - n + 1)
+        windows = jnp.stack([seq[:, k : k + total - n + 1] for k in range(n - 1)], axis=-1)  # [B, W, n-1]
+        hit = jnp.all(windows == tail[:, None, :], axis=-1) & (starts + n - 1 < length)[None, :]
+        hit = hit & (length >= n - 1)
+        banned, valid = seq[:, n - 1 :], hit
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], banned.shape)
+    ban = jnp.zeros(logits.shape, bool).at[rows, banned].max(valid)
+    return jnp.where(ban, NEG_INF, logits)
+
+
+def _filter(logits: Array, temperature: float, top_k: int, top_p: float) -> Array:
+    """Temperature, then top-k, then top-p (nucleus), as HF's warpers; removed entries become -inf."""
+    logits = logits / temperature
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, NEG_INF, logits)
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of strictly better tokens
+        keep_sorted = mass_before < top_p
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, NEG_INF)
+    return logits
+
+
+def _left_align(ids: Array, mask: Array) -> tuple[Array, Array]:
+    """Move every row's padding to the left, keeping token order (a stable sort on the mask)."""
+    order = jnp.argsort(mask != 0, axis=1, stable=True)
+    return jnp.take_along_axis(ids, order, axis=1), jnp.take_along_axis(mask, order, axis=1)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(graphdef, encoder_decoder: bool, settings: tuple):
+    """The jitted generation function for one model graph and one set of static settings."""
+    n_new, temperature, top_k, top_p, eos, pad, ngram, start = settings
+    greedy = temperature == 0.0
+
+    def run(state, prompt_ids, prompt_mask, rng):
+        model = nnx.merge(graphdef, state)
+        b, p = prompt_ids.shape
+        head = model.head()
+        if encoder_decoder:
+            enc = model.encode(prompt_ids, prompt_mask)
+            slots = n_new + 1
+            cache = model.init_cache(b, slots, enc, prompt_mask)
+            seq = jnp.full((b, slots), pad, jnp.int32).at[:, 0].set(start)
+            kv_valid = jnp.zeros((b, slots), jnp.int32).at[:, 0].set(1)
+            h, cache = model.hidden(seq[:, :1], kv_valid, None, None, cache=cache, cache_index=0)
+            offset = 1  # sequence slot of generated token i
+        else:
+            prompt_ids, prompt_mask = _left_align(prompt_ids, prompt_mask)
+            slots = p + n_new
+            cache = model.init_cache(b, slots)
+            seq = jnp.full((b, slots), pad, jnp.int32).at[:, :p].set(prompt_ids)
+            kv_valid = jnp.zeros((b, slots), jnp.int32).at[:, :p].set(prompt_mask)
+            positions = L.default_positions(prompt_mask)
+            h, cache = model.hidden(prompt_ids, kv_valid, positions=positions, cache=cache, cache_index=0)
+            offset = p
+        lengths = jnp.sum(prompt_mask != 0, axis=1).astype(jnp.int32)  # next position of each row
+
+        def cond(carry):
+            i, done = carry[0], carry[5]
+            return (i < n_new) & ~jnp.all(done)
+
+        def body(carry):
+            i, cache, seq, kv_valid, last, done, out_mask, rng = carry
+            logits = L.logits(last, head)[:, -1]
+            if ngram > 0:
+                logits = _ban_repeated_ngrams(logits, seq, offset + i, ngram)
+            if greedy:
+                token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            else:
+                rng, key = jax.random.split(rng)
+                token = jax.random.categorical(key, _filter(logits, temperature, top_k, top_p)).astype(
+                    jnp.int32
+                )
+            token = jnp.where(done, pad, token)
+            out_mask = out_mask.at[:, i].set(~done)
+            done = done | (token == eos) if eos is not None else done
+            seq = jax.lax.dynamic_update_slice_in_dim(seq, token[:, None], offset + i, axis=1)
+            kv_valid = jax.lax.dynamic_update_slice_in_dim(
+                kv_valid, jnp.ones((b, 1), jnp.int32), offset + i, 1
+            )
+            if encoder_decoder:
+                h, cache = model.hidden(
+                    token[:, None], kv_valid, None, None, cache=cache, cache_index=offset + i
+                )
+            else:
+                pos = (lengths + i)[:, None]
+                h, cache = model.hidden(
+                    token[:, None], kv_valid, positions=pos, cache=cache, cache_index=offset + i
+                )
+            return i + 1, cache, seq, kv_valid, h, done, out_mask, rng
+
+        init = (
+            jnp.int32(0),
+            cache,
+            seq,
+            kv_valid,
+            h[:, -1:],
+            jnp.zeros((b,), bool),
+            jnp.zeros((b, n_new), bool),
+            rng,
+        )
+        _, _, seq, _, _, _, out_mask, _ = jax.lax.while_loop(cond, body, init)
+        return seq[:, offset : offset + n_new], out_mask
+
+    return jax.jit(run)
+
+
+def _config_value(model: nnx.Module, *names: str):
+    config = getattr(model, "hf_config", None) or {}
+    for name in names:
+        value = config.get(name)
+        if isinstance(value, list):
+            value = value[0]
+        if value is not None:
+            return value
+    return None
+
+
+def _mesh_of(state) -> jax.sharding.Mesh | None:
+    for leaf in jax.tree.leaves(state):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            return sharding.mesh
+    return None
+
+
+def generate(
+    model: nnx.Module,
+    prompt_ids,
+    prompt_mask,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    rng: Array | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    no_repeat_ngram_size: int = 0,
+    max_prompt_length: int | None = None,
+) -> tuple[Array, Array]:
+    """Generate ``max_new_tokens`` tokens after each prompt.
+
+    Args:
+      model: any model of ``distillm_jax.models`` (decoder-only or T5-family).
+      prompt_ids, prompt_mask: ``[B, P]``; decoder-only prompts may be padded on either side.
+      temperature: 0 is greedy; otherwise sample from softmax(logits / temperature) after top-k (0 = off)
+        and top-p (1.0 = off), as transformers' warpers do.
+      rng: a ``jax.random`` key, required when sampling.
+      eos_token_id, pad_token_id: default to the model's config; rows stop at their first EOS.
+      no_repeat_ngram_size: forbid repeating any n-gram of the sequence so far (0 = off).
+      max_prompt_length: the configured prompt length, if any: longer prompts are an error.
+    Returns:
+      ``tokens [B, max_new_tokens]`` (pad after a row's EOS) and ``mask [B, max_new_tokens]``, True for
+      the generated tokens up to and including the first EOS.
+    """
+    b, p = np.shape(prompt_ids)
+    if np.shape(prompt_mask) != (b, p):
+        raise ValueError(f"generate: prompt_mask {np.shape(prompt_mask)} must match prompt_ids {(b, p)}")
+    if max_prompt_length is not None and p > max_prompt_length:
+        raise ValueError(
+            f"generate: prompt length {p} exceeds the configured max_prompt_length {max_prompt_length}"
+        )
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"generate: max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
+    if temperature < 0 or top_k < 0 or no_repeat_ngram_size < 0:
+        raise ValueError(
+            f"generate: temperature, top_k and no_repeat_ngram_size must be >= 0, got "
+            f"{temperature}, {top_k}, {no_repeat_ngram_size}"
+        )
+    if temperature > 0 and rng is None:
+        raise ValueError("generate: sampling (temperature > 0) needs rng, e.g. jax.random.key(0)")
+    encoder_decoder = hasattr(model, "encode")
+    limit = _config_value(model, "n_positions", "max_position_embeddings")
+    if not encoder_decoder and limit is not None and p + max_new_tokens > limit:
+        raise ValueError(
+            f"generate: prompt length {p} + max_new_tokens {max_new_tokens} exceeds the model's "
+            f"{limit} positions"
+        )
+    eos = eos_token_id if eos_token_id is not None else _config_value(model, "eos_token_id")
+    pad = pad_token_id if pad_token_id is not None else _config_value(model, "pad_token_id")
+    pad = pad if pad is not None else (eos if eos is not None else 0)
+    start = _config_value(model, "decoder_start_token_id")
+    start = start if start is not None else pad
+    settings = (
+        max_new_tokens,
+        float(temperature),
+        int(top_k),
+        float(top_p),
+        eos,
+        pad,
+        no_repeat_ngram_size,
+        start,
+    )
+    graphdef, state = nnx.split(model)
+    ids, mask = jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32)
+    mesh = _mesh_of(state)
+    if mesh is not None:
+        ids, mask = (jax.device_put(x, shd.batch_sharding(mesh)) for x in (ids, mask))
+    rng = jax.random.key(0) if rng is None else rng
+    return _compiled(graphdef, encoder_decoder, settings)(state, ids, mask, rng)

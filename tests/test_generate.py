@@ -1,0 +1,206 @@
+"""The sampler against transformers' generate, its sampling distribution, EOS handling, sharding, errors."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from distillm_jax import models, sharding
+from distillm_jax.generate import _filter, generate
+from distillm_jax.models import layers as L
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FAMILIES = [
+    "gpt2",
+    "opt",
+    "opt_350m_style",
+    "llama",
+    "llama3_tied",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "t5",
+    "t5_v1_1",
+]
+N = 8
+
+
+def load(name):
+    ref = dict(np.load(FIXTURES / name / "reference.npz"))
+    return models.from_pretrained(str(FIXTURES / name)), ref["input_ids"], ref["attention_mask"]
+
+
+def hf_generate(name, ids, mask, **kw):
+    """transformers' greedy generate; the new tokens only."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    seq2seq = "t5" in name
+    auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
+    hf = auto.from_pretrained(str(FIXTURES / name)).eval()
+    if seq2seq:  # transformers 5.24's cached T5 decoding breaks when decoder and encoder depths differ
+        kw["use_cache"] = False
+    with torch.no_grad():
+        out = hf.generate(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=N,
+            do_sample=False,
+            **kw,
+        ).numpy()
+    return out[:, 1:] if seq2seq else out[:, ids.shape[1] :]
+
+
+def assert_same_tokens(ours, mask, theirs, pad):
+    ours, mask = np.asarray(ours), np.asarray(mask)
+    k = theirs.shape[1]  # transformers stops early when every row has finished
+    np.testing.assert_array_equal(np.where(mask[:, :k], ours[:, :k], pad), theirs)
+    assert not mask[:, k:].any()
+
+
+@pytest.mark.parametrize("ngram", [0, 2])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_greedy_equals_transformers_generate(name, ngram):
+    model, ids, mask = load(name)
+    tokens, valid = generate(model, ids, mask, N, no_repeat_ngram_size=ngram, eos_token_id=-1)
+    theirs = hf_generate(name, ids, mask, no_repeat_ngram_size=ngram or None, eos_token_id=None)
+    assert_same_tokens(tokens, valid, theirs, pad=-1)
+
+
+def test_no_repeat_ngram_removes_every_repeated_ngram():
+    model, ids, mask = load("gpt2")
+    plain = np.asarray(generate(model, ids, mask, N)[0])
+    banned = np.asarray(generate(model, ids, mask, N, no_repeat_ngram_size=2)[0])
+    bigrams = lambda seq: [tuple(seq[i : i + 2]) for i in range(len(seq) - 1)]  # noqa: E731
+    assert len(set(bigrams(plain[0]))) < len(bigrams(plain[0]))  # greedy on this model repeats itself ...
+    for row in range(ids.shape[0]):  # ... and with the ban no generated token completes a seen bigram
+        full = list(ids[row]) + list(banned[row])
+        for t in range(ids.shape[1], len(full)):
+            assert tuple(full[t - 1 : t + 1]) not in bigrams(full[:t]), (row, t)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "t5"])
+def test_eos_stops_rows_pads_after_and_mask_includes_it(name):
+    model, ids, mask = load(name)
+    free, _ = generate(model, ids, mask, N, eos_token_id=-1)
+    eos = int(np.asarray(free)[0, 2])  # a token row 0 produces third: row 0 must stop there
+    pad = 5
+    tokens, valid = (np.asarray(x) for x in generate(model, ids, mask, N, eos_token_id=eos, pad_token_id=pad))
+    first = np.argmax(np.asarray(free) == eos, axis=1)
+    assert first[0] <= 2
+    for row in range(ids.shape[0]):
+        hit = (np.asarray(free)[row] == eos).any()
+        stop = first[row] + 1 if hit else N
+        assert valid[row, :stop].all() and not valid[row, stop:].any()  # through and including the EOS
+        assert (tokens[row, stop:] == pad).all()
+        np.testing.assert_array_equal(tokens[row, :stop], np.asarray(free)[row, :stop])
+    theirs = hf_generate(name, ids, mask, eos_token_id=eos, pad_token_id=pad)
+    assert_same_tokens(tokens, valid, theirs, pad=pad)
+
+
+def test_right_padded_prompts_generate_as_left_padded():
+    model, ids, mask = load("llama")
+    left, _ = generate(model, ids, mask, N)
+    order = np.argsort(mask == 0, axis=1, kind="stable")  # move padding to the right
+    right, _ = generate(model, np.take_along_axis(ids, order, 1), np.take_along_axis(mask, order, 1), N)
+    np.testing.assert_array_equal(np.asarray(left), np.asarray(right))
+
+
+def test_sampling_reproducible_and_top_k_1_is_greedy():
+    model, ids, mask = load("qwen2")
+    a = generate(model, ids, mask, N, temperature=1.0, rng=jax.random.key(3))[0]
+    b = generate(model, ids, mask, N, temperature=1.0, rng=jax.random.key(3))[0]
+    c = generate(model, ids, mask, N, temperature=1.0, rng=jax.random.key(4))[0]
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+    greedy = generate(model, ids, mask, N)[0]
+    top1 = generate(model, ids, mask, N, temperature=0.7, top_k=1, rng=jax.random.key(5))[0]
+    np.testing.assert_array_equal(np.asarray(top1), np.asarray(greedy))
+
+
+def test_first_sampled_token_follows_softmax_of_logits_over_temperature():
+    model, ids, _ = load("gpt2")
+    draws, temperature = 4096, 1.5
+    prompt = np.repeat(ids[:1, -4:], draws, 0)
+    tokens, _ = generate(
+        model, prompt, np.ones_like(prompt), 1, temperature=temperature, rng=jax.random.key(0)
+    )
+    logits = np.asarray(model(jnp.asarray(prompt[:1]), jnp.ones((1, 4), jnp.int32)))[0, -1]
+    expected = np.exp((logits.astype(np.float64) - logits.max()) / temperature)
+    expected = draws * expected / expected.sum()
+    observed = np.bincount(np.asarray(tokens)[:, 0], minlength=logits.shape[0])
+    big = expected >= 5  # pool the rare tokens into one cell, as a chi-square test needs
+    obs = np.append(observed[big], observed[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    exp *= obs.sum() / exp.sum()
+    assert stats.chisquare(obs, exp).pvalue > 1e-3
+    assert big.sum() > 10, "the test distribution must be spread over many tokens"
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = np.array([[0.05, 0.5, 0.15, 0.3]])
+    logits = jnp.log(jnp.asarray(probs))
+    kept = lambda p: set(np.nonzero(np.isfinite(np.asarray(_filter(logits, 1.0, 0, p))))[1])  # noqa: E731
+    assert kept(0.5) == {1}
+    assert kept(0.8) == {1, 3}
+    assert kept(0.81) == {1, 3, 2}
+    assert kept(1.0) == {0, 1, 2, 3}
+    assert set(np.nonzero(np.isfinite(np.asarray(_filter(logits, 1.0, 2, 1.0))))[1]) == {1, 3}  # top-k
+    torch = pytest.importorskip("torch")
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    for p in (0.3, 0.5, 0.8, 0.81, 0.95):
+        hf = TopPLogitsWarper(p)(None, torch.tensor(np.log(probs), dtype=torch.float32)).numpy()
+        assert kept(p) == set(np.nonzero(np.isfinite(hf))[1]), p
+
+
+@pytest.mark.parametrize("name", ["llama", "t5"])
+def test_sharded_generation_equals_unsharded(name):
+    model, ids, mask = load(name)
+    ids, mask = np.tile(ids, (4, 1))[:8], np.tile(mask, (4, 1))[:8]
+    plain = generate(model, ids, mask, N, temperature=1.0, rng=jax.random.key(1))
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    sharded_model = models.from_pretrained(str(FIXTURES / name), mesh=mesh)
+    got = generate(sharded_model, ids, mask, N, temperature=1.0, rng=jax.random.key(1))
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(plain[0]))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(plain[1]))
+
+
+def test_compiles_once_per_shape():
+    model, ids, mask = load("gpt2")
+    generate(model, ids, mask, 4)
+    from distillm_jax.generate import _compiled
+
+    fn = _compiled.cache_info()
+    generate(model, ids, mask, 4)
+    generate(model, ids[:, 1:], mask[:, 1:], 4)  # a new prompt length: one new trace of the same function
+    assert _compiled.cache_info().hits >= fn.hits + 2
+
+
+def test_bad_inputs():
+    model, ids, mask = load("gpt2")
+    with pytest.raises(ValueError, match=r"prompt length 12 exceeds the configured max_prompt_length 8"):
+        generate(model, ids, mask, 4, max_prompt_length=8)
+    with pytest.raises(ValueError, match=r"max_new_tokens must be a positive int, got 0"):
+        generate(model, ids, mask, 0)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 1.5"):
+        generate(model, ids, mask, 4, temperature=1.0, top_p=1.5, rng=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 0"):
+        generate(model, ids, mask, 4, temperature=1.0, top_p=0, rng=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"exceeds the model's 64 positions"):
+        generate(model, ids, mask, 60)
+    with pytest.raises(ValueError, match=r"sampling \(temperature > 0\) needs rng"):
+        generate(model, ids, mask, 4, temperature=1.0)
+    with pytest.raises(ValueError, match=r"prompt_mask \(3, 11\) must match prompt_ids \(3, 12\)"):
+        generate(model, ids, mask[:, 1:], 4)
+
+
+def test_logits_helper_is_what_generation_uses():
+    """Greedy's first token is the argmax of the full forward's last real position."""
+    model, ids, mask = load("opt")
+    first = np.asarray(generate(model, ids, mask, 1)[0])[:, 0]
+    logits = np.asarray(L.logits(model.hidden(jnp.asarray(ids), jnp.asarray(mask))[0], model.head()))
+    np.testing.assert_array_equal(first, logits[:, -1].argmax(-1))
