@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from distillm_jax import models, sharding
-from distillm_jax.generate import _filter, generate
+from distillm_jax.generate import _filter, _sample, generate
 from distillm_jax.models import layers as L
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -204,3 +204,12 @@ def test_logits_helper_is_what_generation_uses():
     first = np.asarray(generate(model, ids, mask, 1)[0])[:, 0]
     logits = np.asarray(L.logits(model.hidden(jnp.asarray(ids), jnp.asarray(mask))[0], model.head()))
     np.testing.assert_array_equal(first, logits[:, -1].argmax(-1))
+
+
+def test_inverse_cdf_sampler_matches_softmax_and_skips_removed_tokens():
+    logits = jnp.tile(jnp.array([[0.0, -jnp.inf, 1.0, -jnp.inf, 2.0, 0.5]]), (20000, 1))
+    draws = np.asarray(_sample(jax.random.key(7), logits))
+    counts = np.bincount(draws, minlength=6)
+    assert counts[1] == 0 and counts[3] == 0
+    p = np.exp([0.0, 1.0, 2.0, 0.5])
+    assert stats.chisquare(counts[[0, 2, 4, 5]], 20000 * p / p.sum()).pvalue > 1e-3

@@ -6,9 +6,10 @@ KV cache (the sampler's interface). A self-attention layer's cache is ``{"k", "v
 length + new tokens). Heads come before slots so that a decode step reads each head's keys contiguously:
 with slots first, XLA on CPU transposes the whole cache every step (measured 14x slower attention).
 A call with ``T`` new tokens writes them to slots ``[index, index + T)`` and attends over all ``S``
-slots, masked by ``kv_valid [B, S]`` (which slots hold real tokens) and causality on slots. Left-padded prompts simply have invalid leading slots; *positions* (for rotary or
-learned position embeddings) are passed separately and count only real tokens, so a left-padded row
-computes exactly what the unpadded row would.
+slots, masked by ``kv_valid [B, S]`` (which slots hold real tokens) and causality on slots. Left-padded
+prompts simply have invalid leading slots; *positions* (for rotary or learned position embeddings) are
+passed separately and count only real tokens, so a left-padded row computes exactly what the unpadded
+row would.
 """
 
 from __future__ import annotations
