@@ -117,9 +117,7 @@ def _compiled(graphdef, encoder_decoder: bool, settings: tuple):
                 token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
             else:
                 rng, key = jax.random.split(rng)
-                token = jax.random.categorical(key, _filter(logits, temperature, top_k, top_p)).astype(
-                    jnp.int32
-                )
+                token = _sample(key, _filter(logits, temperature, top_k, top_p)).astype(jnp.int32)
             token = jnp.where(done, pad, token)
             out_mask = out_mask.at[:, i].set(~done)
             done = done | (token == eos) if eos is not None else done
