@@ -16,7 +16,7 @@ MODEL_TYPES = ("gpt2",)
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(L.FullMultiHead):
     vocab: int
     positions: int
     d_model: int
@@ -27,14 +27,6 @@ class Config:
     act: str
     bias: bool = True
     window: None = None
-
-    @property
-    def kv_heads(self) -> int:
-        return self.heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.heads
 
     @classmethod
     def from_hf(cls, c) -> Config:

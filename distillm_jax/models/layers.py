@@ -338,6 +338,19 @@ class NormBlock(nnx.Module):
         return (x + h if self.pre_norm else self.mlp_norm(x + h)), cache
 
 
+class FullMultiHead:
+    """Config mixin for families with plain multi-head attention (GPT-2, OPT): as many key/value heads
+    as query heads, head_dim = d_model / heads."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.heads
+
+
 class CausalLM(nnx.Module):
     """What every decoder-only family shares: masks, positions, the KV cache and the layer loop.
 

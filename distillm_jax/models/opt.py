@@ -18,7 +18,7 @@ POSITION_OFFSET = 2  # OPT's learned position table starts two rows in
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(L.FullMultiHead):
     vocab: int
     positions: int
     d_model: int
@@ -33,14 +33,6 @@ class Config:
     final_norm: bool
     eps: float = 1e-5
     window: None = None
-
-    @property
-    def kv_heads(self) -> int:
-        return self.heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.heads
 
     @classmethod
     def from_hf(cls, c) -> Config:
