@@ -1,0 +1,37 @@
+"""The offline demo task: deterministic, varied, extractive, and fully covered by its tokenizer."""
+
+import re
+
+from distillm_jax.data import demo
+
+
+def test_deterministic_and_splits_differ():
+    assert demo.examples("train", 50) == demo.examples("train", 50)
+    train = {e["dialogue"] for e in demo.examples("train", 2000)}
+    test = {e["dialogue"] for e in demo.examples("test", 2000)}
+    assert len(train) == 2000  # no duplicates within a split
+    assert len(train & test) < 20  # the splits are different draws, not copies
+
+
+def test_varied_and_extractive():
+    pairs = demo.examples("validation", 1000)
+    openings = {e["summary"].split()[1] for e in pairs}
+    assert {"and", "cannot", "will", "wants", "tells"} <= openings  # every intent appears
+    for e in pairs:
+        names = set(re.findall(r"\b[A-Z][a-z]+\b", e["summary"])) - set(demo.DAYS) - {"They"}
+        assert names and all(n in e["dialogue"] for n in names), e  # who is in the dialogue
+        assert not any(t in e["summary"] for t in demo.SMALL_TALK)  # small talk stays out
+    with_small_talk = sum(any(t in e["dialogue"] for t in demo.SMALL_TALK) for e in pairs)
+    assert 400 < with_small_talk < 800
+
+
+def test_tokenizer_covers_every_split_and_round_trips():
+    tok = demo.tokenizer()
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+    for split in ("train", "validation", "test"):
+        for e in demo.examples(split, 500, seed=9):
+            for text in (e["dialogue"], e["summary"]):
+                ids = tok(text)["input_ids"]
+                assert tok.unk_token_id not in ids, text
+            decoded = tok.decode(tok(e["summary"])["input_ids"])
+            assert decoded.replace(" ", "") == e["summary"].replace(" ", "")
