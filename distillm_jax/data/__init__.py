@@ -1,2 +1,3 @@
-"""Tasks and data. Today: the offline ``demo`` task (``data.demo``). The hub/local tasks (dolly, samsum,
-iwslt2017, openwebtext) and fixed-shape batching arrive with the trainer (issue 5)."""
+"""Tasks and data. Today: the offline ``demo`` task (``data.demo``) and fixed-shape batching with a
+resumable order (``data.batching``). The hub/local tasks (dolly, samsum, iwslt2017, openwebtext) arrive
+with the trainer (issue 5)."""

@@ -1,0 +1,134 @@
+"""Prompt/response pairs -> fixed-shape numpy batches, and a deterministic, resumable batch order.
+
+Fixed shapes (DESIGN.md decision 6): every batch has the configured lengths, so each jitted function
+compiles once. Layouts:
+
+- decoder-only, ``[B, max_length]``: the prompt right-aligned in the first ``max_prompt_length`` slots
+  (left padding), then the response and its EOS, then padding. ``labels[t]`` is the token at ``t + 1``;
+  ``loss_mask[t]`` marks the positions whose label is a response token or the EOS — never the prompt
+  or padding. ``prompt_ids``/``prompt_mask`` are the first ``max_prompt_length`` columns, ready for the
+  sampler.
+- encoder-decoder: ``input_ids`` [B, max_prompt_length] (right padding), ``decoder_input_ids``
+  [B, max_length - max_prompt_length] = start token + response, ``labels`` = response + EOS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Lengths:
+    max_prompt_length: int
+    max_length: int
+
+    def __post_init__(self):
+        if not 0 < self.max_prompt_length < self.max_length:
+            raise ValueError(
+                f"need 0 < max_prompt_length < max_length, got {self.max_prompt_length} and {self.max_length}"
+            )
+
+    @property
+    def max_response(self) -> int:
+        """Room for the response and its EOS."""
+        return self.max_length - self.max_prompt_length
+
+
+def tokenize_pairs(
+    pairs: Sequence[tuple[str, str]], tokenizer, lengths: Lengths
+) -> tuple[list[tuple[list[int], list[int]]], dict[str, int]]:
+    """Token ids of (prompt, response + EOS), truncated to the configured lengths. Rows with an empty
+    response are skipped and counted, not silently trained on; so are prompts that had to be cut."""
+    out, skipped = [], {"empty_response": 0, "prompt_truncated": 0}
+    eos = tokenizer.eos_token_id
+    for prompt, response in pairs:
+        if not response.strip():
+            skipped["empty_response"] += 1
+            continue
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
+        if len(p) > lengths.max_prompt_length:
+            skipped["prompt_truncated"] += 1
+            p = p[: lengths.max_prompt_length]
+        out.append((p, r[: lengths.max_response]))
+    return out, skipped
+
+
+def decoder_only_batch(rows: Sequence[tuple[list[int], list[int]]], lengths: Lengths, pad: int) -> dict:
+    b, p, total = len(rows), lengths.max_prompt_length, lengths.max_length
+    ids = np.full((b, total), pad, np.int32)
+    mask = np.zeros((b, total), np.int32)
+    response = np.zeros((b, total), bool)
+    for i, (prompt, resp) in enumerate(rows):
+        ids[i, p - len(prompt) : p] = prompt
+        ids[i, p : p + len(resp)] = resp
+        mask[i, p - len(prompt) : p + len(resp)] = 1
+        response[i, p : p + len(resp)] = True
+    labels = np.concatenate([ids[:, 1:], np.full((b, 1), pad, np.int32)], axis=1)
+    loss_mask = np.concatenate([response[:, 1:], np.zeros((b, 1), bool)], axis=1).astype(np.int32)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "prompt_ids": ids[:, :p].copy(),
+        "prompt_mask": mask[:, :p].copy(),
+    }
+
+
+def encoder_decoder_batch(
+    rows: Sequence[tuple[list[int], list[int]]], lengths: Lengths, pad: int, start: int
+) -> dict:
+    b, p, r = len(rows), lengths.max_prompt_length, lengths.max_response
+    ids, mask = np.full((b, p), pad, np.int32), np.zeros((b, p), np.int32)
+    labels, loss_mask = np.full((b, r), pad, np.int32), np.zeros((b, r), np.int32)
+    for i, (prompt, resp) in enumerate(rows):
+        ids[i, : len(prompt)], mask[i, : len(prompt)] = prompt, 1
+        labels[i, : len(resp)], loss_mask[i, : len(resp)] = resp, 1
+    dec = np.concatenate([np.full((b, 1), start, np.int32), labels[:, :-1]], axis=1)
+    dec_mask = np.concatenate([np.ones((b, 1), np.int32), loss_mask[:, :-1]], axis=1)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "decoder_input_ids": dec,
+        "decoder_attention_mask": dec_mask,
+        "labels": labels,
+        "loss_mask": loss_mask,
+    }
+
+
+class BatchOrder:
+    """Which rows form each batch: a fresh permutation per epoch from ``seed``, cut into full batches
+    (the last partial batch of an epoch is dropped: fixed shapes). ``position`` (epoch, batch) is all a
+    checkpoint needs to resume the exact sequence. With several hosts, each takes its own slice of every
+    global batch, so hosts never load each other's rows."""
+
+    def __init__(self, num_rows: int, global_batch: int, seed: int, *, host: int = 0, hosts: int = 1):
+        if global_batch % hosts:
+            raise ValueError(f"global batch {global_batch} does not split over {hosts} hosts")
+        if num_rows < global_batch:
+            raise ValueError(f"{num_rows} rows are fewer than one batch of {global_batch}")
+        self.num_rows, self.global_batch, self.seed = num_rows, global_batch, seed
+        self.host, self.hosts = host, hosts
+        self.position = (0, 0)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_rows // self.global_batch
+
+    def _rows(self, epoch: int, index: int) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+        batch = perm[index * self.global_batch : (index + 1) * self.global_batch]
+        share = self.global_batch // self.hosts
+        return batch[self.host * share : (self.host + 1) * share]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            epoch, index = self.position
+            rows = self._rows(epoch, index)
+            index += 1
+            self.position = (epoch + 1, 0) if index == self.batches_per_epoch else (epoch, index)
+            yield rows

@@ -1,0 +1,76 @@
+"""Fixed-shape batches (both layouts), truncation and skips, and the resumable batch order."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from distillm_jax.data import batching, demo
+
+LENGTHS = batching.Lengths(max_prompt_length=8, max_length=14)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return demo.tokenizer()
+
+
+def test_tokenize_truncates_and_counts_skips(tok):
+    pairs = [("Anna : Hi", "Ben said hi ."), ("x", "  "), (" ".join(["Anna"] * 20), "Ben and Anna")]
+    rows, skipped = batching.tokenize_pairs(pairs, tok, LENGTHS)
+    assert skipped == {"empty_response": 1, "prompt_truncated": 1}
+    assert [len(p) for p, _ in rows] == [3, 8]
+    assert rows[0][1][-1] == tok.eos_token_id and len(rows[1][1]) == 4  # response + EOS
+    long, _ = batching.tokenize_pairs([("Hi", " ".join(["Ben"] * 10))], tok, LENGTHS)
+    assert len(long[0][1]) == LENGTHS.max_response  # cut to the room left, EOS included in the count
+
+
+def test_decoder_only_layout(tok):
+    rows = [([5, 6, 7], [20, 21, 1]), ([9], [30, 1])]
+    b = batching.decoder_only_batch(rows, LENGTHS, pad=0)
+    assert {k: v.shape for k, v in b.items()} == {
+        "input_ids": (2, 14), "attention_mask": (2, 14), "labels": (2, 14), "loss_mask": (2, 14),
+        "prompt_ids": (2, 8), "prompt_mask": (2, 8),
+    }  # fmt: skip
+    np.testing.assert_array_equal(b["input_ids"][0], [0, 0, 0, 0, 0, 5, 6, 7, 20, 21, 1, 0, 0, 0])
+    np.testing.assert_array_equal(b["attention_mask"][1], [0] * 7 + [1, 1, 1] + [0] * 4)
+    # the loss covers exactly the predictions of response tokens and the EOS
+    for i, (_, resp) in enumerate(rows):
+        np.testing.assert_array_equal(b["labels"][i][b["loss_mask"][i] == 1], resp)
+    np.testing.assert_array_equal(b["prompt_ids"][1], [0] * 7 + [9])
+
+
+def test_encoder_decoder_layout():
+    rows = [([5, 6, 7], [20, 21, 1]), ([9], [30, 1])]
+    b = batching.encoder_decoder_batch(rows, LENGTHS, pad=0, start=0)
+    np.testing.assert_array_equal(b["input_ids"][0], [5, 6, 7, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(b["labels"][1], [30, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(b["loss_mask"][1], [1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(b["decoder_input_ids"][0], [0, 20, 21, 1, 0, 0])
+    np.testing.assert_array_equal(b["decoder_attention_mask"][1], [1, 1, 1, 0, 0, 0])
+
+
+def test_batch_order_epochs_resume_and_hosts():
+    order = batching.BatchOrder(num_rows=10, global_batch=4, seed=3)
+    first = [r.tolist() for r in itertools.islice(order, 6)]  # 2 batches per epoch, 3 epochs
+    for epoch in range(3):
+        seen = first[2 * epoch] + first[2 * epoch + 1]
+        assert len(set(seen)) == 8  # no row twice within an epoch
+    assert first[0] != first[2]  # a new permutation each epoch
+    again = batching.BatchOrder(num_rows=10, global_batch=4, seed=3)
+    assert [r.tolist() for r in itertools.islice(again, 6)] == first  # deterministic
+    resumed = batching.BatchOrder(num_rows=10, global_batch=4, seed=3)
+    resumed.position = (1, 1)  # as restored from a checkpoint taken after 3 batches
+    assert [r.tolist() for r in itertools.islice(resumed, 3)] == first[3:]
+    hosts = [batching.BatchOrder(10, 4, 3, host=h, hosts=2) for h in range(2)]
+    shares = [next(iter(h)).tolist() for h in hosts]
+    assert shares[0] + shares[1] == first[0]
+
+
+def test_bad_lengths_and_batches():
+    with pytest.raises(ValueError, match="need 0 < max_prompt_length < max_length, got 16 and 16"):
+        batching.Lengths(16, 16)
+    with pytest.raises(ValueError, match="global batch 6 does not split over 4 hosts"):
+        batching.BatchOrder(100, 6, 0, hosts=4)
+    with pytest.raises(ValueError, match="3 rows are fewer than one batch of 4"):
+        batching.BatchOrder(3, 4, 0)
