@@ -125,6 +125,11 @@ def _resolve(name: str, kw: Mapping[str, float]) -> tuple[_Spec, dict[str, float
     return spec, {k: float(v) for k, v in params.items()}
 
 
+def validate(name: str, **kw: float) -> None:
+    """Raise the same one-line errors as ``divergence`` would, before any compute (for configs)."""
+    _resolve(name, kw)
+
+
 def _token_values(spec: _Spec, params: Mapping[str, float], s_logits: Array, t_logits: Array) -> Array:
     ls, lt, valid = _safe_log_probs(s_logits, t_logits)
     # Exact divergences are >= 0; clamp the float32 rounding of near-equal distributions.
