@@ -51,8 +51,8 @@ def test_summaries_translation_and_t5_prefixes(tmp_path):
 
 
 def test_parquet_and_demo_sources(tmp_path):
-    pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist([{"dialogue": "A: x", "summary": "y"}]), tmp_path / "train.parquet")
     assert tasks.load_rows(tasks.get("samsum"), str(tmp_path), "train") == [
