@@ -243,7 +243,10 @@ def generate(
     graphdef, state = nnx.split(model)
     ids, mask = jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32)
     mesh = _mesh_of(state)
-    if mesh is not None:
-        ids, mask = (jax.device_put(x, shd.batch_sharding(mesh)) for x in (ids, mask))
+    if mesh is not None:  # rows over the data axes when they divide evenly, else replicated
+        rows = shd.batch_sharding(mesh)
+        if b % (mesh.shape["data"] * mesh.shape["fsdp"]):
+            rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        ids, mask = (jax.device_put(x, rows) for x in (ids, mask))
     rng = jax.random.key(0) if rng is None else rng
     return _compiled(graphdef, encoder_decoder, settings)(state, ids, mask, rng)

@@ -75,8 +75,10 @@ def make_train_step(
 ) -> tuple[Callable, nnx.State, optax.OptState]:
     """The jitted step and its initial (params, optimizer state).
 
-    ``step(params, opt_state, teacher_params, batch) -> (params, opt_state, metrics)``; params and
-    optimizer state keep the shardings they were created with and are donated.
+    ``step(params, opt_state, teacher_state, batch) -> (params, opt_state, metrics)``; params and
+    optimizer state keep the shardings they were created with and are donated: after the first step the
+    ``student`` module's own arrays are consumed, so work from the returned params (``nnx.merge`` them
+    with the student's graph to evaluate or export).
     """
     s_graph, params, s_rest = nnx.split(student, nnx.Param, ...)
     t_graph = None if teacher is None else nnx.graphdef(teacher)

@@ -167,17 +167,23 @@ def test_sharded_generation_equals_unsharded(name):
     got = generate(sharded_model, ids, mask, N, temperature=1.0, rng=jax.random.key(1))
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(plain[0]))
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(plain[1]))
+    odd = generate(sharded_model, ids[:3], mask[:3], N)[0]  # 3 rows do not divide the 4 data shards
+    np.testing.assert_array_equal(np.asarray(odd), np.asarray(generate(model, ids[:3], mask[:3], N)[0]))
 
 
 def test_compiles_once_per_shape():
     model, ids, mask = load("gpt2")
     generate(model, ids, mask, 4)
+    generate(model, ids, mask, 4)
+    from flax import nnx
+
     from distillm_jax.generate import _compiled
 
-    fn = _compiled.cache_info()
-    generate(model, ids, mask, 4)
-    generate(model, ids[:, 1:], mask[:, 1:], 4)  # a new prompt length: one new trace of the same function
-    assert _compiled.cache_info().hits >= fn.hits + 2
+    # the settings generate() derives for gpt2's config (eos = pad = start = 1), greedy, 4 new tokens
+    fn = _compiled(nnx.graphdef(model), False, (4, 0.0, 0, 1.0, 1, 1, 0, 1))
+    assert fn._cache_size() == 1  # the second call reused the first compilation
+    generate(model, ids[:, 1:], mask[:, 1:], 4)  # a new prompt length: exactly one more
+    assert fn._cache_size() == 2
 
 
 def test_bad_inputs():

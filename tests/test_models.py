@@ -195,6 +195,19 @@ def test_hub_ids_go_through_huggingface_hub(monkeypatch):
 # Bad checkpoints: one clear line each.
 
 
+def test_unreachable_hub_id_or_mistyped_relative_path(monkeypatch):
+    def offline(repo_id, allow_patterns):
+        raise OSError("We couldn't connect to the hub\nmore detail")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
+    with pytest.raises(
+        models.CheckpointError,
+        match=r"runs/x is neither a local checkpoint directory nor a "
+        r"downloadable hub id \(OSError: We couldn't connect to the hub\)$",
+    ):
+        models.from_pretrained("runs/x")
+
+
 def broken_copy(tmp_path, name="qwen2"):
     out = tmp_path / name
     shutil.copytree(FIXTURES / name, out)

@@ -62,31 +62,25 @@ def load_hf_config(directory: str):
     return AutoConfig.from_pretrained(directory)
 
 
-def _abstract(hf_config, param_dtype, dtype) -> tuple[ModuleType, nnx.GraphDef, nnx.State]:
+def _builder(hf_config, param_dtype, dtype, seed: int = 0):
+    """(family, its Config, a function building the model) for a transformers config."""
     family = _family(hf_config.model_type, "the config")
     cfg = family.Config.from_hf(hf_config)
 
-    def build():
-        model = family.Model(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype)
+    def build() -> nnx.Module:
+        model = family.Model(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype, dtype=dtype)
         model.hf_config = FrozenConfig(hf_config.to_dict())
         return model
 
-    graphdef, state = nnx.split(nnx.eval_shape(build))
-    return family, graphdef, state
+    return family, cfg, build
 
 
 def create(hf_config, *, dtype=jnp.float32, param_dtype=None, mesh: Mesh | None = None, seed: int = 0):
     """A randomly initialised model for a transformers config, created directly in its shardings."""
-    family = _family(hf_config.model_type, "the config")
-    cfg, param_dtype = family.Config.from_hf(hf_config), param_dtype or dtype
-
-    def init():
-        model = family.Model(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype, dtype=dtype)
-        return nnx.split(model)[1]
-
-    _, graphdef, abstract = _abstract(hf_config, param_dtype, dtype)
+    _, _, build = _builder(hf_config, param_dtype or dtype, dtype, seed)
+    graphdef, abstract = nnx.split(nnx.eval_shape(build))
     out = None if mesh is None else shd.state_shardings(abstract, mesh)
-    return nnx.merge(graphdef, jax.jit(init, out_shardings=out)())
+    return nnx.merge(graphdef, jax.jit(lambda: nnx.split(build())[1], out_shardings=out)())
 
 
 def _local_dir(path_or_hub_id: str) -> str:
@@ -97,7 +91,13 @@ def _local_dir(path_or_hub_id: str) -> str:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
-    return snapshot_download(path_or_hub_id, allow_patterns=patterns)
+    try:
+        return snapshot_download(path_or_hub_id, allow_patterns=patterns)
+    except Exception as e:  # offline, a typo in a local path, a private repo: say which, in one line
+        raise CheckpointError(
+            f"{path_or_hub_id} is neither a local checkpoint directory nor a downloadable hub id "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
 
 
 def from_pretrained(path_or_hub_id: str, dtype=jnp.float32, mesh: Mesh | None = None, param_dtype=None):
@@ -109,8 +109,8 @@ def from_pretrained(path_or_hub_id: str, dtype=jnp.float32, mesh: Mesh | None = 
     directory = _local_dir(path_or_hub_id)
     hf_config = load_hf_config(directory)
     param_dtype = param_dtype or dtype
-    family, graphdef, abstract = _abstract(hf_config, param_dtype, dtype)
-    cfg = family.Config.from_hf(hf_config)
+    family, cfg, build = _builder(hf_config, param_dtype, dtype)
+    graphdef, abstract = nnx.split(nnx.eval_shape(build))
     tensors = hf_io.open_checkpoint(directory)
     if hasattr(family, "canonical_keys"):
         tensors = family.canonical_keys(tensors)
