@@ -386,3 +386,27 @@ def chunked_divergence(
         (jnp.asarray(mask) != 0).astype(jnp.float32),
     )
     return total / jnp.maximum(jnp.sum(mask != 0), 1).astype(jnp.float32)
+
+
+def chunked_cross_entropy(
+    hidden: Array, head: Array, labels: Array, mask: Array, *, chunk_size: int = 128
+) -> Array:
+    """``cross_entropy(hidden @ head, labels, mask)`` one sequence chunk at a time, so the ``[B, T, V]``
+    logits never exist. Each chunk's logits are recomputed in the backward pass (``jax.checkpoint``):
+    one extra student-head matmul, which is small beside the teacher's and the student's forward."""
+    if jnp.shape(hidden)[:2] != jnp.shape(labels) or jnp.shape(labels) != jnp.shape(mask):
+        raise ValueError(
+            f"chunked_cross_entropy: hidden {jnp.shape(hidden)} [B, T, D], labels "
+            f"{jnp.shape(labels)} and mask {jnp.shape(mask)} [B, T] disagree"
+        )
+
+    @jax.checkpoint
+    def chunk_nll(h, lab, m):
+        log_probs = jax.nn.log_softmax(_logits(h, head), axis=-1)
+        nll = -jnp.take_along_axis(log_probs, jnp.where(m != 0, lab, 0)[..., None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where(m != 0, nll, 0.0))
+
+    chunk = min(chunk_size, hidden.shape[1])
+    xs = (_to_chunks(hidden, chunk), _to_chunks(labels.astype(jnp.int32), chunk), _to_chunks(mask, chunk))
+    total = jax.lax.scan(lambda acc, x: (acc + chunk_nll(*x), None), jnp.zeros((), jnp.float32), xs)[0]
+    return total / jnp.maximum(jnp.sum(mask != 0), 1).astype(jnp.float32)

@@ -1,10 +1,12 @@
-"""The jitted distillation step: teacher forward under stop_gradient, student forward and backward,
-``(1 − kd_ratio)·CE + kd_ratio·D``, an optax update; all in one ``jax.jit`` with fixed shardings and the
-student's params and optimizer state donated (DESIGN.md decisions 2 and 4).
+"""The jitted steps: the distillation train step (teacher forward under stop_gradient, student forward and
+backward, ``(1 − kd_ratio)·CE + kd_ratio·D + lm_coef·LM``, an optax update) and the eval step; each one
+``jax.jit`` with fixed shardings, the train step donating the student's params and optimizer state
+(DESIGN.md decisions 2 and 4). ``make_optimizer`` is the paper's AdamW schedule.
 
 Batches come from ``data.batching``: decoder-only batches carry ``input_ids``, ``attention_mask``,
 ``labels`` and ``loss_mask`` [B, L]; encoder-decoder batches add ``decoder_input_ids`` and
-``decoder_attention_mask``, with ``labels``/``loss_mask`` over the decoder positions.
+``decoder_attention_mask``, with ``labels``/``loss_mask`` over the decoder positions. With ``lm_coef > 0``
+the batch also holds ``"lm"``: a decoder-only batch of plain text for the language-modelling loss.
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ import dataclasses
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from distillm_jax import losses
+from distillm_jax.models import layers
+
+TRAINING_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,37 +31,85 @@ class LossConfig:
     divergence: str = "srkl"
     kd_ratio: float = 1.0  # (1 - kd_ratio)·CE + kd_ratio·D; 0 is SFT
     params: tuple = ()  # the divergence's parameters, e.g. (("alpha", 0.1),)
+    lm_coef: float = 0.0  # weight of the plain LM loss on batch["lm"]
+    chunk_size: int = 0  # > 0: the chunked large-vocabulary form, this many positions per chunk
 
     def __post_init__(self):
         losses.validate(self.divergence, **dict(self.params))
         if not 0.0 <= self.kd_ratio <= 1.0:
             raise ValueError(f"kd_ratio must be in [0, 1], got {self.kd_ratio}")
+        if self.lm_coef < 0 or self.chunk_size < 0:
+            raise ValueError(f"lm_coef and chunk_size must be >= 0, got {self.lm_coef}, {self.chunk_size}")
 
 
-def _logits(model: nnx.Module, batch: dict) -> jax.Array:
+def hidden_and_head(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """Final hidden states [B, T, D] at the label positions and the [D, V] output embedding."""
     if "decoder_input_ids" in batch:
-        return model(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["decoder_input_ids"],
-            batch["decoder_attention_mask"],
+        enc = model.encode(batch["input_ids"], batch["attention_mask"])
+        h, _ = model.hidden(
+            batch["decoder_input_ids"], batch["decoder_attention_mask"], enc, batch["attention_mask"]
         )
-    return model(batch["input_ids"], batch["attention_mask"])
+    else:
+        h, _ = model.hidden(batch["input_ids"], batch["attention_mask"])
+    return h, model.head()
+
+
+def _ce(h: jax.Array, head: jax.Array, batch: dict, chunk: int) -> jax.Array:
+    if chunk:
+        return losses.chunked_cross_entropy(h, head, batch["labels"], batch["loss_mask"], chunk_size=chunk)
+    return losses.cross_entropy(layers.logits(h, head), batch["labels"], batch["loss_mask"])
 
 
 def distill_loss(
     student: nnx.Module, teacher: nnx.Module | None, batch: dict, cfg: LossConfig
 ) -> tuple[jax.Array, dict]:
     """The step's loss and its parts. With ``kd_ratio == 0`` the teacher is not run at all."""
-    s_logits = _logits(student, batch)
-    ce = losses.cross_entropy(s_logits, batch["labels"], batch["loss_mask"])
-    metrics = {"ce": ce}
-    if cfg.kd_ratio == 0.0:
-        return ce, metrics
-    t_logits = jax.lax.stop_gradient(_logits(teacher, batch))
-    d = losses.divergence(cfg.divergence, s_logits, t_logits, batch["loss_mask"], **dict(cfg.params))
-    metrics[cfg.divergence] = d
-    return (1.0 - cfg.kd_ratio) * ce + cfg.kd_ratio * d, metrics
+    hs, ws = hidden_and_head(student, batch)
+    ce = _ce(hs, ws, batch, cfg.chunk_size)
+    metrics, loss = {"ce": ce}, ce
+    if cfg.kd_ratio > 0.0:
+        ht, wt = jax.lax.stop_gradient(hidden_and_head(teacher, batch))
+        # Padded vocabularies may differ (Qwen2.5-7B 152064 rows, 0.5B 151936); both cover the tokenizer
+        # (checked at start-up), so the rows past the shorter one are padding: compare the shared ones.
+        v = min(ws.shape[-1], wt.shape[-1])
+        kw, mask, ws_kd, wt = dict(cfg.params), batch["loss_mask"], ws[:, :v], wt[:, :v]
+        if cfg.chunk_size:
+            d = losses.chunked_divergence(
+                cfg.divergence, hs, ht, ws_kd, wt, mask, chunk_size=cfg.chunk_size, **kw
+            )
+        else:
+            d = losses.divergence(cfg.divergence, layers.logits(hs, ws_kd), layers.logits(ht, wt), mask, **kw)
+        metrics[cfg.divergence] = d
+        loss = (1.0 - cfg.kd_ratio) * ce + cfg.kd_ratio * d
+    if cfg.lm_coef > 0.0:
+        lm = _ce(*hidden_and_head(student, batch["lm"]), batch["lm"], cfg.chunk_size)
+        metrics["lm"] = lm
+        loss = loss + cfg.lm_coef * lm
+    return loss, metrics
+
+
+def make_optimizer(
+    lr: float,
+    total_steps: int,
+    *,
+    weight_decay: float = 0.01,
+    end_lr: float = 1e-7,
+    warmup_steps: int = 0,
+    clip: float = 1.0,
+    grad_accum: int = 1,
+) -> optax.GradientTransformation:
+    """AdamW with the paper's schedule (PAPER.md §4): cosine decay from ``lr`` to ``end_lr`` over
+    ``total_steps`` optimizer updates after an optional linear warmup, global-norm clipping at ``clip``
+    (0 turns it off). With ``grad_accum > 1`` each update averages that many micro-batch gradients
+    (``optax.MultiSteps``); the step function is called once per micro-batch and compiles once."""
+    decay = max(total_steps - warmup_steps, 1)
+    schedule = optax.cosine_decay_schedule(lr, decay, alpha=end_lr / lr if lr else 0.0)
+    if warmup_steps:
+        warm = optax.linear_schedule(0.0, lr, warmup_steps)
+        schedule = optax.join_schedules([warm, schedule], [warmup_steps])
+    chain = [optax.clip_by_global_norm(clip)] if clip > 0 else []
+    tx = optax.chain(*chain, optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay))
+    return optax.MultiSteps(tx, grad_accum) if grad_accum > 1 else tx
 
 
 def _like_params(tree, params):
@@ -70,6 +124,11 @@ def _like_params(tree, params):
     )
 
 
+def init_opt_state(tx: optax.GradientTransformation, params: nnx.State) -> optax.OptState:
+    """The optimizer state, created in the params' shardings."""
+    return _like_params(tx.init(params), params)
+
+
 def make_train_step(
     student: nnx.Module, teacher: nnx.Module | None, tx: optax.GradientTransformation, cfg: LossConfig
 ) -> tuple[Callable, nnx.State, optax.OptState]:
@@ -82,7 +141,7 @@ def make_train_step(
     """
     s_graph, params, s_rest = nnx.split(student, nnx.Param, ...)
     t_graph = None if teacher is None else nnx.graphdef(teacher)
-    opt_state = _like_params(tx.init(params), params)
+    opt_state = init_opt_state(tx, params)
 
     def step(params, opt_state, teacher_state, batch):
         def loss_fn(p):
@@ -99,3 +158,21 @@ def make_train_step(
     shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
     jitted = jax.jit(step, donate_argnums=(0, 1), out_shardings=(*shardings, None))
     return jitted, params, opt_state
+
+
+def make_eval_step(student: nnx.Module, teacher: nnx.Module | None, cfg: LossConfig) -> Callable:
+    """``eval_step(params, teacher_state, batch) -> {"ce_sum", "tokens"[, divergence + "_sum"]}``: sums
+    over the batch's target tokens, so that a validation set split into batches gives the exact
+    token-level mean (sum of sums / sum of tokens)."""
+    s_graph, _, s_rest = nnx.split(student, nnx.Param, ...)
+    t_graph = None if teacher is None else nnx.graphdef(teacher)
+    cfg = dataclasses.replace(cfg, lm_coef=0.0)
+
+    def step(params, teacher_state, batch):
+        model = nnx.merge(s_graph, params, s_rest)
+        t_model = None if t_graph is None else nnx.merge(t_graph, teacher_state)
+        _, metrics = distill_loss(model, t_model, batch, cfg)
+        tokens = jnp.sum(batch["loss_mask"] != 0).astype(jnp.float32)
+        return {"tokens": tokens, **{f"{k}_sum": v * tokens for k, v in metrics.items()}}
+
+    return jax.jit(step)

@@ -21,3 +21,14 @@ def mesh() -> jax.sharding.Mesh:
     """The 8 devices as the project's ('data', 'fsdp', 'tensor') mesh, 2 x 2 x 2."""
     assert jax.device_count() == 8, "conftest must set the device count before jax starts"
     return jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+
+
+@pytest.fixture
+def quick_compiles():
+    """XLA's cheapest compiles, for end-to-end runs only: a tiny run is nearly all compilation (model
+    inits, the train and eval steps, the sampler) and runs for milliseconds; unoptimized programs build
+    2-3x faster. Numerical tests keep the default."""
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)

@@ -99,3 +99,23 @@ def test_chunked_bad_shapes_and_chunk_size():
         chunked("fkl", hs, ht, ws, wt, mask, chunk_size=0)
     with pytest.raises(ValueError, match=r"unknown divergence 'skl'"):
         chunked("skl", hs, ht, ws, wt, mask)
+
+
+@pytest.mark.parametrize("chunk_size", [5, 12])
+def test_chunked_cross_entropy_matches_plain(chunk_size):
+    hs, _, ws, _, mask = inputs()
+    labels = jax.random.randint(jax.random.key(7), (B, T), 0, V).at[0, 0].set(-100)  # any value where masked
+
+    def plain_ce(hs, ws):
+        logits = jnp.einsum("btd,dv->btv", hs, ws, preferred_element_type=jnp.float32)
+        return losses.cross_entropy(logits, labels, mask)
+
+    def chunked_ce(hs, ws):
+        return losses.chunked_cross_entropy(hs, ws, labels, mask, chunk_size=chunk_size)
+
+    (v0, g0), (v1, g1) = (
+        jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(hs, ws) for f in (plain_ce, chunked_ce)
+    )
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    for a, b in zip(g0, g1, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)

@@ -15,10 +15,10 @@ def test_deterministic_and_splits_differ():
 
 def test_varied_and_extractive():
     pairs = demo.examples("validation", 1000)
-    openings = {e["summary"].split()[1] for e in pairs}
-    assert {"and", "cannot", "will", "wants", "tells"} <= openings  # every intent appears
+    for phrase in ("will", "invites", "move their plan", "will lend", "wants to borrow", "According to"):
+        assert any(phrase in e["summary"] for e in pairs), phrase  # every intent and phrasing appears
     for e in pairs:
-        names = set(re.findall(r"\b[A-Z][a-z]+\b", e["summary"])) - set(demo.DAYS) - {"They"}
+        names = set(re.findall(r"\b[A-Z][a-z]+\b", e["summary"])) & set(demo.NAMES)
         assert names and all(n in e["dialogue"] for n in names), e  # who is in the dialogue
         assert not any(t in e["summary"] for t in demo.SMALL_TALK)  # small talk stays out
     with_small_talk = sum(any(t in e["dialogue"] for t in demo.SMALL_TALK) for e in pairs)

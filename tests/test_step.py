@@ -10,7 +10,7 @@ from flax import nnx
 
 from distillm_jax import models, sharding
 from distillm_jax.data import batching
-from distillm_jax.step import LossConfig, make_train_step
+from distillm_jax.step import LossConfig, make_optimizer, make_train_step
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LENGTHS = batching.Lengths(max_prompt_length=6, max_length=16)
@@ -78,3 +78,26 @@ def test_bad_loss_config():
         LossConfig("srkl", 1.5)
     with pytest.raises(ValueError, match=r"'srkl' takes alpha; got unexpected beta"):
         LossConfig("srkl", 1.0, (("beta", 0.1),))
+
+
+def test_chunked_step_equals_plain():
+    cfg = LossConfig("srkl", 0.5, (("alpha", 0.1),))
+    plain, p0 = run(2, cfg)
+    chunked, p1 = run(2, LossConfig("srkl", 0.5, (("alpha", 0.1),), chunk_size=4))  # 16 = 4 chunks
+    for a, b in zip(plain, chunked, strict=True):
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6)
+    for x, y in zip(jax.tree.leaves(p0), jax.tree.leaves(p1), strict=True):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-4)
+
+
+def test_optimizer_follows_the_cosine_schedule_with_weight_decay():
+    tx = make_optimizer(1e-2, 10, end_lr=1e-7, weight_decay=0.01)
+    params = {"w": np.ones(3, np.float32)}
+    state = tx.init(params)
+    sizes = []
+    for _ in range(10):  # a constant gradient: Adam's step is lr * (1 + wd * w) per element
+        updates, state = tx.update({"w": np.full(3, 100.0, np.float32)}, state, params)
+        sizes.append(-float(updates["w"][0]))
+    sched = optax.cosine_decay_schedule(1e-2, 10, alpha=1e-5)
+    np.testing.assert_allclose(sizes, [float(sched(k)) * 1.01 for k in range(10)], rtol=1e-4)

@@ -132,3 +132,16 @@ class BatchOrder:
             index += 1
             self.position = (epoch + 1, 0) if index == self.batches_per_epoch else (epoch, index)
             yield rows
+
+
+def text_batch(rows: Sequence[list[int]], length: int, pad: int) -> dict:
+    """Plain text for the language-modelling loss: each row's tokens from the first slot, next-token
+    labels on every real token."""
+    b = len(rows)
+    ids, mask = np.full((b, length), pad, np.int32), np.zeros((b, length), np.int32)
+    for i, toks in enumerate(rows):
+        toks = toks[:length]
+        ids[i, : len(toks)], mask[i, : len(toks)] = toks, 1
+    labels = np.concatenate([ids[:, 1:], np.full((b, 1), pad, np.int32)], axis=1)
+    loss_mask = np.concatenate([mask[:, 1:], np.zeros((b, 1), np.int32)], axis=1)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "loss_mask": loss_mask}

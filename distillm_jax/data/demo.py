@@ -5,7 +5,8 @@ Each dialogue is a small chat between two people with one of several intents (pl
 something, reschedule, pass on news), phrased from several templates, with small talk that the summary
 must leave out. The summary repeats the facts that matter (who, what, where, when, why), so a model has
 to find them in the dialogue and copy them in the right order: a small model needs real training, and
-ROUGE-L keeps rising as it learns.
+ROUGE-L keeps rising as it learns. Like human-written summaries, each is phrased one of two or three
+ways at random: the target distribution has several modes, as open-ended generation does.
 """
 
 from __future__ import annotations
@@ -57,7 +58,13 @@ def _plan(r: random.Random, a: str, b: str) -> tuple[list[tuple[str, str]], str]
     yes = r.choice(["Sure!", "Sounds good.", "Great idea.", "Yes, why not."])
     when = r.choice([f"Let us meet at {time}.", f"{time} works for me.", f"How about {time}?"])
     turns = [(a, ask), (b, "Yes, I am free."), (a, offer), (b, f"{yes} {when}")]
-    return turns, f"{a} and {b} will {act} at {place} on {day} at {time}."
+    return turns, r.choice(
+        [
+            f"{a} and {b} will {act} at {place} on {day} at {time}.",
+            f"On {day} at {time}, {a} and {b} are going to {act} at {place}.",
+            f"{a} invites {b} to {act} at {place}. They meet on {day} at {time}.",
+        ]
+    )
 
 
 def _reschedule(r: random.Random, a: str, b: str) -> tuple[list[tuple[str, str]], str]:
@@ -68,7 +75,13 @@ def _reschedule(r: random.Random, a: str, b: str) -> tuple[list[tuple[str, str]]
         (a, r.choice([f"No problem. What about {day2}?", f"Too bad. Is {day2} better?"])),
         (b, r.choice([f"{day2} is perfect.", f"Yes, {day2} works."])),
     ]
-    return turns, f"{b} cannot {act} on {day} because of {reason}. They will {act} on {day2} instead."
+    return turns, r.choice(
+        [
+            f"{b} cannot {act} on {day} because of {reason}. They will {act} on {day2} instead.",
+            f"Because of {reason}, {b} has to cancel on {day}. {a} and {b} will {act} on {day2}.",
+            f"{a} and {b} move their plan to {act} from {day} to {day2}, as {b} has {reason}.",
+        ]
+    )
 
 
 def _borrow(r: random.Random, a: str, b: str) -> tuple[list[tuple[str, str]], str]:
@@ -90,10 +103,21 @@ def _borrow(r: random.Random, a: str, b: str) -> tuple[list[tuple[str, str]], st
     ]
     if yes:
         turns.append((b, r.choice([f"Sure, pick it up at {time}.", f"Of course, come by at {time}."])))
-        return turns, f"{b} will lend {a} the {item}. {a} will pick it up at {time}."
+        return turns, r.choice(
+            [
+                f"{b} will lend {a} the {item}. {a} will pick it up at {time}.",
+                f"{a} is borrowing the {item} from {b} and will pick it up at {time}.",
+                f"{a} can borrow {b}'s {item}, to be picked up at {time}.",
+            ]
+        )
     other = r.choice([n for n in NAMES if n not in (a, b)])
     turns.append((b, r.choice([f"Sorry, {other} has it now.", f"I gave it to {other} last week."])))
-    return turns, f"{a} wants to borrow the {item} from {b}, but {other} has it."
+    return turns, r.choice(
+        [
+            f"{a} wants to borrow the {item} from {b}, but {other} has it.",
+            f"{b} cannot lend the {item} to {a} because {other} has it.",
+        ]
+    )
 
 
 def _news(r: random.Random, a: str, b: str) -> tuple[list[tuple[str, str]], str]:
@@ -104,7 +128,13 @@ def _news(r: random.Random, a: str, b: str) -> tuple[list[tuple[str, str]], str]
         (a, f"{who} {news}!"),
         (b, r.choice(["Wow, really?", "No way!", "Good for them."])),
     ]
-    return turns, f"{a} tells {b} that {who} {news}."
+    return turns, r.choice(
+        [
+            f"{a} tells {b} that {who} {news}.",
+            f"{a} shares the news that {who} {news}.",
+            f"According to {a}, {who} {news}.",
+        ]
+    )
 
 
 INTENTS = (_plan, _reschedule, _borrow, _news)

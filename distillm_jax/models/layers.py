@@ -196,18 +196,19 @@ class Attention(nnx.Module):
         qkv_bias: bool = False,
         out_bias: bool = False,
         qk_norm_eps: float | None = None,
-        std: float = 0.02,
+        std: float | tuple[float, float, float] = 0.02,
     ):
         if heads % kv_heads:
             raise ValueError(f"attention heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
-        self.q = param(rngs, (d_model, heads, head_dim), ("embed", "heads", "head_dim"), param_dtype, std)
+        q_std, kv_std, o_std = std if isinstance(std, tuple) else (std, std, std)
+        self.q = param(rngs, (d_model, heads, head_dim), ("embed", "heads", "head_dim"), param_dtype, q_std)
         self.k = param(
-            rngs, (d_model, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), param_dtype, std
+            rngs, (d_model, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), param_dtype, kv_std
         )
         self.v = param(
-            rngs, (d_model, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), param_dtype, std
+            rngs, (d_model, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), param_dtype, kv_std
         )
-        self.o = param(rngs, (heads, head_dim, d_model), ("heads", "head_dim", "embed"), param_dtype, std)
+        self.o = param(rngs, (heads, head_dim, d_model), ("heads", "head_dim", "embed"), param_dtype, o_std)
         self.q_bias = zeros_param((heads, head_dim), ("heads", "head_dim"), param_dtype) if qkv_bias else None
         kv_bias = lambda: zeros_param((kv_heads, head_dim), ("kv_heads", "head_dim"), param_dtype)  # noqa: E731
         self.k_bias = kv_bias() if qkv_bias else None
@@ -285,11 +286,12 @@ class MLP(nnx.Module):
         rngs: nnx.Rngs,
         param_dtype,
         dtype,
-        std: float = 0.02,
+        std: float | tuple[float, float] = 0.02,
     ):
-        self.gate = param(rngs, (d_model, hidden), ("embed", "mlp"), param_dtype, std) if gated else None
-        self.up = param(rngs, (d_model, hidden), ("embed", "mlp"), param_dtype, std)
-        self.down = param(rngs, (hidden, d_model), ("mlp", "embed"), param_dtype, std)
+        in_std, out_std = std if isinstance(std, tuple) else (std, std)
+        self.gate = param(rngs, (d_model, hidden), ("embed", "mlp"), param_dtype, in_std) if gated else None
+        self.up = param(rngs, (d_model, hidden), ("embed", "mlp"), param_dtype, in_std)
+        self.down = param(rngs, (hidden, d_model), ("mlp", "embed"), param_dtype, out_std)
         self.gate_bias = zeros_param((hidden,), ("mlp",), param_dtype) if bias and gated else None
         self.up_bias = zeros_param((hidden,), ("mlp",), param_dtype) if bias else None
         self.down_bias = zeros_param((d_model,), ("embed",), param_dtype) if bias else None

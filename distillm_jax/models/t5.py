@@ -85,13 +85,18 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: Config, *, cross: bool, rngs: nnx.Rngs, param_dtype, dtype):
         kw = dict(param_dtype=param_dtype, dtype=dtype)
-        attn = lambda: L.Attention(cfg.d_model, cfg.heads, cfg.heads, cfg.d_kv, rngs=rngs, **kw)  # noqa: E731
+        # HF's T5 initialisation (a new model trains as a new HF T5 would): q (d_model·d_kv)^-½,
+        # k/v d_model^-½, o (heads·d_kv)^-½, MLP in d_model^-½ / out d_ff^-½.
+        d, inner = cfg.d_model, cfg.heads * cfg.d_kv
+        std = ((d * cfg.d_kv) ** -0.5, d**-0.5, inner**-0.5)
+        attn = lambda: L.Attention(d, cfg.heads, cfg.heads, cfg.d_kv, rngs=rngs, std=std, **kw)  # noqa: E731
         self.attn_norm = L.RMSNorm(cfg.d_model, cfg.eps, **kw)
         self.attn = attn()
         self.cross_norm = L.RMSNorm(cfg.d_model, cfg.eps, **kw) if cross else None
         self.cross = attn() if cross else None
         self.mlp_norm = L.RMSNorm(cfg.d_model, cfg.eps, **kw)
-        self.mlp = L.MLP(cfg.d_model, cfg.d_ff, cfg.act, gated=cfg.gated, bias=False, rngs=rngs, **kw)
+        mlp_std = (d**-0.5, cfg.d_ff**-0.5)
+        self.mlp = L.MLP(d, cfg.d_ff, cfg.act, gated=cfg.gated, bias=False, rngs=rngs, std=mlp_std, **kw)
 
     def __call__(self, x, mask, bias, *, cache=None, cache_index=0, cross=None, cross_mask=None):
         h, cache = self.attn(
@@ -109,7 +114,9 @@ class Stack(nnx.Module):
     def __init__(self, cfg: Config, layers: int, *, decoder: bool, rngs: nnx.Rngs, param_dtype, dtype):
         kw = dict(param_dtype=param_dtype, dtype=dtype)
         self.blocks = nnx.List([Block(cfg, cross=decoder, rngs=rngs, **kw) for _ in range(layers)])
-        self.rel_bias = L.param(rngs, (cfg.buckets, cfg.heads), ("rel_buckets", "heads"), param_dtype)
+        self.rel_bias = L.param(
+            rngs, (cfg.buckets, cfg.heads), ("rel_buckets", "heads"), param_dtype, std=cfg.d_model**-0.5
+        )
         self.norm = L.RMSNorm(cfg.d_model, cfg.eps, **kw)
         self.decoder, self.buckets, self.max_distance = decoder, cfg.buckets, cfg.max_distance
 
@@ -133,11 +140,13 @@ class Model(nnx.Module):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32):
         kw = dict(param_dtype=param_dtype, dtype=dtype)
         self.config, self.dtype = cfg, dtype
-        self.shared = L.Embed(cfg.vocab, cfg.d_model, rngs=rngs, **kw)
+        self.shared = L.Embed(cfg.vocab, cfg.d_model, rngs=rngs, std=1.0, **kw)  # HF: factor 1.0
         self.encoder = Stack(cfg, cfg.enc_layers, decoder=False, rngs=rngs, **kw)
         self.decoder = Stack(cfg, cfg.dec_layers, decoder=True, rngs=rngs, **kw)
         self.lm_head = (
-            None if cfg.tied else L.param(rngs, (cfg.d_model, cfg.vocab), ("embed", "vocab"), param_dtype)
+            None
+            if cfg.tied
+            else L.param(rngs, (cfg.d_model, cfg.vocab), ("embed", "vocab"), param_dtype, std=1.0)
         )
 
     def head(self) -> jax.Array:

@@ -1,0 +1,92 @@
+"""Defaults of every run (PAPER.md §4). Other configs start from ``base.get_config()`` and change what
+their setup needs; every key a run accepts is defined here, so a typo in a config file or an override
+(``--config.optim.lr=1e-4``) is an error, not a silently ignored setting."""
+
+from ml_collections import ConfigDict
+
+
+def model_spec(path: str = "", dtype: str = "float32") -> ConfigDict:
+    return ConfigDict(
+        {
+            "path": path,  # a checkpoint directory or hub id; "" with `config` set: a new random model
+            "config": ConfigDict({}, type_safe=False),  # HF config kwargs (with model_type) for a new model
+            "seed": 0,  # initialisation seed of a new model
+            "dtype": dtype,  # compute dtype: float32 or bfloat16
+            "param_dtype": "",  # "" = dtype; the student's params stay float32 for AdamW unless set
+            "train_steps": 0,  # > 0 with no path: train the new model by SFT first (teacher, student init)
+            "train_lr": 0.0,  # its learning rate then; 0 = optim.lr
+        }
+    )
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.run_dir = "runs/default"  # checkpoints, metrics.jsonl, tensorboard/, curves.png, best/, final/
+    c.seed = 0
+    c.resume = False  # continue the run in run_dir from its latest complete checkpoint
+    c.method = "kd"  # sft (CE only) | kd (loss.name on ground truth) | seqkd (on teacher outputs)
+    c.compare_sft = False  # also train an SFT student of the same size and steps, and compare
+
+    c.teacher = model_spec(dtype="float32")
+    c.student = model_spec()
+    c.tokenizer = ""  # "" = the student's checkpoint; "demo" / "bytes": built-in; else a directory
+
+    c.data = ConfigDict()
+    c.data.task = "dolly"  # dolly | samsum | iwslt2017 | demo
+    c.data.source = ""  # "" = the task's hub dataset; else local json/jsonl/parquet file or directory
+    c.data.train_split = "train"
+    c.data.valid_split = "validation"
+    c.data.max_prompt_length = 256
+    c.data.max_length = 512
+    c.data.max_train_rows = 0  # 0 = all
+    c.data.max_valid_rows = 500  # validation CE and generation use this many rows
+    c.data.demo_rows = 4000  # training rows drawn from the demo generator
+    c.data.lm_source = ""  # plain text for the LM loss (openwebtext jsonl/parquet, "text" column)
+    c.data.lm_split = "train"
+
+    c.loss = ConfigDict()
+    c.loss.name = "fkl"  # any divergence of losses.py: fkl rkl sfkl srkl jsd tvd symkl
+    c.loss.kd_ratio = 1.0  # (1 - kd_ratio)·CE + kd_ratio·D
+    c.loss.alpha = 0.1  # sfkl / srkl skew
+    c.loss.beta = 0.5  # jsd
+    c.loss.lam = 0.9  # symkl
+    c.loss.lm_coef = 0.0  # weight of the LM loss on data.lm_source
+    c.loss.chunk_size = 0  # > 0: chunked large-vocabulary loss (Qwen/Llama-size vocabularies)
+
+    c.optim = ConfigDict()
+    c.optim.batch_size = 32  # global, per optimizer update: batch_size = micro-batch * grad_accum
+    c.optim.grad_accum = 1
+    c.optim.lr = 5e-4
+    c.optim.end_lr = 1e-7
+    c.optim.weight_decay = 0.01
+    c.optim.warmup_steps = 0
+    c.optim.clip = 1.0
+    c.optim.epochs = 0  # the run's length: epochs, or steps when epochs is 0
+    c.optim.steps = 1000
+
+    c.eval = ConfigDict()
+    c.eval.interval = 0  # optimizer steps between evaluations; 0 = once per epoch
+    c.eval.batch_size = 32
+    c.eval.generate = True  # ROUGE-L / BLEU from generations, not only validation CE
+    c.eval.max_new_tokens = 0  # 0 = max_length - max_prompt_length
+    c.eval.temperature = 1.0  # the paper samples; 0 = greedy
+    c.eval.top_k = 0
+    c.eval.top_p = 1.0
+    c.eval.no_repeat_ngram_size = 6
+    c.eval.seeds = (10,)  # launch/evaluate.py: the paper's (10, 20, 30, 40, 50)
+
+    c.seqkd = ConfigDict()
+    c.seqkd.temperature = 1.0  # teacher sampling for SeqKD's responses; 0 = greedy
+    c.seqkd.batch_size = 32
+
+    c.checkpoint = ConfigDict()
+    c.checkpoint.interval = 0  # optimizer steps between checkpoints; 0 = at every evaluation
+    c.checkpoint.keep = 2
+
+    c.log_interval = 10  # steps between progress updates, metrics.jsonl and tensorboard rows
+
+    c.mesh = ConfigDict()  # a TPU v4-32 pod slice: data=1, fsdp=16, tensor=1 (fsdp=-1: all devices)
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.mesh.tensor = 1
+    return c

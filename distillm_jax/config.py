@@ -1,0 +1,121 @@
+"""Start-up checks of a run's ``ml_collections`` config (DESIGN.md decision 9): every key must be one
+that ``configs/base.py`` defines, with a value of the same type, and the values must make sense together;
+each problem is one line (``ConfigError``) before any model is loaded or any step compiled."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+from distillm_jax import losses
+from distillm_jax.data import tasks
+
+METHODS = ("sft", "kd", "seqkd")
+DTYPES = ("float32", "bfloat16")
+BASE = Path(__file__).resolve().parents[1] / "configs" / "base.py"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; the message says which key and what to do."""
+
+
+def load_file(path: str, arg: str | None = None) -> ConfigDict:
+    """``get_config(arg)`` of a config file (``arg`` is what follows ``:`` in ``--config file.py:arg``)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def defaults() -> ConfigDict:
+    return load_file(str(BASE))
+
+
+def _compare(config: ConfigDict, base: ConfigDict, prefix: str = "") -> None:
+    for key, value in config.items():
+        name = prefix + key
+        if key not in base:
+            raise ConfigError(f"unknown config key {name!r}; valid keys here: {', '.join(sorted(base))}")
+        default = base[key]
+        if key == "config" and isinstance(default, ConfigDict):  # free-form HF config kwargs
+            continue
+        if isinstance(default, ConfigDict):
+            if not isinstance(value, ConfigDict):
+                raise ConfigError(f"config key {name!r} must be a group of keys, got {value!r}")
+            _compare(value, default, name + ".")
+            continue
+        ok = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
+        if isinstance(default, int) and isinstance(value, bool) and not isinstance(default, bool):
+            ok = False
+        if isinstance(default, tuple | list):
+            ok = isinstance(value, tuple | list)
+        if not ok:
+            raise ConfigError(
+                f"config key {name!r} must be {type(default).__name__} (like {default!r}), got {value!r}"
+            )
+
+
+def check(config: ConfigDict) -> None:
+    """Raise ``ConfigError`` for the first problem found."""
+    _compare(config, defaults())
+    if config.method not in METHODS:
+        raise ConfigError(f"method {config.method!r} is not one of {', '.join(METHODS)}")
+    try:
+        tasks.get(config.data.task)
+        losses.validate(config.loss.name, **loss_params(config))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not 0.0 <= config.loss.kd_ratio <= 1.0:
+        raise ConfigError(f"loss.kd_ratio must be in [0, 1], got {config.loss.kd_ratio}")
+    d = config.data
+    if not 0 < d.max_prompt_length < d.max_length:
+        raise ConfigError(
+            f"need 0 < data.max_prompt_length < data.max_length, got {d.max_prompt_length} and {d.max_length}"
+        )
+    o = config.optim
+    if o.batch_size < 1 or o.grad_accum < 1 or o.batch_size % o.grad_accum:
+        raise ConfigError(
+            f"optim.batch_size ({o.batch_size}) must be a positive multiple of "
+            f"optim.grad_accum ({o.grad_accum})"
+        )
+    if o.epochs <= 0 and o.steps <= 0:
+        raise ConfigError("set optim.epochs or optim.steps to a positive number")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr must be positive, got {o.lr}")
+    for role in ("teacher", "student"):
+        spec = config[role]
+        if spec.dtype not in DTYPES or spec.param_dtype not in ("", *DTYPES):
+            raise ConfigError(f"{role}.dtype / {role}.param_dtype must be one of {', '.join(DTYPES)}")
+        if not spec.path and not spec.config:
+            if role == "teacher" and config.method == "sft" and not config.compare_sft:
+                continue
+            raise ConfigError(
+                f"{role}.path is empty: give a checkpoint directory or hub id (or {role}.config)"
+            )
+        if (
+            spec.path
+            and spec.path.startswith((".", "/", "~"))
+            and not os.path.isdir(os.path.expanduser(spec.path))
+        ):
+            raise ConfigError(f"{role}.path {spec.path} is not a checkpoint directory")
+        if not spec.path and "model_type" not in spec.config:
+            raise ConfigError(f"{role}.config needs a model_type (e.g. 't5') to build a new model")
+    for key in ("source", "lm_source"):
+        src = d[key]
+        if src and src.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(src)):
+            raise ConfigError(f"data.{key} {src} does not exist")
+    if config.loss.lm_coef > 0 and not d.lm_source:
+        raise ConfigError("loss.lm_coef > 0 needs data.lm_source (plain text with a 'text' column)")
+    if config.eval.temperature < 0 or not 0 < config.eval.top_p <= 1:
+        raise ConfigError("eval.temperature must be >= 0 and eval.top_p in (0, 1]")
+
+
+def loss_params(config: ConfigDict) -> dict[str, float]:
+    """The divergence's own parameters, picked from ``loss.alpha / beta / lam``."""
+    takes = {"sfkl": "alpha", "srkl": "alpha", "jsd": "beta", "symkl": "lam"}.get(config.loss.name)
+    return {takes: float(config.loss[takes])} if takes else {}

@@ -1,0 +1,65 @@
+"""Which tokenizer a run uses: the student checkpoint's own, a directory, or a built-in one (``demo``:
+the demo task's word-level vocabulary; ``bytes``: 256 byte tokens + pad/eos/unk, for tiny local models of
+any task and language). Teacher and student must share it: distillation compares their distributions
+token by token."""
+
+from __future__ import annotations
+
+import os
+
+SPECIALS = ("<pad>", "</s>", "<unk>")
+
+
+def byte_level():
+    """Bytes as tokens (ids 3..258) after pad 0, eos 1, unk 2: a vocabulary of 259 for any text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {t: i for i, t in enumerate(SPECIALS)} | {c: i + 3 for i, c in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=4096
+    )
+
+
+def _has_tokenizer(directory: str) -> bool:
+    names = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.json", "tokenizer.model")
+    return os.path.isdir(directory) and any(os.path.exists(os.path.join(directory, n)) for n in names)
+
+
+def load(spec: str, student_path: str = ""):
+    """The tokenizer named by ``spec`` ("" = the student checkpoint's)."""
+    from distillm_jax.data import demo
+
+    if spec == "demo":
+        return demo.tokenizer()
+    if spec == "bytes":
+        return byte_level()
+    where = spec or student_path
+    if not where:
+        raise ValueError("no tokenizer: set `tokenizer` (a directory, 'demo' or 'bytes') for a new student")
+    if os.path.isdir(where) and not _has_tokenizer(where):
+        raise ValueError(f"{where} has no tokenizer files; set `tokenizer` to a directory that has them")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(where)
+    if tok.pad_token_id is None:  # GPT-2 / OPT / Llama convention: pad with EOS, masked out anyway
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def check_same(tokenizer, teacher_path: str) -> None:
+    """Error when the teacher checkpoint ships a tokenizer with a different vocabulary."""
+    if not teacher_path or not _has_tokenizer(teacher_path):
+        return
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(teacher_path)
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"teacher tokenizer ({teacher_path}, {len(theirs)} tokens) differs from the student's "
+            f"({len(tokenizer)} tokens); distillation needs one shared vocabulary"
+        )

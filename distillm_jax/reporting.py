@@ -1,0 +1,112 @@
+"""What a user sees of a run: a progress bar (step, loss, tokens/s, ETA), ``metrics.jsonl`` and
+TensorBoard rows in the run folder, a summary table at the end and ``curves.png`` of the training
+curves. Only the lead process (process 0) writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+
+
+class Reporter:
+    def __init__(self, run_dir: str, total_steps: int, start_step: int, *, desc: str = "train"):
+        self.lead = jax.process_index() == 0
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.bar = self.tb = None
+        if not self.lead:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self._truncate_after(start_step)
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        except ImportError:  # optional: JSONL and the PNG still hold everything
+            self.tb = None
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run rewrites the rows after its checkpoint, so the file reads like one run."""
+        if not os.path.exists(self.path):
+            return
+        keep = [r for r in read_rows(self.path) if r["step"] <= step]
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+
+    def log(self, step: int, kind: str, values: dict) -> None:
+        """One row: kind "train" (per log interval) or "eval"."""
+        if not self.lead:
+            return
+        row = {"step": step, "kind": kind, **{k: float(v) for k, v in values.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{kind}/{k}", float(v), step)
+        if kind == "train":
+            shown = {k: f"{values[k]:.4g}" for k in ("loss", "tokens_per_s") if k in values}
+            self.bar.set_postfix(shown, refresh=False)
+        else:
+            self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_rows(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(run_dir: str) -> str | None:
+    """``curves.png``: training loss and every evaluation metric against the step."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # optional (pip install matplotlib): metrics.jsonl holds the same numbers
+        return None
+
+    rows = read_rows(path)
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    eval_keys = sorted({k for r in evals for k in r} - {"step", "kind"})
+    fig, axes = plt.subplots(1, 1 + len(eval_keys), figsize=(4.5 * (1 + len(eval_keys)), 3.5), squeeze=False)
+    for key in ("loss", "ce"):
+        if train and key in train[0]:
+            axes[0, 0].plot([r["step"] for r in train], [r[key] for r in train], label=f"train {key}")
+    axes[0, 0].set_xlabel("step")
+    axes[0, 0].legend()
+    for ax, key in zip(axes[0, 1:], eval_keys, strict=True):
+        pts = [(r["step"], r[key]) for r in evals if key in r and math.isfinite(r[key])]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+        ax.set_title(f"validation {key}")
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    out = os.path.join(run_dir, "curves.png")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def table(rows: list[tuple[str, ...]]) -> str:
+    """A plain-text table; the first row is the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
+    return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths), *map(line, rows[1:])])

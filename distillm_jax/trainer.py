@@ -1,0 +1,533 @@
+"""The training loop: data, the jitted steps, evaluation, checkpoints, logging and export, wired together
+for one run (``train``), and the demo's three runs around it (``run``: a teacher trained first when the
+config asks for one, the distillation, and an SFT student of the same size to compare with).
+
+Methods (``config.method``): ``sft`` (CE only, no teacher), ``kd`` (``loss.name`` on ground-truth
+responses; ``fkl`` is the paper's KD), ``seqkd`` (the teacher's own responses to the training prompts,
+generated once and saved in the run folder, then trained on with ``loss.name``). Student-generated outputs
+(ImitKD, GKD, DistiLLM's adaptive off-policy) replace ``_next_batch``'s ground-truth source.
+
+Step counts are optimizer updates; with ``optim.grad_accum > 1`` each update runs that many micro-batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from ml_collections import ConfigDict
+
+from distillm_jax import config as cfglib
+from distillm_jax import evaluation, generate, models, reporting, sharding, step
+from distillm_jax.checkpointing import Checkpoints
+from distillm_jax.data import batching, tasks
+from distillm_jax.data import tokenizers as toklib
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss); the message names the step and the last checkpoint."""
+
+
+def build_model(spec: ConfigDict, mesh, *, trainable: bool) -> nnx.Module:
+    """A checkpoint (``spec.path``) or a new random model (``spec.config``), placed on ``mesh``. A
+    trained model keeps float32 params unless ``param_dtype`` says otherwise (AdamW's updates are small)."""
+    dtype = jnp.dtype(spec.dtype)
+    param_dtype = jnp.dtype(spec.param_dtype or ("float32" if trainable else spec.dtype))
+    if spec.path:
+        return models.from_pretrained(spec.path, dtype=dtype, mesh=mesh, param_dtype=param_dtype)
+    from transformers import AutoConfig
+
+    kwargs = spec.config.to_dict()
+    hf = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    return models.create(hf, dtype=dtype, param_dtype=param_dtype, mesh=mesh, seed=spec.seed)
+
+
+class Run:
+    """Everything one training run holds; ``train`` drives it."""
+
+    def __init__(self, config: ConfigDict, *, evaluate_only: bool = False):
+        """``evaluate_only``: just the student, the tokenizer and the validation rows."""
+        cfglib.check(config)
+        self.config = c = config
+        self.mesh = sharding.make_mesh(**c.mesh)
+        self.task = tasks.get(c.data.task)
+        self.lengths = batching.Lengths(c.data.max_prompt_length, c.data.max_length)
+        try:
+            self.tokenizer = toklib.load(c.tokenizer, c.student.path)
+            if c.method != "sft":
+                toklib.check_same(self.tokenizer, c.teacher.path)
+        except ValueError as e:
+            raise cfglib.ConfigError(str(e)) from None
+        self.pad = self.tokenizer.pad_token_id
+        self.micro = c.optim.batch_size // c.optim.grad_accum
+        self.student = build_model(c.student, self.mesh, trainable=True)
+        self.enc_dec = hasattr(self.student, "encode")
+        self.start_id = self.student.hf_config.get("decoder_start_token_id") or 0
+        self._check_vocab(self.student, "student")
+        if c.loss.lm_coef > 0 and self.enc_dec:
+            raise cfglib.ConfigError("loss.lm_coef (plain LM loss) needs a decoder-only student; set it to 0")
+        self.teacher = None
+        if evaluate_only:
+            self.valid_rows, self.valid_refs = self._valid()
+            return
+        if c.method != "sft":
+            self.teacher = build_model(c.teacher, self.mesh, trainable=False)
+            self._check_vocab(self.teacher, "teacher")
+            if hasattr(self.teacher, "encode") != self.enc_dec:
+                raise cfglib.ConfigError(
+                    "teacher and student must both be encoder-decoder or both decoder-only"
+                )
+        self._load_data()
+
+    # ----------------------------------------------------------------------------------------------
+    # data
+
+    def _check_vocab(self, model: nnx.Module, role: str) -> None:
+        if model.config.vocab < len(self.tokenizer):
+            raise cfglib.ConfigError(
+                f"the {role}'s vocabulary ({model.config.vocab}) is smaller than the tokenizer's "
+                f"({len(self.tokenizer)}); they do not belong together"
+            )
+
+    def _tokenized(self, split: str, max_rows: int, demo_rows: int) -> tuple[list, list[str]]:
+        c = self.config
+        try:
+            rows = tasks.load_rows(self.task, c.data.source or None, split, demo_rows=demo_rows)
+        except (FileNotFoundError, ValueError) as e:
+            raise cfglib.ConfigError(str(e)) from None
+        rows = rows[:max_rows] if max_rows else rows
+        pairs = tasks.to_pairs(self.task, rows, encoder_decoder=self.enc_dec)
+        tokenized, skipped = batching.tokenize_pairs(pairs, self.tokenizer, self.lengths)
+        if any(skipped.values()) and jax.process_index() == 0:
+            print(
+                f"{split}: {len(tokenized)} rows; "
+                f"skipped {skipped['empty_response']} with an empty response; "
+                f"cut {skipped['prompt_truncated']} prompts longer than {c.data.max_prompt_length} tokens"
+            )
+        refs = [r for _, r in pairs if r.strip()]
+        return tokenized, refs
+
+    def _load_data(self) -> None:
+        c = self.config
+        self.train_rows, _ = self._tokenized(c.data.train_split, c.data.max_train_rows, c.data.demo_rows)
+        self.valid_rows, self.valid_refs = self._valid()
+        if len(self.train_rows) < c.optim.batch_size:
+            raise cfglib.ConfigError(
+                f"{len(self.train_rows)} usable training rows are fewer than one batch ({c.optim.batch_size})"
+            )
+        self.lm_rows = None
+        if c.loss.lm_coef > 0:
+            rows = tasks.load_rows(tasks.get("openwebtext"), c.data.lm_source, c.data.lm_split)
+            eos = [self.tokenizer.eos_token_id]
+            self.lm_rows = [
+                self.tokenizer(r["text"], add_special_tokens=False)["input_ids"] + eos for r in rows
+            ]
+
+    def _valid(self) -> tuple[list, list[str]]:
+        d = self.config.data
+        return self._tokenized(d.valid_split, d.max_valid_rows, d.max_valid_rows or 500)
+
+    def batch(self, rows: list) -> dict:
+        if self.enc_dec:
+            return batching.encoder_decoder_batch(rows, self.lengths, self.pad, self.start_id)
+        return batching.decoder_only_batch(rows, self.lengths, self.pad)
+
+    def to_devices(self, batch: dict) -> dict:
+        """Host numpy batch -> global arrays sharded over the data axes (replicated when the batch does not
+        divide them)."""
+
+        def put(x):
+            if isinstance(x, dict):
+                return {k: put(v) for k, v in x.items()}
+            spec = sharding.batch_sharding(self.mesh, x.ndim)
+            shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+            if x.shape[0] % shards:
+                spec = NamedSharding(self.mesh, PartitionSpec())
+            return jax.make_array_from_process_local_data(spec, x)
+
+        return put(batch)
+
+    def fixed_batches(self, rows: list, size: int):
+        """``rows`` in batches of ``size``; the last one filled with copies of row 0 whose loss mask is
+        zeroed. Yields (batch, number of real rows)."""
+        for i in range(0, len(rows), size):
+            chunk = rows[i : i + size]
+            real = len(chunk)
+            b = self.batch(chunk + [rows[0]] * (size - real))
+            b["loss_mask"][real:] = 0
+            yield b, real
+
+    # ----------------------------------------------------------------------------------------------
+    # generation and evaluation
+
+    def generate_texts(self, model: nnx.Module, rows: list, *, temperature: float, seed: int) -> list:
+        """Token ids of ``model``'s response to every row's prompt (EOS kept when produced)."""
+        e, out = self.config.eval, []
+        new = e.max_new_tokens or self.lengths.max_response
+        key = jax.random.key(seed)
+        for i, (b, real) in enumerate(self.fixed_batches(rows, self.config.eval.batch_size)):
+            ids, mask = (
+                (b["input_ids"], b["attention_mask"]) if self.enc_dec else (b["prompt_ids"], b["prompt_mask"])
+            )
+            ids, mask = self.to_devices({"i": ids, "m": mask}).values()
+            tokens, tmask = generate.generate(
+                model,
+                ids,
+                mask,
+                new,
+                temperature=temperature,
+                top_k=e.top_k,
+                top_p=e.top_p,
+                rng=jax.random.fold_in(key, i),
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.pad,
+                no_repeat_ngram_size=e.no_repeat_ngram_size,
+            )
+            tokens, tmask = np.asarray(jax.device_get(tokens)), np.asarray(jax.device_get(tmask))
+            out += [list(tokens[r][tmask[r] != 0]) for r in range(real)]
+        return out
+
+    def metric(self, model: nnx.Module, seed: int) -> float:
+        """The task's metric (ROUGE-L or BLEU) of ``model``'s generations on the validation rows."""
+        temperature = self.config.eval.temperature
+        outs = self.generate_texts(model, self.valid_rows, temperature=temperature, seed=seed)
+        preds = self.tokenizer.batch_decode(outs, skip_special_tokens=True)
+        return evaluation.METRICS[self.task.metric](preds, self.valid_refs)
+
+    # ----------------------------------------------------------------------------------------------
+    # SeqKD data
+
+    def seqkd_rows(self) -> list:
+        """The teacher's responses to the training prompts, generated once and cached in the run folder."""
+        path = os.path.join(self.config.run_dir, "seqkd_train.jsonl")
+        if os.path.exists(path):
+            with open(path) as f:
+                return [tuple(json.loads(line)) for line in f]
+        temperature = self.config.seqkd.temperature
+        outs = self.generate_texts(
+            self.teacher, self.train_rows, temperature=temperature, seed=self.config.seed
+        )
+        eos = self.tokenizer.eos_token_id
+        rows = [(p, [int(t) for t in o] or [eos]) for (p, _), o in zip(self.train_rows, outs, strict=True)]
+        if jax.process_index() == 0:
+            os.makedirs(self.config.run_dir, exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                f.writelines(json.dumps([[int(t) for t in p], r]) + "\n" for p, r in rows)
+            os.replace(path + ".tmp", path)
+        return rows
+
+
+def _loss_config(c: ConfigDict) -> step.LossConfig:
+    return step.LossConfig(
+        divergence=c.loss.name,
+        kd_ratio=0.0 if c.method == "sft" else float(c.loss.kd_ratio),
+        params=tuple(cfglib.loss_params(c).items()),
+        lm_coef=float(c.loss.lm_coef),
+        chunk_size=int(c.loss.chunk_size),
+    )
+
+
+def _export(model: nnx.Module, tokenizer, out_dir: str) -> None:
+    """An HF checkpoint written beside ``out_dir`` and renamed into place, so a reader never sees half."""
+    if jax.process_index() != 0:
+        return
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    models.save_pretrained(model, tmp, tokenizer=tokenizer)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def optimizer(c: ConfigDict, total: int):
+    """The run's AdamW from ``c.optim`` over ``total`` updates."""
+    o = c.optim
+    return step.make_optimizer(
+        o.lr,
+        total,
+        weight_decay=o.weight_decay,
+        end_lr=o.end_lr,
+        warmup_steps=o.warmup_steps,
+        clip=o.clip,
+        grad_accum=o.grad_accum,
+    )
+
+
+def _finite(rows: list[dict]) -> int | None:
+    """Index of the first row with a non-finite value, if any."""
+    for i, r in enumerate(rows):
+        if not all(np.isfinite(v) for v in r.values()):
+            return i
+    return None
+
+
+def train(config: ConfigDict) -> dict:
+    """One run: returns its summary (also written to ``run_dir/summary.json``)."""
+    r = Run(config)
+    c = config
+    lead = jax.process_index() == 0
+    loss_cfg = _loss_config(c)
+    rows = r.seqkd_rows() if c.method == "seqkd" else r.train_rows
+    updates_per_epoch = len(rows) // c.optim.batch_size
+    total = c.optim.epochs * updates_per_epoch if c.optim.epochs else c.optim.steps
+    eval_every = c.eval.interval or updates_per_epoch
+    save_every = c.checkpoint.interval or eval_every
+    tx = optimizer(c, total)
+    s_graph, _, s_rest = nnx.split(r.student, nnx.Param, ...)
+    train_step, params, opt_state = step.make_train_step(r.student, r.teacher, tx, loss_cfg)
+    eval_step = step.make_eval_step(r.student, r.teacher, loss_cfg)
+    teacher_state = None if r.teacher is None else nnx.state(r.teacher)
+    order = batching.BatchOrder(
+        len(rows), r.micro, c.seed, host=jax.process_index(), hosts=jax.process_count()
+    )
+    lm_order = None
+    if r.lm_rows is not None:
+        lm_order = batching.BatchOrder(
+            len(r.lm_rows), r.micro, c.seed + 1, host=jax.process_index(), hosts=jax.process_count()
+        )
+
+    ckpt = Checkpoints(os.path.join(c.run_dir, "checkpoints"), keep=c.checkpoint.keep)
+    host = {"step": 0, "order": [0, 0], "lm_order": [0, 0], "best": None, "best_step": None, "initial": None}
+    latest = ckpt.latest_step()
+    if latest is not None and not c.resume:
+        ckpt.close()
+        raise cfglib.ConfigError(
+            f"{c.run_dir} already holds a run (checkpoint at step {latest}); pass --config.resume=True to "
+            "continue it, or choose another run_dir"
+        )
+    if latest is not None:
+        params, opt_state, host = ckpt.restore(latest, params, opt_state)
+        if lead:
+            print(f"resumed {c.run_dir} at step {host['step']} of {total}")
+    order.position = tuple(host["order"])
+    if lm_order is not None:
+        lm_order.position = tuple(host["lm_order"])
+    higher_better = c.eval.generate
+    key_metric = r.task.metric if c.eval.generate else "val_ce"
+
+    def model_of(p) -> nnx.Module:
+        return nnx.merge(s_graph, p, s_rest)
+
+    def evaluate(p, at: int) -> dict:
+        sums: dict = {}
+        for b, _ in r.fixed_batches(r.valid_rows, c.eval.batch_size):
+            out = eval_step(p, teacher_state, r.to_devices(b))
+            sums = {k: sums.get(k, 0.0) + v for k, v in out.items()}
+        sums = jax.device_get(sums)
+        tokens = max(float(sums.pop("tokens")), 1.0)
+        metrics = {"val_" + k.removesuffix("_sum"): float(v) / tokens for k, v in sums.items()}
+        if c.eval.generate:
+            metrics[r.task.metric] = r.metric(model_of(p), seed=c.seed * 1000 + at)
+        return metrics
+
+    reporter = reporting.Reporter(c.run_dir, total, host["step"], desc=os.path.basename(c.run_dir) or "train")
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s)) if lead else None
+
+    def save(at: int) -> None:
+        host.update(step=at, order=list(order.position))
+        if lm_order is not None:
+            host["lm_order"] = list(lm_order.position)
+        ckpt.save(at, params, opt_state, dict(host))
+
+    def after_eval(at: int, metrics: dict) -> None:
+        reporter.log(at, "eval", metrics)
+        host["last_eval"] = metrics
+        value = metrics[key_metric]
+        best = host["best"]
+        if best is None or (value > best if higher_better else value < best):
+            host.update(best=value, best_step=at)
+            _export(model_of(params), r.tokenizer, os.path.join(c.run_dir, "best"))
+
+    start = time.time()
+    try:
+        if host["initial"] is None:
+            host["initial"] = evaluate(params, 0)
+            after_eval(0, host["initial"])
+        at = host["step"]
+        pending, tokens, t0 = [], 0, time.time()
+        batches = iter(order)
+        lm_batches = iter(lm_order) if lm_order is not None else None
+        while at < total:
+            for _ in range(c.optim.grad_accum):
+                b = r.batch([rows[i] for i in next(batches)])
+                tokens += sum(int(b[k].sum()) for k in ("attention_mask", "decoder_attention_mask") if k in b)
+                if lm_batches is not None:
+                    lm = [r.lm_rows[i] for i in next(lm_batches)]
+                    b["lm"] = batching.text_batch(lm, c.data.max_length, r.pad)
+                params, opt_state, m = train_step(params, opt_state, teacher_state, r.to_devices(b))
+                pending.append(m)
+            at += 1
+            reporter.advance()
+            if os.environ.get("DISTILLM_KILL_AT_STEP") == str(at):  # fault injection for the resume test
+                ckpt.manager.wait_until_finished()
+                os.kill(os.getpid(), signal.SIGKILL)
+            due_eval, due_save = at % eval_every == 0 or at == total, at % save_every == 0 or at == total
+            if at % c.log_interval == 0 or due_eval or due_save or stop["signal"]:
+                rows_m = jax.device_get(pending)
+                bad = _finite(rows_m)
+                if bad is not None:
+                    bad_step = at - len(pending) // c.optim.grad_accum + bad // c.optim.grad_accum + 1
+                    last = ckpt.latest_step()
+                    where = f"{ckpt.path(last)} (step {last})" if last is not None else "none yet"
+                    values = ", ".join(f"{k} {float(v):.4g}" for k, v in rows_m[bad].items())
+                    raise TrainingError(
+                        f"non-finite loss at step {bad_step} ({values}); last good checkpoint: {where}"
+                    )
+                mean = {k: float(np.mean([row[k] for row in rows_m])) for k in rows_m[0]}
+                mean["tokens_per_s"] = tokens / max(time.time() - t0, 1e-9)
+                reporter.log(at, "train", mean)
+                pending, tokens, t0 = [], 0, time.time()
+            if due_eval:
+                after_eval(at, evaluate(params, at))
+            if due_save or stop["signal"]:
+                save(at)
+            if stop["signal"]:
+                if lead:
+                    print(
+                        f"stopped by signal {stop['signal']} at step {at}; saved; "
+                        "resume with --config.resume=True"
+                    )
+                break
+    finally:
+        ckpt.close()
+        reporter.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if stop["signal"]:
+        return {"stopped_at": at}
+    _export(model_of(params), r.tokenizer, os.path.join(c.run_dir, "final"))
+    final = host["last_eval"]
+    summary = {
+        "run_dir": c.run_dir,
+        "method": c.method,
+        "loss": loss_cfg.divergence if loss_cfg.kd_ratio else "ce",
+        "steps": total,
+        "metric": key_metric,
+        "initial": host["initial"],
+        "final": final,
+        "best": host["best"],
+        "best_step": host["best_step"],
+        "seconds": time.time() - start,
+    }
+    if lead:
+        with open(os.path.join(c.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        reporting.plot_curves(c.run_dir)
+        print(_summary_table(summary))
+    return summary
+
+
+def _summary_table(s: dict) -> str:
+    keys = sorted(set(s["initial"]) | set(s["final"]))
+    rows = [("", "before", "after")] + [
+        (k, f"{s['initial'].get(k, float('nan')):.4f}", f"{s['final'].get(k, float('nan')):.4f}")
+        for k in keys
+    ]
+    head = f"{s['run_dir']}: {s['method']} ({s['loss']}), {s['steps']} steps in {s['seconds']:.0f} s; "
+    head += f"best {s['metric']} {s['best']:.4f} at step {s['best_step']} (exported to best/)"
+    return head + "\n" + reporting.table(rows)
+
+
+def override(config: ConfigDict, **changes) -> ConfigDict:
+    """A copy of ``config`` with ``changes`` applied; nested keys are spelled with ``__``
+    (``optim__lr=1e-4``)."""
+    out = ConfigDict(config.to_dict())
+    for dotted, value in changes.items():
+        node = out
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return out
+
+
+def _sft_first(c: ConfigDict, role: str, results: dict) -> ConfigDict:
+    """Train a new ``role`` model (teacher or student) by SFT for its ``train_steps`` into
+    ``run_dir/<role>``; return the config pointing at the result (the paper's teachers are SFT'd, and its
+    students start from an SFT'd "init" checkpoint)."""
+    spec = c[role]
+    out = os.path.join(c.run_dir, role + "_sft" if role == "student" else role)
+    sub = override(
+        c,
+        run_dir=out,
+        method="sft",
+        compare_sft=False,
+        student=ConfigDict(spec.to_dict()),
+        optim__steps=spec.train_steps,
+        optim__epochs=0,
+        optim__lr=spec.train_lr or c.optim.lr,
+    )
+    sub.student.train_steps, sub.student.train_lr = 0, 0.0
+    results[role + "_sft"] = train(sub)
+    return override(c, **{f"{role}__path": os.path.join(out, "final"), f"{role}__train_steps": 0})
+
+
+def run(config: ConfigDict) -> dict:
+    """The main job: trains a new teacher and/or the student's init by SFT first when ``train_steps`` asks
+    for it (the demo), then the configured run, then — with ``compare_sft`` — an SFT-only student from the
+    same start for the same steps; prints teacher / student before / after / SFT side by side."""
+    cfglib.check(config)
+    c, results = config, {}
+    for role in ("teacher", "student"):
+        if c[role].train_steps and not c[role].path:
+            c = _sft_first(c, role, results)
+    results["student"] = train(c)
+    if c.compare_sft and c.method != "sft":
+        results["sft"] = train(override(c, run_dir=os.path.join(c.run_dir, "sft"), method="sft"))
+    if jax.process_index() == 0 and len(results) > 1:
+        print(comparison(results))
+    return results
+
+
+def comparison(results: dict) -> str:
+    """Teacher / student before / distilled / SFT on the task metric and validation CE."""
+    s = results["student"]
+    metric = s["metric"]
+    rows = [("model", metric, "val_ce")]
+
+    def add(name, m):
+        rows.append((name, f"{m.get(metric, float('nan')):.2f}", f"{m.get('val_ce', float('nan')):.4f}"))
+
+    if "teacher_sft" in results:
+        add("teacher", results["teacher_sft"]["final"])
+    add("student before", s["initial"])
+    add(f"student {s['method']} ({s['loss']})", s["final"])
+    if "sft" in results:
+        add("student sft (ce)", results["sft"]["final"])
+    return reporting.table(rows)
+
+
+def export_checkpoint(config: ConfigDict, at: int | None = None, out_dir: str | None = None) -> str:
+    """Write the student of ``config.run_dir``'s checkpoint ``at`` (default: the latest) as an HF
+    checkpoint; returns its directory."""
+    cfglib.check(config)
+    ckpt = Checkpoints(os.path.join(config.run_dir, "checkpoints"), keep=config.checkpoint.keep)
+    try:
+        steps = ckpt.manager.all_steps()
+        if not steps:
+            raise cfglib.ConfigError(f"{config.run_dir} has no checkpoints")
+        at = max(steps) if at is None else at
+        if at not in steps:
+            raise cfglib.ConfigError(
+                f"no checkpoint at step {at} in {config.run_dir}; it has {sorted(steps)}"
+            )
+        mesh = sharding.make_mesh(**config.mesh)
+        student = build_model(config.student, mesh, trainable=True)
+        graph, params, rest = nnx.split(student, nnx.Param, ...)
+        tx = optimizer(config, 1)
+        params, _, _ = ckpt.restore(at, params, step.init_opt_state(tx, params))
+    finally:
+        ckpt.close()
+    tokenizer = toklib.load(config.tokenizer, config.student.path)
+    out_dir = out_dir or os.path.join(config.run_dir, f"export-{at}")
+    _export(nnx.merge(graph, params, rest), tokenizer, out_dir)
+    return out_dir

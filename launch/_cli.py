@@ -1,0 +1,66 @@
+"""What every launch script shares: the repository on ``sys.path`` (config files import ``configs.base``),
+the ``--config`` flag, and user mistakes reported as one line instead of a traceback."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+CONFIG = config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/demo.py[:tiny]")
+flags.mark_flags_as_required(["config"])
+
+
+def _one_line(e: BaseException) -> str:
+    """The useful line of a flag error (config_flags wraps a config file's own error in a traceback)."""
+    lines = [x.strip() for x in str(e).replace("\\n", "\n").splitlines() if x.strip()]
+    text = lines[-1] if lines else type(e).__name__
+    if isinstance(e, AttributeError | KeyError):
+        text = "unknown config key " + re.sub(r"[\\'\"]+", "", " ".join(lines)).replace("? ", "?")
+    return text
+
+
+def _config_file(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def main(body) -> None:
+    """Run ``body(config)``; a bad flag or config, a bad checkpoint or a stopped run is one line."""
+    from absl import logging
+
+    from distillm_jax.config import ConfigError
+    from distillm_jax.models import CheckpointError
+    from distillm_jax.trainer import TrainingError
+
+    path = (_config_file(sys.argv) or "").split(":")[0]
+    if path and not os.path.isfile(path):
+        print(f"error: config file {path} does not exist", file=sys.stderr)
+        sys.exit(2)
+    try:  # an unknown --config.key, a value of the wrong type, a config file that fails
+        argv = flags.FLAGS(sys.argv)
+        config = CONFIG.value
+    except Exception as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    if len(argv) > 1:
+        print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
+        sys.exit(2)
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    try:
+        body(config)
+    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,13 @@
+"""Train (distil) a student: ``python launch/train.py --config configs/demo.py [--config.a.b=v ...]``."""
+
+import _cli
+
+
+def body(config):
+    from distillm_jax import trainer
+
+    trainer.run(config)
+
+
+if __name__ == "__main__":
+    _cli.main(body)

@@ -1,0 +1,79 @@
+"""The paper configs (configs/*.py): every full config passes the start-up checks, the ``:tiny`` variants
+use the same method, loss, task and model family as their full config, and each ``:tiny`` variant trains
+end to end (random tiny models of the family, the shipped data sample, 3 steps on the 8 CPU devices)."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from distillm_jax import config as cfglib
+from distillm_jax import reporting, trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # config files import configs.base
+
+PAPER = ["gpt2_dolly", "opt_dolly", "openllama_dolly", "qwen_dolly", "t5_samsum", "mt5_iwslt"]
+FAMILY = {
+    "gpt2_dolly": "gpt2",
+    "opt_dolly": "opt",
+    "openllama_dolly": "llama",
+    "qwen_dolly": "qwen2",
+    "t5_samsum": "t5",
+    "mt5_iwslt": "mt5",
+}
+
+
+def load(name: str, arg: str = ""):
+    return cfglib.load_file(str(ROOT / "configs" / f"{name}.py"), arg)
+
+
+def test_every_config_file_is_covered():
+    files = {p.stem for p in (ROOT / "configs").glob("*.py")} - {"__init__", "base", "demo", "tiny", "paper"}
+    assert files == set(PAPER)
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_full_config_passes_the_checks(name):
+    c = load(name)
+    cfglib.check(c)
+    assert c.teacher.path and c.student.path and c.teacher.path != c.student.path
+    assert not c.teacher.config and not c.student.config
+    assert (c.method, c.loss.name, c.loss.alpha) == ("kd", "srkl", 0.1)
+    assert c.optim.epochs > 0 and c.eval.temperature == 1.0 and c.eval.no_repeat_ngram_size == 6
+    assert c.loss.lm_coef == 0.0 and c.mesh.fsdp == -1
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_tiny_variant_keeps_the_setup(name):
+    full, small = load(name), load(name, "tiny")
+    cfglib.check(small)
+    assert (small.method, small.loss.name, small.data.task) == (full.method, full.loss.name, full.data.task)
+    assert small.teacher.path == small.student.path == ""
+    assert small.teacher.config.model_type == small.student.config.model_type == FAMILY[name]
+    assert Path(small.data.source).is_absolute()
+    assert (Path(small.data.source) / "train.jsonl").exists()
+    assert (Path(small.data.source) / "validation.jsonl").exists()
+    assert bool(small.loss.chunk_size) == bool(full.loss.chunk_size)
+    with pytest.raises(ValueError, match="tiny"):
+        load(name, "huge")
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_tiny_variant_trains_end_to_end(name, tmp_path, quick_compiles):
+    c = load(name, "tiny")
+    c.run_dir = str(tmp_path / name)
+    results = trainer.run(c)
+    s = results["student"]
+    assert s["steps"] == c.optim.steps == 3
+    run = Path(c.run_dir)
+    assert (run / "final" / "config.json").exists()
+    assert json.loads((run / "final" / "config.json").read_text())["model_type"] == FAMILY[name]
+    rows = reporting.read_rows(str(run / "metrics.jsonl"))
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2, 3]
+    final = s["final"]
+    assert s["metric"] in final and "val_ce" in final and "val_srkl" in final
+    assert all(math.isfinite(v) for v in final.values()), final

@@ -1,0 +1,185 @@
+"""The trainer end to end on the tiny demo config: it runs, exports a checkpoint transformers loads,
+resumes a killed run to the same losses, never resumes from a half-written checkpoint, and stops on a NaN
+loss naming the step and the last good checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distillm_jax import config as cfglib
+from distillm_jax import models, reporting, trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+pytestmark = pytest.mark.usefixtures("quick_compiles")
+
+
+def tiny(tmp_path, **changes):
+    c = cfglib.load_file(str(ROOT / "configs" / "demo.py"), "tiny")
+    c.run_dir = str(tmp_path / "run")
+    c.resume = False
+    return trainer.override(c, **changes)
+
+
+def cli(args, env=None, timeout=300):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", **(env or {})}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_demo_tiny_runs_end_to_end_and_compares(tmp_path, capsys):
+    c = tiny(tmp_path)
+    results = trainer.run(c)
+    assert set(results) == {"teacher_sft", "student_sft", "student", "sft"}
+    run = Path(c.run_dir)
+    for sub in ("teacher/final", "student_sft/final", "final", "best", "sft/final"):
+        assert (run / sub / "config.json").exists(), sub
+    rows = reporting.read_rows(str(run / "metrics.jsonl"))
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) and r["srkl"] >= 0 and r["tokens_per_s"] > 0 for r in train)
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2, 4] and all("rougeL" in r for r in evals)
+    assert (run / "curves.png").stat().st_size > 1000
+    assert list((run / "tensorboard").iterdir())
+    out = capsys.readouterr().out
+    assert "student kd (srkl)" in out and "student sft (ce)" in out and "teacher" in out
+
+
+def test_export_loads_in_transformers(tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers import T5ForConditionalGeneration
+
+    c = tiny(tmp_path, method="sft", compare_sft=False, optim__steps=2, eval__generate=False)
+    trainer.train(c)
+    export = os.path.join(c.run_dir, "final")
+    ours = models.from_pretrained(export)
+    theirs = T5ForConditionalGeneration.from_pretrained(export).eval()
+    ids = np.array([[5, 6, 7, 8, 1]])
+    dec = np.array([[0, 9, 10]])
+    ones, dones = np.ones_like(ids), np.ones_like(dec)
+    with torch.no_grad():
+        ref = theirs(input_ids=torch.tensor(ids), decoder_input_ids=torch.tensor(dec)).logits.numpy()
+    got = np.asarray(ours(jnp.asarray(ids), jnp.asarray(ones), jnp.asarray(dec), jnp.asarray(dones)))
+    np.testing.assert_allclose(got, ref, atol=2e-4, rtol=2e-4)
+
+
+def _train_rows(run_dir):
+    rows = reporting.read_rows(os.path.join(run_dir, "metrics.jsonl"))
+    return [
+        {k: v for k, v in r.items() if k not in ("tokens_per_s", "kind")}
+        for r in rows
+        if r["kind"] == "train"
+    ]
+
+
+def test_killed_run_resumes_to_the_same_losses(tmp_path):
+    common = [
+        "--config",
+        "configs/demo.py:tiny",
+        "--config.compare_sft=False",
+        "--config.teacher.train_steps=0",  # a random tiny teacher: the path is what is tested
+        "--config.optim.steps=6",
+        "--config.eval.interval=3",
+        "--config.checkpoint.interval=2",
+        "--config.eval.generate=False",
+    ]
+    whole = cli([*common, f"--config.run_dir={tmp_path / 'whole'}"])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed_dir = tmp_path / "killed"
+    killed = cli([*common, f"--config.run_dir={killed_dir}"], env={"DISTILLM_KILL_AT_STEP": "5"})
+    assert killed.returncode != 0  # SIGKILL: no clean-up ran
+    assert not (killed_dir / "final").exists()
+    resumed = cli([*common, f"--config.run_dir={killed_dir}", "--config.resume=True"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed" in resumed.stdout and "at step 4 of 6" in resumed.stdout
+    a, b = _train_rows(tmp_path / "whole"), _train_rows(killed_dir)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b, strict=True):
+        for k in x:
+            np.testing.assert_allclose(y[k], x[k], rtol=1e-6, err_msg=k)
+
+
+def test_half_written_checkpoint_is_never_picked(tmp_path):
+    c = tiny(tmp_path, method="sft", compare_sft=False, optim__steps=2, eval__generate=False)
+    c.checkpoint.interval = 1
+    trainer.train(c)
+    with pytest.raises(cfglib.ConfigError, match=r"already holds a run .* --config.resume=True"):
+        trainer.train(c)  # a finished run is not overwritten by accident
+    ckpts = Path(c.run_dir) / "checkpoints"
+    # A write interrupted at step 3: orbax's temporary directory, partly filled.
+    (ckpts / "3.orbax-checkpoint-tmp" / "state").mkdir(parents=True)
+    (ckpts / "3.orbax-checkpoint-tmp" / "state" / "partial").write_bytes(b"\0" * 10)
+    from distillm_jax.checkpointing import Checkpoints
+
+    manager = Checkpoints(str(ckpts))
+    assert manager.latest_step() == 2
+    manager.close()
+    c.resume, c.optim.steps = True, 3
+    summary = trainer.train(c)
+    assert summary["steps"] == 3
+    steps = [
+        r["step"]
+        for r in reporting.read_rows(os.path.join(c.run_dir, "metrics.jsonl"))
+        if r["kind"] == "train"
+    ]
+    assert steps == [1, 2, 3]
+
+
+def test_nan_loss_stops_with_step_and_checkpoint(tmp_path):
+    c = tiny(tmp_path, method="sft", compare_sft=False, optim__steps=6, eval__generate=False)
+    c.optim.lr, c.optim.clip, c.checkpoint.interval = 1e30, 0.0, 1
+    with pytest.raises(
+        trainer.TrainingError, match=r"non-finite loss at step (\d+) .*last good checkpoint: .*step"
+    ):
+        trainer.train(c)
+
+
+def test_grad_accumulation_averages_micro_batches(tmp_path):
+    def run(name, **kw):
+        c = tiny(tmp_path / name, method="sft", compare_sft=False, optim__steps=3, eval__generate=False, **kw)
+        c.optim.lr = 3e-2  # large enough that a different batch shows in the validation loss
+        return trainer.train(c)
+
+    whole, accumulated = run("whole"), run("accum", optim__grad_accum=2)
+    start, whole, accumulated = (
+        whole["initial"]["val_ce"],
+        whole["final"]["val_ce"],
+        accumulated["final"]["val_ce"],
+    )
+    # The same rows per update (batch 8 = 2 micro-batches of 4, same order); the mean of the two
+    # micro-batch means differs from the token mean over 8 rows only by their token-count weights.
+    assert abs(accumulated - whole) < 0.02 * abs(start - whole)
+
+
+def test_seqkd_trains_on_the_teachers_cached_responses(tmp_path):
+    c = tiny(tmp_path, method="seqkd", compare_sft=False, optim__steps=2, eval__generate=False)
+    c.teacher.train_steps, c.student.train_steps = 0, 0  # a random teacher: its outputs are what is checked
+    trainer.run(c)
+    path = Path(c.run_dir) / "seqkd_train.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 64 and all(0 < len(r) <= 8 for _, r in rows)  # eval.max_new_tokens = 8
+    run = trainer.Run(c)
+    assert [p for p, _ in rows] == [list(p) for p, _ in run.train_rows]  # the same prompts, in order
+    assert run.seqkd_rows() == [tuple(r) for r in rows]  # read back from the cache, not regenerated
+
+
+def test_lm_loss_on_plain_text(tmp_path):
+    text = tmp_path / "owt.jsonl"
+    text.write_text(
+        "".join(json.dumps({"text": f"Some plain web text number {i}."}) + "\n" for i in range(16))
+    )
+    c = cfglib.load_file(str(ROOT / "configs" / "gpt2_dolly.py"), "tiny")
+    c = trainer.override(c, run_dir=str(tmp_path / "run"), optim__steps=2, eval__generate=False)
+    c.loss.lm_coef, c.data.lm_source = 0.5, str(text)
+    summary = trainer.run(c)["student"]
+    rows = [r for r in reporting.read_rows(os.path.join(c.run_dir, "metrics.jsonl")) if r["kind"] == "train"]
+    assert all(r["lm"] > 0 and r["loss"] == pytest.approx(r["srkl"] + 0.5 * r["lm"], rel=1e-5) for r in rows)
+    assert summary["steps"] == 2
