@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -195,6 +196,16 @@ class Run:
             out += [list(tokens[r][tmask[r] != 0]) for r in range(real)]
         return out
 
+    def validation_losses(self, eval_step: Callable, params, teacher_state) -> dict:
+        """Token-level means over the validation rows: ``val_ce`` (and ``val_<divergence>``)."""
+        sums: dict = {}
+        for b, _ in self.fixed_batches(self.valid_rows, self.config.eval.batch_size):
+            out = eval_step(params, teacher_state, self.to_devices(b))
+            sums = {k: sums.get(k, 0.0) + v for k, v in out.items()}
+        sums = jax.device_get(sums)
+        tokens = max(float(sums.pop("tokens")), 1.0)
+        return {"val_" + k.removesuffix("_sum"): float(v) / tokens for k, v in sums.items()}
+
     def metric(self, model: nnx.Module, seed: int) -> float:
         """The task's metric (ROUGE-L or BLEU) of ``model``'s generations on the validation rows."""
         temperature = self.config.eval.temperature
@@ -317,13 +328,7 @@ def train(config: ConfigDict) -> dict:
         return nnx.merge(s_graph, p, s_rest)
 
     def evaluate(p, at: int) -> dict:
-        sums: dict = {}
-        for b, _ in r.fixed_batches(r.valid_rows, c.eval.batch_size):
-            out = eval_step(p, teacher_state, r.to_devices(b))
-            sums = {k: sums.get(k, 0.0) + v for k, v in out.items()}
-        sums = jax.device_get(sums)
-        tokens = max(float(sums.pop("tokens")), 1.0)
-        metrics = {"val_" + k.removesuffix("_sum"): float(v) / tokens for k, v in sums.items()}
+        metrics = r.validation_losses(eval_step, p, teacher_state)
         if c.eval.generate:
             metrics[r.task.metric] = r.metric(model_of(p), seed=c.seed * 1000 + at)
         return metrics
@@ -483,6 +488,10 @@ def run(config: ConfigDict) -> dict:
     results["student"] = train(c)
     if c.compare_sft and c.method != "sft":
         results["sft"] = train(override(c, run_dir=os.path.join(c.run_dir, "sft"), method="sft"))
+        if "teacher_sft" not in results:  # a given teacher: scored like the students' final evaluation
+            seed = c.seed * 1000 + results["student"]["steps"]
+            teacher = override(c, student=ConfigDict(c.teacher.to_dict()), method="sft")
+            results["teacher"] = {"final": evaluate_model(teacher, (seed,))}
     if jax.process_index() == 0 and len(results) > 1:
         print(comparison(results))
     return results
@@ -497,13 +506,25 @@ def comparison(results: dict) -> str:
     def add(name, m):
         rows.append((name, f"{m.get(metric, float('nan')):.2f}", f"{m.get('val_ce', float('nan')):.4f}"))
 
-    if "teacher_sft" in results:
-        add("teacher", results["teacher_sft"]["final"])
+    teacher = results.get("teacher_sft", results.get("teacher"))
+    if teacher is not None:
+        add("teacher", teacher["final"])
     add("student before", s["initial"])
     add(f"student {s['method']} ({s['loss']})", s["final"])
     if "sft" in results:
         add("student sft (ce)", results["sft"]["final"])
     return reporting.table(rows)
+
+
+def evaluate_model(config: ConfigDict, seeds: tuple[int, ...]) -> dict:
+    """The validation CE of ``config.student`` and its task metric (ROUGE-L / BLEU) for each sampling
+    seed: ``{"val_ce", "<metric>": mean, "<metric>_std", "scores"}``."""
+    r = Run(config, evaluate_only=True)
+    eval_step = step.make_eval_step(r.student, None, step.LossConfig(kd_ratio=0.0))
+    out = r.validation_losses(eval_step, nnx.state(r.student, nnx.Param), None)
+    scores = [r.metric(r.student, s) for s in seeds]
+    name = r.task.metric
+    return {**out, name: float(np.mean(scores)), f"{name}_std": float(np.std(scores)), "scores": scores}
 
 
 def export_checkpoint(config: ConfigDict, at: int | None = None, out_dir: str | None = None) -> str:

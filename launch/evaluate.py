@@ -10,17 +10,16 @@ import _cli
 def body(config):
     import json
 
-    import numpy as np
-
     from distillm_jax import trainer
+    from distillm_jax.data import tasks
 
-    run = trainer.Run(config, evaluate_only=True)
-    scores = [run.metric(run.student, seed) for seed in config.eval.seeds]
-    name = run.task.metric
+    seeds = tuple(config.eval.seeds)
+    out = trainer.evaluate_model(config, seeds)
+    name = tasks.get(config.data.task).metric
     where = config.student.path or "a new random student"
-    print(f"{where} on {config.data.task} ({len(run.valid_rows)} rows of {config.data.valid_split}): ")
-    print(f"{name} {np.mean(scores):.2f} ± {np.std(scores):.2f} over seeds {tuple(config.eval.seeds)}")
-    print(json.dumps({"metric": name, "seeds": list(config.eval.seeds), "scores": scores}))
+    print(f"{where} on {config.data.task} ({config.data.valid_split}), sampling seeds {seeds}:")
+    print(f"{name} {out[name]:.2f} ± {out[name + '_std']:.2f}; validation CE {out['val_ce']:.4f}")
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -69,6 +69,10 @@ def test_export_loads_in_transformers(tmp_path):
         ref = theirs(input_ids=torch.tensor(ids), decoder_input_ids=torch.tensor(dec)).logits.numpy()
     got = np.asarray(ours(jnp.asarray(ids), jnp.asarray(ones), jnp.asarray(dec), jnp.asarray(dones)))
     np.testing.assert_allclose(got, ref, atol=2e-4, rtol=2e-4)
+    scores = trainer.evaluate_model(trainer.override(c, student__path=export), (1, 2))
+    assert len(scores["scores"]) == 2 and scores["val_ce"] == pytest.approx(
+        reporting.read_rows(os.path.join(c.run_dir, "metrics.jsonl"))[-1]["val_ce"], rel=1e-5
+    )
 
 
 def _train_rows(run_dir):
@@ -86,6 +90,7 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path):
         "configs/demo.py:tiny",
         "--config.compare_sft=False",
         "--config.teacher.train_steps=0",  # a random tiny teacher: the path is what is tested
+        "--config.student.train_steps=0",
         "--config.optim.steps=6",
         "--config.eval.interval=3",
         "--config.checkpoint.interval=2",

@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import random
 import re
+from pathlib import Path
+
+TEACHER = Path(__file__).resolve().parent / "demo_teacher"
+"""The shipped demo teacher: a T5 (4+4 layers, d_model 128, bfloat16 weights) trained by SFT on this task
+(``python launch/train.py --config configs/demo.py:teacher`` makes it again)."""
 
 # Word pools, written as "|"-separated strings to keep them readable as tables.
 NAMES = (
