@@ -63,24 +63,34 @@ def _ce(h: jax.Array, head: jax.Array, batch: dict, chunk: int) -> jax.Array:
 def distill_loss(
     student: nnx.Module, teacher: nnx.Module | None, batch: dict, cfg: LossConfig
 ) -> tuple[jax.Array, dict]:
-    """The step's loss and its parts. With ``kd_ratio == 0`` the teacher is not run at all."""
+    """The step's loss and its parts. With ``kd_ratio == 0`` the teacher is not run at all; with
+    ``kd_ratio == 1`` CE is only reported (no gradient flows through it). The student's logits are
+    computed once for both CE and the divergence."""
     hs, ws = hidden_and_head(student, batch)
-    ce = _ce(hs, ws, batch, cfg.chunk_size)
+    labels, mask = batch["labels"], batch["loss_mask"]
+    ce_only_reported = cfg.kd_ratio == 1.0
+    sg = jax.lax.stop_gradient if ce_only_reported else (lambda x: x)
+    s_logits = None if cfg.chunk_size else layers.logits(hs, ws)
+    if cfg.chunk_size:
+        ce = losses.chunked_cross_entropy(sg(hs), sg(ws), labels, mask, chunk_size=cfg.chunk_size)
+    else:
+        ce = losses.cross_entropy(sg(s_logits), labels, mask)
     metrics, loss = {"ce": ce}, ce
     if cfg.kd_ratio > 0.0:
         ht, wt = jax.lax.stop_gradient(hidden_and_head(teacher, batch))
         # Padded vocabularies may differ (Qwen2.5-7B 152064 rows, 0.5B 151936); both cover the tokenizer
         # (checked at start-up), so the rows past the shorter one are padding: compare the shared ones.
         v = min(ws.shape[-1], wt.shape[-1])
-        kw, mask, ws_kd, wt = dict(cfg.params), batch["loss_mask"], ws[:, :v], wt[:, :v]
+        kw = dict(cfg.params)
         if cfg.chunk_size:
             d = losses.chunked_divergence(
-                cfg.divergence, hs, ht, ws_kd, wt, mask, chunk_size=cfg.chunk_size, **kw
+                cfg.divergence, hs, ht, ws[:, :v], wt[:, :v], mask, chunk_size=cfg.chunk_size, **kw
             )
         else:
-            d = losses.divergence(cfg.divergence, layers.logits(hs, ws_kd), layers.logits(ht, wt), mask, **kw)
+            t_logits = layers.logits(ht, wt[:, :v])
+            d = losses.divergence(cfg.divergence, s_logits[..., :v], t_logits, mask, **kw)
         metrics[cfg.divergence] = d
-        loss = (1.0 - cfg.kd_ratio) * ce + cfg.kd_ratio * d
+        loss = d if ce_only_reported else (1.0 - cfg.kd_ratio) * ce + cfg.kd_ratio * d
     if cfg.lm_coef > 0.0:
         lm = _ce(*hidden_and_head(student, batch["lm"]), batch["lm"], cfg.chunk_size)
         metrics["lm"] = lm
@@ -114,10 +124,11 @@ def make_optimizer(
 
 def _like_params(tree, params):
     """Put leaves created on one device (optimizer step counters) on the params' mesh, replicated, so
-    that every input and output of the step lives on the same devices."""
+    that every input and output of the step lives on the same devices. Without a mesh, commit every leaf
+    to the default device: an uncommitted first input would make the second call compile again."""
     named = [x.sharding for x in jax.tree.leaves(params) if isinstance(x.sharding, NamedSharding)]
     if not named:
-        return tree
+        return jax.device_put(tree, jax.devices()[0])
     replicated = NamedSharding(named[0].mesh, PartitionSpec())
     return jax.tree.map(
         lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated), tree
@@ -141,6 +152,7 @@ def make_train_step(
     """
     s_graph, params, s_rest = nnx.split(student, nnx.Param, ...)
     t_graph = None if teacher is None else nnx.graphdef(teacher)
+    params = _like_params(params, params)
     opt_state = init_opt_state(tx, params)
 
     def step(params, opt_state, teacher_state, batch):

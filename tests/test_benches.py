@@ -35,3 +35,21 @@ def test_bench_forward_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["model"] for r in rows] == ["gpt2", "llama"] and all(r["ratio"] > 0 for r in rows)
+
+
+def test_bench_train_step_quick(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, "bench/train_step.py", "--quick", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| ours tok/s | transformers tok/s |" in proc.stdout  # the markdown table is printed
+    (row,) = json.loads(out.read_text())["rows"]
+    # Same weights, same batch: the first step's SRKL agrees, and so does the loss after the AdamW
+    # updates (same clipping, decay and learning rate on both sides).
+    ours, theirs = row["ours_losses"], row["torch_losses"]
+    assert len(ours) == len(theirs) == row["warmup"] + row["repeats"]
+    assert ours[0] > 0 and abs(ours[0] - theirs[0]) <= 1e-4 * abs(theirs[0])
+    assert abs(ours[-1] - theirs[-1]) <= 1e-3 * abs(theirs[-1]) and ours[-1] < ours[0]
+    assert row["ours_tok_s"] > 0 and row["torch_tok_s"] > 0 and row["ratio"] > 0
+    assert 0 < row["ours_flop_s"] < 10 * row["peak_flop_s"]
