@@ -24,7 +24,9 @@ def get_config() -> ConfigDict:
     c.run_dir = "runs/default"  # checkpoints, metrics.jsonl, tensorboard/, curves.png, best/, final/
     c.seed = 0
     c.resume = False  # continue the run in run_dir from its latest complete checkpoint
-    c.method = "kd"  # sft (CE only) | kd (loss.name on ground truth) | seqkd (on teacher outputs)
+    # sft (CE only) | kd (loss.name on ground truth) | seqkd (on teacher outputs) | distillm (adaptive
+    # SGOs + replay) | imitkd | gkd | onpolicy (SGO baselines; configs/paper.py sets each one's loss)
+    c.method = "kd"
     c.compare_sft = False  # also train an SFT student of the same size and steps, and compare
 
     c.teacher = model_spec(dtype="float32")
@@ -74,6 +76,20 @@ def get_config() -> ConfigDict:
     c.eval.top_p = 1.0
     c.eval.no_repeat_ngram_size = 6
     c.eval.seeds = (10,)  # launch/evaluate.py: the paper's (10, 20, 30, 40, 50)
+
+    c.offpolicy = ConfigDict()  # student-generated outputs: methods distillm, imitkd, gkd, onpolicy
+    c.offpolicy.loss_eps = 0.1  # distillm: φ += 0.1 when validation CE rises this much over prev_loss
+    c.offpolicy.replay_ratio = (
+        "decreasing"  # distillm: fresh vs replayed share: decreasing|constant|increasing
+    )
+    c.offpolicy.capacity = 1000  # replay buffer rows per host (FIFO)
+    c.offpolicy.gkd_lambda = 0.5  # gkd: probability of a step on fresh SGOs
+    c.offpolicy.temperature = 1.0  # the student's sampling for SGOs (the paper: 1.0, no top-k / top-p)
+    c.offpolicy.top_k = 0
+    c.offpolicy.top_p = 1.0
+    c.offpolicy.max_new_tokens = 0  # 0 = max_length - max_prompt_length
+    c.offpolicy.overlap = False  # generate SGOs ahead, on params up to max_staleness updates old
+    c.offpolicy.max_staleness = 2
 
     c.seqkd = ConfigDict()
     c.seqkd.temperature = 1.0  # teacher sampling for SeqKD's responses; 0 = greedy

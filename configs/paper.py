@@ -8,13 +8,35 @@ run; the hub ids in the configs are the pretrained models.
 
 from ml_collections import ConfigDict
 
+# PAPER.md §3: every method of the paper's tables as (data strategy = trainer method, divergence, its
+# parameters). ``onpolicy`` (fresh SGOs every step) keeps DistiLLM's loss to isolate the data strategy.
+METHODS = {
+    "distillm": ("srkl", {"alpha": 0.1}),  # adaptive off-policy SGOs + skew reverse KL
+    "sft": ("fkl", {}),  # CE only
+    "kd": ("fkl", {}),
+    "seqkd": ("fkl", {}),
+    "imitkd": ("fkl", {}),
+    "gkd": ("jsd", {"beta": 0.1}),  # with probability offpolicy.gkd_lambda = 0.5 on fresh SGOs
+    "onpolicy": ("srkl", {"alpha": 0.1}),
+}
+
+
+def method(c: ConfigDict, name: str) -> ConfigDict:
+    """``c`` switched to the paper's ``name`` method: its data strategy and its divergence."""
+    c.method = name
+    c.loss.name, params = METHODS[name]
+    for key, value in params.items():
+        c.loss[key] = value
+    c.run_dir = c.run_dir if name == "distillm" else f"{c.run_dir}_{name}"
+    return c
+
 
 def distillm(c: ConfigDict, name: str, teacher: str, student: str, *, lr: float, epochs: int) -> ConfigDict:
     c.run_dir = f"runs/{name}"
-    c.method = "kd"
     c.teacher.path, c.teacher.dtype = teacher, "bfloat16"  # frozen: bf16 weights and compute
     c.student.path, c.student.dtype = student, "bfloat16"  # bf16 compute over float32 params (AdamW)
-    c.loss.name, c.loss.alpha, c.loss.kd_ratio = "srkl", 0.1, 1.0  # DistiLLM's skew reverse KL
+    method(c, "distillm")  # adaptive SGOs (offpolicy.*: loss_eps 0.1, buffer 1000, decreasing replay)
+    c.loss.kd_ratio = 1.0
     # The paper adds lm_coef 1.0 of plain LM loss on OpenWebText: --config.loss.lm_coef=1.0
     # --config.data.lm_source=/path/to/openwebtext (jsonl / parquet with a "text" column).
     c.loss.lm_coef = 0.0

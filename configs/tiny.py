@@ -14,6 +14,8 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
+from configs import paper
+
 SAMPLES = Path(__file__).resolve().parent / "samples"  # absolute: works from any working directory
 VOCAB = 264  # the byte tokenizer's 259 ids, rounded up to a multiple of 8 (pad 0, eos 1, unk 2)
 IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1}  # the byte tokenizer's
@@ -123,10 +125,20 @@ def apply(c: ConfigDict, name: str, teacher: ConfigDict, student: ConfigDict) ->
 
 
 def variant(c: ConfigDict, arg: str, name: str, teacher: ConfigDict, student: ConfigDict) -> ConfigDict:
-    """What ``get_config(arg)`` of a paper config returns: ``c`` itself for ``""``, its tiny variant for
-    ``"tiny"`` (the tiny models are only used then)."""
-    if arg == "tiny":
-        return apply(c, name, teacher, student)
-    if arg:
-        raise ValueError(f"configs/{name}.py takes '' or 'tiny', got {arg!r}")
+    """What ``get_config(arg)`` of a paper config returns: ``arg`` is a comma-separated list of ``tiny``
+    (the tiny variant; the tiny models are only used then) and at most one method of the paper
+    (``configs/gpt2_dolly.py:gkd``, ``:tiny,imitkd``); ``""``: DistiLLM on the full setup."""
+    parts = [p for p in arg.split(",") if p]
+    methods = [p for p in parts if p in paper.METHODS]
+    unknown = [p for p in parts if p != "tiny" and p not in paper.METHODS]
+    if unknown or len(methods) > 1:
+        raise ValueError(
+            f"configs/{name}.py takes 'tiny' and/or one method of {', '.join(paper.METHODS)} "
+            f"(comma-separated), got {arg!r}"
+        )
+    if methods:
+        paper.method(c, methods[0])
+    if "tiny" in parts:
+        apply(c, name, teacher, student)
+        c.run_dir = c.run_dir if not methods or methods[0] == "distillm" else f"{c.run_dir}_{methods[0]}"
     return c

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
-from distillm_jax import losses
+from distillm_jax import losses, offpolicy
 from distillm_jax.data import tasks
 
-METHODS = ("sft", "kd", "seqkd")
+METHODS = ("sft", "kd", "seqkd", *offpolicy.METHODS)
 DTYPES = ("float32", "bfloat16")
 BASE = Path(__file__).resolve().parents[1] / "configs" / "base.py"
 
@@ -113,6 +113,33 @@ def check(config: ConfigDict) -> None:
         raise ConfigError("loss.lm_coef > 0 needs data.lm_source (plain text with a 'text' column)")
     if config.eval.temperature < 0 or not 0 < config.eval.top_p <= 1:
         raise ConfigError("eval.temperature must be >= 0 and eval.top_p in (0, 1]")
+    _check_offpolicy(config)
+
+
+def _check_offpolicy(config: ConfigDict) -> None:
+    o, d = config.offpolicy, config.data
+    if o.replay_ratio not in offpolicy.REPLAY_RATIOS:
+        ratios = ", ".join(offpolicy.REPLAY_RATIOS)
+        raise ConfigError(f"offpolicy.replay_ratio must be one of {ratios}, got {o.replay_ratio!r}")
+    if o.loss_eps < 0:
+        raise ConfigError(f"offpolicy.loss_eps must be >= 0, got {o.loss_eps}")
+    if not 0.0 <= o.gkd_lambda <= 1.0:
+        raise ConfigError(f"offpolicy.gkd_lambda must be in [0, 1], got {o.gkd_lambda}")
+    if o.temperature < 0 or o.top_k < 0 or not 0 < o.top_p <= 1:
+        raise ConfigError("offpolicy.temperature and top_k must be >= 0, and offpolicy.top_p in (0, 1]")
+    room = d.max_length - d.max_prompt_length
+    if not 0 <= o.max_new_tokens <= room:
+        raise ConfigError(
+            f"offpolicy.max_new_tokens must be in [0, {room}] (data.max_length - data.max_prompt_length; "
+            f"0 = all of it), got {o.max_new_tokens}"
+        )
+    if o.overlap and o.max_staleness < 1:
+        raise ConfigError("offpolicy.overlap needs offpolicy.max_staleness >= 1 (updates an SGO may lag)")
+    micro = config.optim.batch_size // config.optim.grad_accum
+    if o.capacity < micro:
+        raise ConfigError(
+            f"offpolicy.capacity ({o.capacity}) must hold at least one micro-batch ({micro} rows)"
+        )
 
 
 def loss_params(config: ConfigDict) -> dict[str, float]:

@@ -49,7 +49,7 @@ class Reporter:
             for k, v in values.items():
                 self.tb.add_scalar(f"{kind}/{k}", float(v), step)
         if kind == "train":
-            shown = {k: f"{values[k]:.4g}" for k in ("loss", "tokens_per_s") if k in values}
+            shown = {k: f"{values[k]:.4g}" for k in ("loss", "tokens_per_s", "phi") if k in values}
             self.bar.set_postfix(shown, refresh=False)
         else:
             self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from distillm_jax import config as cfglib
-from distillm_jax import evaluation, generate, models, reporting, sharding, step
+from distillm_jax import evaluation, generate, models, offpolicy, reporting, sharding, step
 from distillm_jax.checkpointing import Checkpoints
 from distillm_jax.data import batching, tasks
 from distillm_jax.data import tokenizers as toklib
@@ -169,31 +169,44 @@ class Run:
     # ----------------------------------------------------------------------------------------------
     # generation and evaluation
 
+    def _sampler_inputs(self, prompts: list) -> dict:
+        """Prompt ids and mask of ``prompts`` in the layout the sampler reads, on the devices."""
+        b = self.batch([(p, [self.pad]) for p in prompts])
+        keys = ("input_ids", "attention_mask") if self.enc_dec else ("prompt_ids", "prompt_mask")
+        return self.to_devices({k: b[k] for k in keys})
+
+    def sample(self, model: nnx.Module, prompts: list, new: int, settings: ConfigDict, rng, ngram: int = 0):
+        """Dispatch the sampler on ``prompts`` (token-id lists); returns device ``(tokens, mask)``
+        without waiting. ``settings``: a config group with ``temperature``, ``top_k``, ``top_p``."""
+        ids, mask = self._sampler_inputs(prompts).values()
+        return generate.generate(
+            model,
+            ids,
+            mask,
+            new,
+            temperature=settings.temperature,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            rng=rng,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.pad,
+            no_repeat_ngram_size=ngram,
+        )
+
     def generate_texts(self, model: nnx.Module, rows: list, *, temperature: float, seed: int) -> list:
         """Token ids of ``model``'s response to every row's prompt (EOS kept when produced)."""
-        e, out = self.config.eval, []
+        e, out, size = self.config.eval, [], self.config.eval.batch_size
+        settings = ConfigDict({"temperature": temperature, "top_k": e.top_k, "top_p": e.top_p})
         new = e.max_new_tokens or self.lengths.max_response
         key = jax.random.key(seed)
-        for i, (b, real) in enumerate(self.fixed_batches(rows, self.config.eval.batch_size)):
-            ids, mask = (
-                (b["input_ids"], b["attention_mask"]) if self.enc_dec else (b["prompt_ids"], b["prompt_mask"])
+        for i in range(0, len(rows), size):
+            prompts = [p for p, _ in rows[i : i + size]]
+            real = len(prompts)
+            prompts += [rows[0][0]] * (size - real)  # fixed shape: one compile
+            tokens, mask = self.sample(
+                model, prompts, new, settings, jax.random.fold_in(key, i // size), e.no_repeat_ngram_size
             )
-            ids, mask = self.to_devices({"i": ids, "m": mask}).values()
-            tokens, tmask = generate.generate(
-                model,
-                ids,
-                mask,
-                new,
-                temperature=temperature,
-                top_k=e.top_k,
-                top_p=e.top_p,
-                rng=jax.random.fold_in(key, i),
-                eos_token_id=self.tokenizer.eos_token_id,
-                pad_token_id=self.pad,
-                no_repeat_ngram_size=e.no_repeat_ngram_size,
-            )
-            tokens, tmask = np.asarray(jax.device_get(tokens)), np.asarray(jax.device_get(tmask))
-            out += [list(tokens[r][tmask[r] != 0]) for r in range(real)]
+            out += offpolicy.cut_at_eos(np.asarray(tokens), np.asarray(mask))[:real]
         return out
 
     def validation_losses(self, eval_step: Callable, params, teacher_state) -> dict:
@@ -280,6 +293,50 @@ def _finite(rows: list[dict]) -> int | None:
     return None
 
 
+def _feeder(r: Run, c: ConfigDict, total: int, next_rows: Callable, model_of: Callable) -> offpolicy.Feeder:
+    """Where each step's rows come from: ground truth for sft / kd / seqkd; for the SGO methods the
+    student's own samples as well, through a generation worker (PAPER.md §2, §3)."""
+    o = c.offpolicy
+    worker = None
+    if c.method in offpolicy.METHODS:
+        new = o.max_new_tokens or r.lengths.max_response
+
+        def sample(params, prompts, key):
+            return r.sample(model_of(params), prompts, new, o, key)
+
+        worker = offpolicy.GenerationWorker(sample, threaded=o.overlap)
+    return offpolicy.Feeder(
+        c.method,
+        offpolicy.AdaptiveScheduler(o.loss_eps, o.replay_ratio),
+        offpolicy.ReplayBuffer(o.capacity),
+        worker,
+        next_rows,
+        seed=c.seed,
+        total=total,
+        micro_batches=c.optim.grad_accum,
+        lookahead=o.max_staleness if o.overlap else 0,
+        gkd_lambda=o.gkd_lambda,
+    )
+
+
+def _host_metrics(infos: list[dict], seconds: float) -> dict:
+    """The SGO metrics of a logging interval: φ, the share of each batch source, the buffer size, the
+    mean SGO length, and the seconds spent generating vs training."""
+    gen = sum(i["gen_s"] for i in infos)
+    out = {
+        "phi": infos[-1]["phi"],
+        "buffer": infos[-1]["buffer"],
+        "gen_s": gen,
+        "train_s": max(seconds - gen, 0.0),
+    }
+    for source in ("data", "sgo", "replay"):
+        out[f"src_{source}"] = float(np.mean([i["source"] == source for i in infos]))
+    lengths = [i["sgo_len"] for i in infos if "sgo_len" in i]
+    if lengths:
+        out["sgo_len"] = float(np.mean(lengths))
+    return out
+
+
 def train(config: ConfigDict) -> dict:
     """One run: returns its summary (also written to ``run_dir/summary.json``)."""
     r = Run(config)
@@ -305,8 +362,26 @@ def train(config: ConfigDict) -> dict:
             len(r.lm_rows), r.micro, c.seed + 1, host=jax.process_index(), hosts=jax.process_count()
         )
 
+    def model_of(p) -> nnx.Module:
+        return nnx.merge(s_graph, p, s_rest)
+
+    batches = iter(order)
+    feeder = _feeder(r, c, total, lambda: [rows[i] for i in next(batches)], model_of)
+    sgo = c.method in offpolicy.METHODS
+
     ckpt = Checkpoints(os.path.join(c.run_dir, "checkpoints"), keep=c.checkpoint.keep)
-    host = {"step": 0, "order": [0, 0], "lm_order": [0, 0], "best": None, "best_step": None, "initial": None}
+    host = {
+        "step": 0,
+        "order": [0, 0],
+        "lm_order": [0, 0],
+        "best": None,
+        "best_step": None,
+        "initial": None,
+        "train_seconds": 0.0,
+        "gen_seconds": 0.0,
+        "sources": {"data": 0, "sgo": 0, "replay": 0},
+        "feeder": None,
+    }
     latest = ckpt.latest_step()
     if latest is not None and not c.resume:
         ckpt.close()
@@ -316,6 +391,7 @@ def train(config: ConfigDict) -> dict:
         )
     if latest is not None:
         params, opt_state, host = ckpt.restore(latest, params, opt_state)
+        feeder.load(host["feeder"])
         if lead:
             print(f"resumed {c.run_dir} at step {host['step']} of {total}")
     order.position = tuple(host["order"])
@@ -323,9 +399,6 @@ def train(config: ConfigDict) -> dict:
         lm_order.position = tuple(host["lm_order"])
     higher_better = c.eval.generate
     key_metric = r.task.metric if c.eval.generate else "val_ce"
-
-    def model_of(p) -> nnx.Module:
-        return nnx.merge(s_graph, p, s_rest)
 
     def evaluate(p, at: int) -> dict:
         metrics = r.validation_losses(eval_step, p, teacher_state)
@@ -338,13 +411,17 @@ def train(config: ConfigDict) -> dict:
     previous = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s)) if lead else None
 
     def save(at: int) -> None:
-        host.update(step=at, order=list(order.position))
+        host.update(step=at, order=list(order.position), feeder=feeder.state())
         if lm_order is not None:
             host["lm_order"] = list(lm_order.position)
         ckpt.save(at, params, opt_state, dict(host))
 
     def after_eval(at: int, metrics: dict) -> None:
-        reporter.log(at, "eval", metrics)
+        extra = {"train_s": host["train_seconds"]}
+        if c.method == "distillm":  # the adaptive scheduler reads every evaluation's validation CE
+            feeder.scheduler.update(metrics["val_ce"])
+            extra["phi"] = feeder.scheduler.phi
+        reporter.log(at, "eval", {**metrics, **extra})
         host["last_eval"] = metrics
         value = metrics[key_metric]
         best = host["best"]
@@ -358,12 +435,16 @@ def train(config: ConfigDict) -> dict:
             host["initial"] = evaluate(params, 0)
             after_eval(0, host["initial"])
         at = host["step"]
-        pending, tokens, t0 = [], 0, time.time()
-        batches = iter(order)
+        pending, infos, tokens, t0 = [], [], 0, time.time()
+        clock = time.perf_counter()
         lm_batches = iter(lm_order) if lm_order is not None else None
         while at < total:
-            for _ in range(c.optim.grad_accum):
-                b = r.batch([rows[i] for i in next(batches)])
+            micro_rows, info = feeder.rows_for(at, params)
+            infos.append(info)
+            host["sources"][info["source"]] += 1
+            host["gen_seconds"] += info["gen_s"]
+            for mrows in micro_rows:
+                b = r.batch(mrows)
                 tokens += sum(int(b[k].sum()) for k in ("attention_mask", "decoder_attention_mask") if k in b)
                 if lm_batches is not None:
                     lm = [r.lm_rows[i] for i in next(lm_batches)]
@@ -389,12 +470,18 @@ def train(config: ConfigDict) -> dict:
                     )
                 mean = {k: float(np.mean([row[k] for row in rows_m])) for k in rows_m[0]}
                 mean["tokens_per_s"] = tokens / max(time.time() - t0, 1e-9)
+                if sgo:
+                    mean.update(_host_metrics(infos, time.time() - t0))
                 reporter.log(at, "train", mean)
-                pending, tokens, t0 = [], 0, time.time()
-            if due_eval:
-                after_eval(at, evaluate(params, at))
-            if due_save or stop["signal"]:
-                save(at)
+                pending, infos, tokens, t0 = [], [], 0, time.time()
+            if due_eval or due_save or stop["signal"]:  # training wall-clock, evaluation and saving left out
+                jax.block_until_ready(params)
+                host["train_seconds"] += time.perf_counter() - clock
+                if due_eval:
+                    after_eval(at, evaluate(params, at))
+                if due_save or stop["signal"]:
+                    save(at)
+                clock = time.perf_counter()
             if stop["signal"]:
                 if lead:
                     print(
@@ -405,6 +492,8 @@ def train(config: ConfigDict) -> dict:
     finally:
         ckpt.close()
         reporter.close()
+        if feeder.worker is not None:
+            feeder.worker.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     if stop["signal"]:
@@ -422,7 +511,12 @@ def train(config: ConfigDict) -> dict:
         "best": host["best"],
         "best_step": host["best_step"],
         "seconds": time.time() - start,
+        "train_seconds": host["train_seconds"],
+        "gen_seconds": host["gen_seconds"],
+        "sources": host["sources"],
     }
+    if sgo:
+        summary["phi"] = feeder.scheduler.phi
     if lead:
         with open(os.path.join(c.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

@@ -64,11 +64,38 @@ def test_unknown_key_or_type_in_a_config_file(tmp_path):
         cfglib.check(c)
     c = tiny(tmp_path)
     c.method = "distil"
-    with pytest.raises(cfglib.ConfigError, match=r"method 'distil' is not one of sft, kd, seqkd"):
+    with pytest.raises(
+        cfglib.ConfigError,
+        match=r"method 'distil' is not one of sft, kd, seqkd, distillm, imitkd, gkd, onpolicy",
+    ):
         cfglib.check(c)
     c = tiny(tmp_path)
     c.loss.name = "skl"
     with pytest.raises(cfglib.ConfigError, match=r"unknown divergence 'skl'"):
+        cfglib.check(c)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        (
+            "replay_ratio",
+            "sometimes",
+            r"offpolicy.replay_ratio must be one of decreasing, constant, increasing",
+        ),
+        ("loss_eps", -0.1, r"offpolicy.loss_eps must be >= 0"),
+        ("gkd_lambda", 1.5, r"offpolicy.gkd_lambda must be in \[0, 1\]"),
+        ("top_p", 0.0, r"offpolicy.top_p in \(0, 1\]"),
+        ("max_new_tokens", 40, r"offpolicy.max_new_tokens must be in \[0, 32\]"),
+        ("capacity", 4, r"offpolicy.capacity \(4\) must hold at least one micro-batch \(8 rows\)"),
+        ("max_staleness", 0, r"offpolicy.overlap needs offpolicy.max_staleness >= 1"),
+    ],
+)
+def test_bad_offpolicy_settings_are_one_line(tmp_path, key, value, message):
+    c = tiny(tmp_path)
+    c.method, c.offpolicy.overlap = "distillm", True
+    c.offpolicy[key] = value
+    with pytest.raises(cfglib.ConfigError, match=message):
         cfglib.check(c)
 
 

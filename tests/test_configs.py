@@ -41,7 +41,8 @@ def test_full_config_passes_the_checks(name):
     cfglib.check(c)
     assert c.teacher.path and c.student.path and c.teacher.path != c.student.path
     assert not c.teacher.config and not c.student.config
-    assert (c.method, c.loss.name, c.loss.alpha) == ("kd", "srkl", 0.1)
+    assert (c.method, c.loss.name, c.loss.alpha) == ("distillm", "srkl", 0.1)
+    assert (c.offpolicy.loss_eps, c.offpolicy.capacity, c.offpolicy.replay_ratio) == (0.1, 1000, "decreasing")
     assert c.optim.epochs > 0 and c.eval.temperature == 1.0 and c.eval.no_repeat_ngram_size == 6
     assert c.loss.lm_coef == 0.0 and c.mesh.fsdp == -1
 
@@ -59,6 +60,27 @@ def test_tiny_variant_keeps_the_setup(name):
     assert bool(small.loss.chunk_size) == bool(full.loss.chunk_size)
     with pytest.raises(ValueError, match="tiny"):
         load(name, "huge")
+    with pytest.raises(ValueError, match="one method"):
+        load(name, "gkd,imitkd")
+
+
+@pytest.mark.parametrize(
+    "arg, method, loss, params",  # PAPER.md §3
+    [
+        ("gkd", "gkd", "jsd", {"beta": 0.1}),
+        ("tiny,imitkd", "imitkd", "fkl", {}),
+        ("kd,tiny", "kd", "fkl", {}),
+        ("onpolicy", "onpolicy", "srkl", {"alpha": 0.1}),
+        ("sft", "sft", "fkl", {}),
+    ],
+)
+def test_paper_methods_as_config_arguments(arg, method, loss, params):
+    c = load("gpt2_dolly", arg)
+    cfglib.check(c)
+    assert (c.method, c.loss.name) == (method, loss)
+    assert cfglib.loss_params(c) == params
+    assert c.run_dir.endswith("_" + method)  # never the DistiLLM run's folder
+    assert ("tiny" in arg) == (c.tokenizer == "bytes")
 
 
 @pytest.mark.parametrize("name", PAPER)

@@ -78,16 +78,22 @@ def test_export_loads_in_transformers(tmp_path):
 def _train_rows(run_dir):
     rows = reporting.read_rows(os.path.join(run_dir, "metrics.jsonl"))
     return [
-        {k: v for k, v in r.items() if k not in ("tokens_per_s", "kind")}
+        {k: v for k, v in r.items() if k not in ("tokens_per_s", "kind", "gen_s", "train_s")}
         for r in rows
         if r["kind"] == "train"
     ]
 
 
 def test_killed_run_resumes_to_the_same_losses(tmp_path):
+    """ImitKD in overlap mode: at the kill the replay buffer holds SGOs and two steps are decided ahead
+    (their SGOs in flight); the resumed run must still match the one never killed."""
     common = [
         "--config",
         "configs/demo.py:tiny",
+        "--config.method=imitkd",
+        "--config.offpolicy.overlap=True",
+        "--config.offpolicy.max_staleness=2",
+        "--config.offpolicy.capacity=24",
         "--config.compare_sft=False",
         "--config.teacher.train_steps=0",  # a random tiny teacher: the path is what is tested
         "--config.student.train_steps=0",
@@ -107,6 +113,7 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path):
     assert "resumed" in resumed.stdout and "at step 4 of 6" in resumed.stdout
     a, b = _train_rows(tmp_path / "whole"), _train_rows(killed_dir)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [r["buffer"] for r in b] == [8, 16, 24, 24, 24, 24] and all(r["src_replay"] == 1 for r in b)
     for x, y in zip(a, b, strict=True):
         for k in x:
             np.testing.assert_allclose(y[k], x[k], rtol=1e-6, err_msg=k)
@@ -188,3 +195,21 @@ def test_lm_loss_on_plain_text(tmp_path):
     rows = [r for r in reporting.read_rows(os.path.join(c.run_dir, "metrics.jsonl")) if r["kind"] == "train"]
     assert all(r["lm"] > 0 and r["loss"] == pytest.approx(r["srkl"] + 0.5 * r["lm"], rel=1e-5) for r in rows)
     assert summary["steps"] == 2
+
+
+def test_overlap_mode_trains_like_paper_mode(tmp_path):
+    """On-policy SGOs every step, sampled on the current params (paper mode) or up to two updates
+    stale while training goes on (overlap mode): both finish and land on a comparable loss."""
+
+    def run(name, **kw):
+        c = tiny(tmp_path / name, method="onpolicy", compare_sft=False, optim__steps=6, eval__generate=False)
+        c.teacher.train_steps, c.student.train_steps = 0, 0
+        c.optim.lr, c.eval.interval = 3e-2, 6
+        return trainer.run(trainer.override(c, **kw))["student"]
+
+    paper = run("paper")
+    overlap = run("overlap", offpolicy__overlap=True, offpolicy__max_staleness=2)
+    assert paper["sources"] == overlap["sources"] == {"data": 0, "sgo": 6, "replay": 0}
+    start, a, b = paper["initial"]["val_ce"], paper["final"]["val_ce"], overlap["final"]["val_ce"]
+    assert a < start - 0.05 and b < start - 0.05  # both learn
+    assert abs(a - b) < 0.25 * (start - a)

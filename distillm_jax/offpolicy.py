@@ -1,0 +1,316 @@
+"""Student-generated outputs (SGOs): where each training step's batch comes from (PAPER.md §2, §3).
+
+DistiLLM's second idea: train on ground truth until the student's validation loss stops improving, then on
+the student's own samples with a probability ``φ`` that rises each time it gets worse, and reuse those
+samples from a replay buffer instead of generating every step (generation is what makes on-policy
+distillation slow). The baselines are other data strategies over the same pieces: ImitKD generates every
+step into the buffer and trains on a buffer sample; GKD trains on fresh samples with a fixed probability
+λ; ``onpolicy`` on fresh samples every step.
+
+Everything here is host-side: the choice of source is a pure function of (seed, step, scheduler state,
+buffer size), so every host of a pod picks the same source for a step (DESIGN.md decision 7), and a
+resumed run picks what the killed one would have. The device work — the sampler — is issued by the
+caller's thread through ``GenerationWorker.submit``; only copying its result to the host and cutting rows
+at their EOS happen on the worker's thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import jax
+import numpy as np
+
+Row = tuple[list[int], list[int]]  # (prompt token ids, response token ids ending with EOS when produced)
+METHODS = ("distillm", "imitkd", "gkd", "onpolicy")  # the trainer methods that use SGOs
+REPLAY_RATIOS = ("decreasing", "constant", "increasing")
+PHI_STEP = 0.1
+_SLACK = 1e-9  # ``0.3 >= 0.2 + 0.1`` holds as written, not as float rounding would have it
+
+
+def uniform(seed: int, step: int) -> float:
+    """The step's draw in [0, 1): the same on every host and on a resumed run (no state to carry)."""
+    return float(np.random.default_rng([seed, 0x5EED, step]).random())
+
+
+@dataclasses.dataclass
+class AdaptiveScheduler:
+    """``φ``, the probability of training on SGOs, raised by 0.1 (to at most 1) at each evaluation whose
+    validation CE is at least ``loss_eps`` above ``prev_loss``; ``prev_loss`` starts at the CE measured
+    before training and moves only when ``φ`` rises."""
+
+    loss_eps: float = 0.1
+    replay_ratio: str = "decreasing"
+    phi: float = 0.0
+    prev_loss: float | None = None
+
+    def __post_init__(self):
+        if self.replay_ratio not in REPLAY_RATIOS:
+            raise ValueError(
+                f"replay_ratio must be one of {', '.join(REPLAY_RATIOS)}, got {self.replay_ratio!r}"
+            )
+
+    def update(self, val_loss: float) -> bool:
+        """Take an evaluation's validation CE; True when ``φ`` rose."""
+        if self.prev_loss is None:
+            self.prev_loss = float(val_loss)
+            return False
+        if val_loss - self.prev_loss >= self.loss_eps - _SLACK:
+            self.phi = min(round(self.phi + PHI_STEP, 6), 1.0)
+            self.prev_loss = float(val_loss)
+            return True
+        return False
+
+    def fresh_threshold(self, step: int, total: int) -> float:
+        """Below this draw a step generates fresh SGOs even when the buffer is full; the rest of ``φ``
+        replays. ``decreasing`` (the default) moves from all fresh to all replay over the run."""
+        frac = step / max(total, 1)
+        scale = {"decreasing": 1.0 - frac, "constant": 0.5, "increasing": frac}[self.replay_ratio]
+        return self.phi * scale
+
+    def choose(self, r: float, step: int, total: int, buffer_full: bool) -> str:
+        """``"sgo"`` (fresh, into the buffer), ``"replay"`` or ``"data"`` for the draw ``r``."""
+        if r < self.fresh_threshold(step, total) or (r < self.phi and not buffer_full):
+            return "sgo"
+        return "replay" if r < self.phi else "data"
+
+    def state(self) -> dict:
+        return {"phi": self.phi, "prev_loss": self.prev_loss}
+
+    def load(self, state: dict) -> None:
+        self.phi, self.prev_loss = float(state["phi"]), state["prev_loss"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one step trains on: ``source`` (``data``, ``sgo`` or ``replay``, for the metrics);
+    ``generate``: sample fresh SGOs for the step's prompts; ``store``: push them into the buffer."""
+
+    source: str
+    generate: bool = False
+    store: bool = False
+
+
+def plan(
+    method: str,
+    scheduler: AdaptiveScheduler,
+    r: float,
+    step: int,
+    total: int,
+    buffer_full: bool,
+    gkd_lambda: float = 0.5,
+) -> Plan:
+    """The data strategy of ``method`` for a step with draw ``r`` (PAPER.md §3)."""
+    if method == "distillm":
+        source = scheduler.choose(r, step, total, buffer_full)
+        fresh = source == "sgo"
+        return Plan(source, generate=fresh, store=fresh)
+    if method == "imitkd":  # every step: fresh SGOs into the buffer, train on a buffer sample
+        return Plan("replay", generate=True, store=True)
+    if method == "gkd":
+        return Plan("sgo", generate=True) if r < gkd_lambda else Plan("data")
+    if method == "onpolicy":
+        return Plan("sgo", generate=True)
+    return Plan("data")
+
+
+class ReplayBuffer:
+    """The last ``capacity`` SGO rows (FIFO), as token ids — never logits: the teacher is re-run on
+    replayed rows. Per host: each host keeps the rows it generated."""
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"replay buffer capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.rows: collections.deque[Row] = collections.deque(maxlen=capacity)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def full(self) -> bool:
+        return len(self.rows) >= self.capacity
+
+    def add(self, rows: Sequence[Row]) -> None:
+        self.rows.extend((list(p), list(r)) for p, r in rows)
+
+    def sample(self, n: int, rng: np.random.Generator) -> list[Row]:
+        """``n`` distinct rows, uniformly."""
+        if n > len(self.rows):
+            raise ValueError(f"cannot sample {n} rows from a replay buffer holding {len(self.rows)}")
+        return [self.rows[i] for i in rng.choice(len(self.rows), n, replace=False)]
+
+    def state(self) -> list:
+        return [[p, r] for p, r in self.rows]
+
+    def load(self, rows: list) -> None:
+        self.rows.clear()
+        self.add([(p, r) for p, r in rows])
+
+
+def cut_at_eos(tokens: np.ndarray, mask: np.ndarray) -> list[list[int]]:
+    """Each row's generated tokens up to and including its first EOS (the sampler's mask), or all of
+    them when it produced none. A pad id equal to the EOS id changes nothing: the mask is not inferred
+    from token values."""
+    return [[int(t) for t in row[m != 0]] for row, m in zip(tokens, mask, strict=True)]
+
+
+class Pending:
+    """SGO rows on their way to the host; ``rows()`` waits for them."""
+
+    def __init__(self, size: int, future: Future | None = None, rows: list[Row] | None = None):
+        self.size, self._future, self._rows = size, future, rows
+        self.wait_seconds = 0.0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def rows(self) -> list[Row]:
+        if self._rows is None:
+            t = time.perf_counter()
+            self._rows = self._future.result()
+            self.wait_seconds = time.perf_counter() - t
+        return self._rows
+
+
+class GenerationWorker:
+    """Turns prompts and the student's params into SGO rows through the sampler.
+
+    ``sample(params, prompts, key) -> (tokens, mask)`` dispatches the sampler and returns device arrays
+    without waiting; ``submit`` calls it on the caller's (main) thread, so device calls keep one order
+    on every host, and hands the copy to the host and the EOS cut to a background thread. With
+    ``threaded=False`` (paper mode) that work is done at once and ``submit`` returns finished rows.
+    """
+
+    def __init__(self, sample: Callable, *, threaded: bool):
+        self.sample = sample
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="sgo") if threaded else None
+
+    def submit(self, params, prompts: Sequence[list[int]], key) -> Pending:
+        tokens, mask = self.sample(params, prompts, key)
+        prompts = [list(p) for p in prompts]
+
+        def finish() -> list[Row]:
+            responses = cut_at_eos(np.asarray(tokens), np.asarray(mask))
+            return list(zip(prompts, responses, strict=True))
+
+        if self.pool is None:
+            return Pending(len(prompts), rows=finish())
+        return Pending(len(prompts), future=self.pool.submit(finish))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+class Feeder:
+    """The rows every step trains on, for any method: ground truth, fresh SGOs or a replayed sample.
+
+    Steps are decided ``lookahead`` steps before they train. With 0 (paper mode) a step's SGOs come from
+    the params that train on them: exactly on-policy. With ``k > 0`` (overlap mode) the sampler for step
+    ``t + k`` is dispatched at step ``t`` and its rows reach the host on the worker's thread while steps
+    ``t .. t + k - 1`` train: SGOs at most ``k`` updates stale, generation hidden behind training.
+
+    ``next_rows()`` returns the ground-truth rows of the next micro-batch (the data order); its prompts
+    are also the prompts SGOs answer.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        scheduler: AdaptiveScheduler,
+        buffer: ReplayBuffer,
+        worker: GenerationWorker | None,
+        next_rows: Callable[[], list[Row]],
+        *,
+        seed: int,
+        total: int,
+        micro_batches: int = 1,
+        lookahead: int = 0,
+        gkd_lambda: float = 0.5,
+    ):
+        self.method, self.scheduler, self.buffer, self.worker = method, scheduler, buffer, worker
+        self.next_rows, self.seed, self.total = next_rows, seed, total
+        self.micro_batches, self.lookahead, self.gkd_lambda = micro_batches, lookahead, gkd_lambda
+        self.queue: collections.deque[dict] = collections.deque()  # decided steps, oldest first
+        self.decided = 0  # steps decided so far
+
+    def _decide(self, step: int, params) -> None:
+        pending = sum(len(r) for q in self.queue if q["plan"].store for r in q["rows"])
+        full = len(self.buffer) + pending >= self.buffer.capacity
+        p = plan(
+            self.method, self.scheduler, uniform(self.seed, step), step, self.total, full, self.gkd_lambda
+        )
+        rows = [self.next_rows() for _ in range(self.micro_batches)]
+        t = time.perf_counter()
+        if p.generate:
+            if self.worker.pool is None:  # paper mode: time the sampler, not the steps queued before it
+                jax.block_until_ready(params)
+                t = time.perf_counter()
+            rows = [
+                self.worker.submit(params, [pr for pr, _ in micro], self._key(step, k))
+                for k, micro in enumerate(rows)
+            ]
+        self.queue.append({"step": step, "plan": p, "rows": rows, "gen_s": time.perf_counter() - t})
+        self.decided = step + 1
+
+    def _key(self, step: int, micro: int) -> jax.Array:
+        return jax.random.fold_in(jax.random.key(self.seed + 0x5C0), step * self.micro_batches + micro)
+
+    def rows_for(self, step: int, params) -> tuple[list[list[Row]], dict]:
+        """The micro-batches of rows step ``step`` trains on, and its metrics (``phi``, ``source``,
+        ``buffer``, ``gen_s``, ``sgo_len``). ``params``: the student's, for SGOs decided now."""
+        while self.decided <= min(step + self.lookahead, self.total - 1):
+            self._decide(self.decided, params)
+        q = self.queue.popleft()
+        if q["step"] != step:
+            raise RuntimeError(f"feeder out of order: asked for step {step}, next decided is {q['step']}")
+        p, info = q["plan"], {"phi": self.scheduler.phi, "source": q["plan"].source, "gen_s": q["gen_s"]}
+        micro = q["rows"]
+        if p.generate:
+            fresh = [m.rows() if isinstance(m, Pending) else m for m in micro]
+            info["gen_s"] += sum(m.wait_seconds for m in micro if isinstance(m, Pending))
+            info["sgo_len"] = float(np.mean([len(r) for m in fresh for _, r in m]))
+            if p.store:
+                for m in fresh:
+                    self.buffer.add(m)
+            micro = fresh
+        if p.source == "replay":
+            micro = [
+                self.buffer.sample(len(m), np.random.default_rng([self.seed, 0xB0F, step, k]))
+                for k, m in enumerate(micro)
+            ]
+        info["buffer"] = len(self.buffer)
+        return micro, info
+
+    def state(self) -> dict:
+        """Everything a resumed run needs: φ, the buffer, and the steps decided but not trained yet
+        (their SGOs waited for)."""
+        queue = [
+            {
+                "step": q["step"],
+                "plan": dataclasses.astuple(q["plan"]),
+                "rows": [m.rows() if isinstance(m, Pending) else m for m in q["rows"]],
+                "gen_s": q["gen_s"],
+            }
+            for q in self.queue
+        ]
+        return {
+            "scheduler": self.scheduler.state(),
+            "buffer": self.buffer.state(),
+            "queue": queue,
+            "decided": self.decided,
+        }
+
+    def load(self, state: dict) -> None:
+        self.scheduler.load(state["scheduler"])
+        self.buffer.load(state["buffer"])
+        self.queue = collections.deque(
+            {**q, "plan": Plan(*q["plan"]), "rows": [[tuple(r) for r in m] for m in q["rows"]]}
+            for q in state["queue"]
+        )
+        self.decided = state["decided"]

@@ -1,0 +1,225 @@
+"""The adaptive off-policy pieces (PAPER.md §2, §3) on the host, without a model: the scheduler's
+transitions, the replay ratios, the buffer, SGO masks, the frequency of each batch source, and the
+feeder's look-ahead and its saved state."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from distillm_jax import offpolicy
+from distillm_jax.data import batching
+
+
+def test_scheduler_follows_a_scripted_sequence_of_validation_losses():
+    s = offpolicy.AdaptiveScheduler(loss_eps=0.1)
+    script = [
+        (2.0, 0.0, 2.0),  # the loss before training: only sets prev_loss
+        (1.8, 0.0, 2.0),  # improving: nothing moves (prev_loss does not follow it down)
+        (2.09, 0.0, 2.0),  # worse, but by less than loss_eps
+        (2.1, 0.1, 2.1),  # exactly prev_loss + loss_eps: φ rises, prev_loss moves
+        (2.15, 0.1, 2.1),
+        (2.3, 0.2, 2.3),
+        (1.0, 0.2, 2.3),
+    ]
+    for loss, phi, prev in script:
+        s.update(loss)
+        assert (s.phi, s.prev_loss) == (pytest.approx(phi), pytest.approx(prev)), loss
+
+
+def test_scheduler_edge_cases_and_the_cap():
+    s = offpolicy.AdaptiveScheduler(loss_eps=0.1, prev_loss=0.2)
+    assert s.update(0.3)  # 0.3 >= 0.2 + 0.1 as written, although 0.2 + 0.1 > 0.3 in floats
+    zero = offpolicy.AdaptiveScheduler(loss_eps=0.0, prev_loss=1.0)
+    assert zero.update(1.0) and not zero.update(0.999)  # eps 0: an equal loss counts as no better
+    capped = offpolicy.AdaptiveScheduler(loss_eps=0.1, prev_loss=0.0)
+    for i in range(1, 15):
+        capped.update(0.1 * i + 1e-6)
+    assert capped.phi == 1.0  # exactly: ten rises of 0.1 land on 1.0, then it stays
+    nan = offpolicy.AdaptiveScheduler(prev_loss=1.0)
+    assert not nan.update(float("nan")) and nan.prev_loss == 1.0
+    with pytest.raises(ValueError, match="replay_ratio"):
+        offpolicy.AdaptiveScheduler(replay_ratio="sometimes")
+
+
+@pytest.mark.parametrize(
+    "ratio, expected",  # fresh threshold at step 0, 50, 100 of 100 with φ = 0.8
+    [("decreasing", (0.8, 0.4, 0.0)), ("constant", (0.4, 0.4, 0.4)), ("increasing", (0.0, 0.4, 0.8))],
+)
+def test_replay_ratios(ratio, expected):
+    s = offpolicy.AdaptiveScheduler(replay_ratio=ratio, phi=0.8)
+    got = tuple(s.fresh_threshold(step, 100) for step in (0, 50, 100))
+    np.testing.assert_allclose(got, expected)
+    # Once the buffer is full, draws below the threshold generate, the rest of φ replays.
+    assert s.choose(0.79, 50, 100, buffer_full=False) == "sgo"
+    assert s.choose(0.39, 50, 100, buffer_full=True) == "sgo"
+    assert s.choose(0.41, 50, 100, buffer_full=True) == "replay"
+    assert s.choose(0.81, 50, 100, buffer_full=True) == "data"
+
+
+def test_each_source_comes_with_its_probability():
+    n, step, total = 20000, 25, 100
+    draws = [offpolicy.uniform(7, i) for i in range(n)]
+    assert draws[:5] == [offpolicy.uniform(7, i) for i in range(5)]  # the same on every host and resume
+    assert draws[:5] != [offpolicy.uniform(8, i) for i in range(5)]
+    s = offpolicy.AdaptiveScheduler(phi=0.6)
+
+    def shares(method, full):
+        got = [offpolicy.plan(method, s, r, step, total, full, gkd_lambda=0.3).source for r in draws]
+        return {k: got.count(k) / n for k in ("sgo", "replay", "data")}
+
+    tol = 4 * np.sqrt(0.25 / n)
+    full = shares("distillm", True)  # fresh 0.6 * (1 - 0.25) = 0.45, replay 0.15, data 0.4
+    assert (
+        abs(full["sgo"] - 0.45) < tol and abs(full["replay"] - 0.15) < tol and abs(full["data"] - 0.4) < tol
+    )
+    filling = shares("distillm", False)  # until the buffer is full every SGO step generates
+    assert abs(filling["sgo"] - 0.6) < tol and filling["replay"] == 0
+    gkd = shares("gkd", True)
+    assert abs(gkd["sgo"] - 0.3) < tol and gkd["replay"] == 0
+    assert shares("onpolicy", True)["sgo"] == 1.0 and shares("imitkd", True)["replay"] == 1.0
+    assert offpolicy.plan("imitkd", s, 0.5, 0, 1, False) == offpolicy.Plan(
+        "replay", generate=True, store=True
+    )
+    assert offpolicy.plan("kd", s, 0.0, 0, 1, False) == offpolicy.Plan("data")
+
+
+def test_buffer_is_fifo_bounded_and_samples_distinct_rows():
+    buf = offpolicy.ReplayBuffer(3)
+    buf.add([([1], [10]), ([2], [20])])
+    assert len(buf) == 2 and not buf.full
+    buf.add([([3], [30]), ([4], [40]), ([5], [50])])
+    assert buf.full and [p[0] for p, _ in buf.rows] == [3, 4, 5]  # the oldest left first
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        got = buf.sample(3, rng)
+        assert sorted(p[0] for p, _ in got) == [3, 4, 5]  # without replacement within a batch
+    seen = {buf.sample(1, rng)[0][0][0] for _ in range(200)}
+    assert seen == {3, 4, 5}
+    with pytest.raises(ValueError, match="cannot sample 4"):
+        buf.sample(4, rng)
+    again = offpolicy.ReplayBuffer(3)
+    again.load(buf.state())
+    assert list(again.rows) == list(buf.rows)
+
+
+@pytest.mark.parametrize("pad", [0, 1])  # pad == eos (GPT-2, OPT, LLaMA) and pad != eos
+def test_sgo_masks_cover_the_response_through_its_eos(pad):
+    eos, lengths = 1, batching.Lengths(4, 10)
+    tokens = np.array([[5, 6, eos, pad, pad, pad], [7, 8, 9, 10, 11, 12], [eos, pad, pad, pad, pad, pad]])
+    mask = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]], bool)
+    responses = offpolicy.cut_at_eos(tokens, mask)
+    assert responses == [[5, 6, eos], [7, 8, 9, 10, 11, 12], [eos]]  # no EOS produced: all of it
+    rows = [([3, 4], r) for r in responses]
+    b = batching.decoder_only_batch(rows, lengths, pad)
+    for i, r in enumerate(responses):
+        assert b["labels"][i][b["loss_mask"][i] != 0].tolist() == r  # never the prompt, nothing after EOS
+    e = batching.encoder_decoder_batch(rows, lengths, pad, start=0)
+    for i, r in enumerate(responses):
+        assert e["labels"][i][e["loss_mask"][i] != 0].tolist() == r
+
+
+class FakeSampler:
+    """Stands in for the device sampler: answers each prompt with (its first token + params, EOS), and
+    records which params each call saw."""
+
+    def __init__(self, delay: float = 0.0):
+        self.calls, self.delay = [], delay
+
+    def __call__(self, params, prompts, key):
+        self.calls.append(params)
+        if self.delay:
+            time.sleep(self.delay)
+        tokens = np.array([[p[0] + params, 1, 0] for p in prompts])
+        return tokens, np.array([[1, 1, 0]] * len(prompts), bool)
+
+
+def make_feeder(method, sampler, *, lookahead=0, threaded=False, phi=0.0, capacity=8, ratio="decreasing"):
+    counter = iter(range(10**6))
+
+    def next_rows():
+        i = next(counter)
+        return [([100 * i + k], [7, 1]) for k in range(2)]
+
+    worker = offpolicy.GenerationWorker(sampler, threaded=threaded)
+    scheduler = offpolicy.AdaptiveScheduler(phi=phi, replay_ratio=ratio)
+    buffer = offpolicy.ReplayBuffer(capacity)
+    feeder = offpolicy.Feeder(
+        method, scheduler, buffer, worker, next_rows, seed=3, total=50, lookahead=lookahead
+    )
+    return feeder, worker
+
+
+def test_feeder_paper_mode_is_on_policy_and_overlap_mode_bounded_stale():
+    sampler = FakeSampler()
+    feeder, _ = make_feeder("onpolicy", sampler)
+    for step in range(4):
+        micro, info = feeder.rows_for(step, params=step)
+        assert sampler.calls[-1] == step and info["source"] == "sgo"  # the params of this very step
+        assert micro == [
+            [([100 * step], [100 * step + step, 1]), ([100 * step + 1], [100 * step + 1 + step, 1])]
+        ]
+        assert info["sgo_len"] == 2.0
+
+    sampler = FakeSampler(delay=0.01)
+    feeder, worker = make_feeder("onpolicy", sampler, lookahead=2, threaded=True)
+    for step in range(10):
+        micro, _ = feeder.rows_for(step, params=step)
+        used = micro[0][0][1][0] - micro[0][0][0][0]  # the params the SGO was sampled with
+        assert step - 2 <= used <= step and used == max(step - 2, 0)
+    worker.close()
+
+
+def test_feeder_state_resumes_the_same_rows():
+    """A feeder saved mid-run (buffer filled, steps decided ahead) continues exactly as one never
+    stopped: same sources, same rows."""
+
+    def run(stop_at=None):
+        sampler = FakeSampler()
+        kw = {"lookahead": 2, "threaded": True, "capacity": 4, "ratio": "increasing"}
+        feeder, worker = make_feeder("distillm", sampler, phi=0.7, **kw)
+        out = []
+        for step in range(12):
+            if step == stop_at:
+                state = feeder.state()
+                worker.close()
+                feeder, worker = make_feeder("distillm", sampler, **kw)
+                feeder.load(state)
+                # the data order resumes after the steps already decided
+                feeder.next_rows = _continue(state)
+            micro, info = feeder.rows_for(step, params=step)
+            out.append((info["source"], micro))
+        worker.close()
+        return out
+
+    whole, resumed = run(), run(stop_at=5)
+    assert [s for s, _ in whole] == [s for s, _ in resumed]
+    assert {s for s, _ in whole} == {"sgo", "replay", "data"}
+    assert whole == resumed
+
+
+def _continue(state):
+    counter = iter(range(state["decided"], 10**6))
+
+    def next_rows():
+        i = next(counter)
+        return [([100 * i + k], [7, 1]) for k in range(2)]
+
+    return next_rows
+
+
+def test_overlap_worker_never_deadlocks_on_a_slow_sampler():
+    sampler = FakeSampler(delay=0.05)
+    feeder, worker = make_feeder("gkd", sampler, lookahead=3, threaded=True)
+    done = threading.Event()
+
+    def go():
+        for step in range(20):
+            feeder.rows_for(step, params=step)
+        feeder.state()
+        worker.close()
+        done.set()
+
+    threading.Thread(target=go, daemon=True).start()
+    assert done.wait(30)
