@@ -3,7 +3,8 @@
 The teacher is the shipped T5 (4+4 layers, d_model 128) trained by SFT on the task
 (``distillm_jax/data/demo_teacher``; ``:teacher`` trains it again, about 10 minutes). A smaller T5 student
 (2+2 layers, d_model 64) first gets an SFT "init" of 300 steps, as the paper's students do; from it, 300
-steps of distillation with SRKL (DistiLLM's skew reverse KL) are compared with 300 more steps of SFT.
+steps of DistiLLM (SRKL, its skew reverse KL, with adaptive student-generated outputs) are compared with
+300 more steps of SFT.
 Generations are scored as the paper does: sampled (temperature 1.0, no_repeat_ngram_size 6), ROUGE-L.
 ``:tiny`` shortens everything for the tests (a tiny teacher trained on the spot).
 """
@@ -39,7 +40,7 @@ def get_config(arg: str = "") -> ConfigDict:
     c = base.get_config()
     c.run_dir = "runs/demo"
     c.resume = True  # re-running the command continues (or just reprints) the same run
-    c.method = "kd"
+    c.method = "distillm"  # SRKL + adaptive SGOs (offpolicy.*: the paper's defaults)
     c.compare_sft = True
     c.tokenizer = "demo"
     c.teacher.path = str(demo.TEACHER)

@@ -86,7 +86,7 @@ def plot_curves(run_dir: str) -> str | None:
     rows = read_rows(path)
     train = [r for r in rows if r["kind"] == "train"]
     evals = [r for r in rows if r["kind"] == "eval"]
-    eval_keys = sorted({k for r in evals for k in r} - {"step", "kind"})
+    eval_keys = sorted({k for r in evals for k in r} - {"step", "kind", "train_s"})
     fig, axes = plt.subplots(1, 1 + len(eval_keys), figsize=(4.5 * (1 + len(eval_keys)), 3.5), squeeze=False)
     for key in ("loss", "ce"):
         if train and key in train[0]:
@@ -96,7 +96,7 @@ def plot_curves(run_dir: str) -> str | None:
     for ax, key in zip(axes[0, 1:], eval_keys, strict=True):
         pts = [(r["step"], r[key]) for r in evals if key in r and math.isfinite(r[key])]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
-        ax.set_title(f"validation {key}")
+        ax.set_title("φ (share of steps on SGOs)" if key == "phi" else f"validation {key}")
         ax.set_xlabel("step")
     fig.tight_layout()
     out = os.path.join(run_dir, "curves.png")

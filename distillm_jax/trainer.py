@@ -4,8 +4,9 @@ config asks for one, the distillation, and an SFT student of the same size to co
 
 Methods (``config.method``): ``sft`` (CE only, no teacher), ``kd`` (``loss.name`` on ground-truth
 responses; ``fkl`` is the paper's KD), ``seqkd`` (the teacher's own responses to the training prompts,
-generated once and saved in the run folder, then trained on with ``loss.name``). Student-generated outputs
-(ImitKD, GKD, DistiLLM's adaptive off-policy) replace ``_next_batch``'s ground-truth source.
+generated once and saved in the run folder, then trained on with ``loss.name``), and the methods on
+student-generated outputs — ``distillm`` (adaptive off-policy), ``imitkd``, ``gkd``, ``onpolicy`` — whose
+per-step choice of rows lives in ``offpolicy.py`` (``Feeder``); every method draws its rows from a feeder.
 
 Step counts are optimizer updates; with ``optim.grad_accum > 1`` each update runs that many micro-batches.
 """
@@ -321,13 +322,13 @@ def _feeder(r: Run, c: ConfigDict, total: int, next_rows: Callable, model_of: Ca
 
 def _host_metrics(infos: list[dict], seconds: float) -> dict:
     """The SGO metrics of a logging interval: φ, the share of each batch source, the buffer size, the
-    mean SGO length, and the seconds spent generating vs training."""
-    gen = sum(i["gen_s"] for i in infos)
+    mean SGO length, and the seconds the loop was blocked on generation (paper mode: all of it; overlap
+    mode: what training did not hide) out of the interval's wall-clock."""
     out = {
         "phi": infos[-1]["phi"],
         "buffer": infos[-1]["buffer"],
-        "gen_s": gen,
-        "train_s": max(seconds - gen, 0.0),
+        "gen_s": sum(i["gen_s"] for i in infos),
+        "interval_s": seconds,
     }
     for source in ("data", "sgo", "replay"):
         out[f"src_{source}"] = float(np.mean([i["source"] == source for i in infos]))
@@ -549,7 +550,7 @@ def override(config: ConfigDict, **changes) -> ConfigDict:
     return out
 
 
-def _sft_first(c: ConfigDict, role: str, results: dict) -> ConfigDict:
+def sft_first(c: ConfigDict, role: str, results: dict) -> ConfigDict:
     """Train a new ``role`` model (teacher or student) by SFT for its ``train_steps`` into
     ``run_dir/<role>``; return the config pointing at the result (the paper's teachers are SFT'd, and its
     students start from an SFT'd "init" checkpoint)."""
@@ -578,7 +579,7 @@ def run(config: ConfigDict) -> dict:
     c, results = config, {}
     for role in ("teacher", "student"):
         if c[role].train_steps and not c[role].path:
-            c = _sft_first(c, role, results)
+            c = sft_first(c, role, results)
     results["student"] = train(c)
     if c.compare_sft and c.method != "sft":
         results["sft"] = train(override(c, run_dir=os.path.join(c.run_dir, "sft"), method="sft"))

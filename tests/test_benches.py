@@ -1,6 +1,7 @@
 """The benchmarks run end to end on tiny shapes, and their two sides agree."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,20 @@ def test_bench_train_step_quick(tmp_path):
     assert abs(ours[-1] - theirs[-1]) <= 1e-3 * abs(theirs[-1]) and ours[-1] < ours[0]
     assert row["ours_tok_s"] > 0 and row["torch_tok_s"] > 0 and row["ratio"] > 0
     assert 0 < row["ours_flop_s"] < 10 * row["peak_flop_s"]
+
+
+def test_bench_speedup_quick(tmp_path):
+    out, png = tmp_path / "rows.json", tmp_path / "curve.png"
+    cmd = [sys.executable, "bench/speedup.py", "--quick", "--arms", "gkd", "imitkd"]
+    cmd += ["--out", str(tmp_path / "runs"), "--json", str(out), "--plot", str(png)]
+    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| method | loss | steps |" in proc.stdout
+    result = json.loads(out.read_text())
+    gkd, imitkd = result["rows"]
+    assert result["target"] == gkd["best_rougeL"]
+    assert sum(gkd["sources"].values()) == sum(imitkd["sources"].values()) == 4
+    assert imitkd["sources"]["replay"] == 4 and imitkd["gen_seconds"] > 0
+    assert [s for s, _, _ in gkd["curve"]] == [0, 2, 4] and gkd["loss"] == "jsd" and imitkd["loss"] == "fkl"
+    assert png.stat().st_size > 1000

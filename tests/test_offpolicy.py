@@ -223,3 +223,32 @@ def test_overlap_worker_never_deadlocks_on_a_slow_sampler():
 
     threading.Thread(target=go, daemon=True).start()
     assert done.wait(30)
+
+
+def test_sampled_sgos_stop_at_their_first_eos_when_pad_is_eos(quick_compiles):
+    """GPT-2 / OPT / LLaMA pad with the EOS id: the sampler's mask, not the token values, says where a
+    response ends, so the EOS the student produced stays in its loss and nothing after it does."""
+    import jax
+    from transformers import GPT2Config
+
+    from distillm_jax import generate, models
+
+    eos = 1
+    hf = GPT2Config(
+        vocab_size=8, n_embd=16, n_layer=1, n_head=2, n_positions=32, eos_token_id=eos, pad_token_id=eos
+    )
+    model = models.create(hf, seed=0)
+    ids, mask = np.full((16, 4), 5, np.int32), np.ones((16, 4), np.int32)
+    tokens, out_mask = generate.generate(
+        model, ids, mask, 10, temperature=1.0, rng=jax.random.key(0), eos_token_id=eos, pad_token_id=eos
+    )
+    responses = offpolicy.cut_at_eos(np.asarray(tokens), np.asarray(out_mask))
+    ended = [r for r in responses if r[-1] == eos]
+    assert ended and len(ended) < len(responses)  # both kinds occur with this seed
+    for r in responses:
+        assert eos not in r[:-1] and (r[-1] == eos or len(r) == 10)
+    b = batching.decoder_only_batch(
+        [(list(p), r) for p, r in zip(ids.tolist(), responses, strict=True)], batching.Lengths(4, 14), eos
+    )
+    for i, r in enumerate(responses):
+        assert b["labels"][i][b["loss_mask"][i] != 0].tolist() == r

@@ -50,7 +50,7 @@ def test_demo_tiny_runs_end_to_end_and_compares(tmp_path, capsys):
     assert (run / "curves.png").stat().st_size > 1000
     assert list((run / "tensorboard").iterdir())
     out = capsys.readouterr().out
-    assert "student kd (srkl)" in out and "student sft (ce)" in out and "teacher" in out
+    assert "student distillm (srkl)" in out and "student sft (ce)" in out and "teacher" in out
 
 
 def test_export_loads_in_transformers(tmp_path):
@@ -78,7 +78,7 @@ def test_export_loads_in_transformers(tmp_path):
 def _train_rows(run_dir):
     rows = reporting.read_rows(os.path.join(run_dir, "metrics.jsonl"))
     return [
-        {k: v for k, v in r.items() if k not in ("tokens_per_s", "kind", "gen_s", "train_s")}
+        {k: v for k, v in r.items() if k not in ("tokens_per_s", "kind", "gen_s", "interval_s")}
         for r in rows
         if r["kind"] == "train"
     ]
