@@ -82,7 +82,7 @@ def get_config() -> ConfigDict:
     c.offpolicy.replay_ratio = (
         "decreasing"  # distillm: fresh vs replayed share: decreasing|constant|increasing
     )
-    c.offpolicy.capacity = 1000  # replay buffer rows per host (FIFO)
+    c.offpolicy.capacity = 4000  # replay buffer rows in all, over the data shards (the paper: 1000 a GPU x 4)
     c.offpolicy.gkd_lambda = 0.5  # gkd: probability of a step on fresh SGOs
     c.offpolicy.temperature = 1.0  # the student's sampling for SGOs (the paper: 1.0, no top-k / top-p)
     c.offpolicy.top_k = 0
@@ -100,6 +100,13 @@ def get_config() -> ConfigDict:
     c.checkpoint.keep = 2
 
     c.log_interval = 10  # steps between progress updates, metrics.jsonl and tensorboard rows
+
+    c.distributed = ConfigDict()  # several processes (hosts); TPU pods and SLURM jobs are detected
+    c.distributed.coordinator = ""  # "host:port" of process 0, to start processes by hand (or simulate)
+    c.distributed.num_processes = 1
+    c.distributed.process_id = 0
+    c.distributed.heartbeat_timeout = 100  # seconds without news before a lost process stops the others
+    c.distributed.init_timeout = 300  # seconds to wait for every process to join
 
     c.mesh = ConfigDict()  # a TPU v4-32 pod slice: data=1, fsdp=16, tensor=1 (fsdp=-1: all devices)
     c.mesh.data = 1

@@ -114,6 +114,12 @@ def check(config: ConfigDict) -> None:
     if config.eval.temperature < 0 or not 0 < config.eval.top_p <= 1:
         raise ConfigError("eval.temperature must be >= 0 and eval.top_p in (0, 1]")
     _check_offpolicy(config)
+    d = config.distributed
+    if d.coordinator and (":" not in d.coordinator or not 0 <= d.process_id < d.num_processes):
+        raise ConfigError(
+            "distributed: coordinator must be host:port and 0 <= process_id < num_processes, got "
+            f"{d.coordinator!r}, process {d.process_id} of {d.num_processes}"
+        )
 
 
 def _check_offpolicy(config: ConfigDict) -> None:

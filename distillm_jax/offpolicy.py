@@ -25,6 +25,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import jax
 import numpy as np
 
+from distillm_jax.distributed import local_rows
+
 Row = tuple[list[int], list[int]]  # (prompt token ids, response token ids ending with EOS when produced)
 METHODS = ("distillm", "imitkd", "gkd", "onpolicy")  # the trainer methods that use SGOs
 REPLAY_RATIOS = ("decreasing", "constant", "increasing")
@@ -119,37 +121,63 @@ def plan(
 
 
 class ReplayBuffer:
-    """The last ``capacity`` SGO rows (FIFO), as token ids — never logits: the teacher is re-run on
-    replayed rows. Per host: each host keeps the rows it generated."""
+    """The last SGO rows (FIFO), as token ids — never logits: the teacher is re-run on replayed rows.
 
-    def __init__(self, capacity: int):
+    The buffer is split like the batch: one FIFO per data-parallel shard of the mesh (a slice of every
+    batch's rows), of ``capacity`` rows each. A host keeps the shards its devices feed (``shards``: their
+    global indices), so no row crosses hosts; a replayed batch takes the same number of rows from every
+    shard, drawn by a generator seeded with (seed, step, micro-batch, shard). The rows a step replays are
+    therefore the same however many processes share the shards, and a checkpoint reshards exactly.
+    """
+
+    def __init__(self, capacity: int, shards: Sequence[int] = (0,)):
         if capacity < 1:
-            raise ValueError(f"replay buffer capacity must be >= 1, got {capacity}")
-        self.capacity = capacity
-        self.rows: collections.deque[Row] = collections.deque(maxlen=capacity)
+            raise ValueError(f"replay buffer capacity must be >= 1 row per shard, got {capacity}")
+        self.capacity, self.shards = capacity, tuple(shards)
+        self.rows = {s: collections.deque(maxlen=capacity) for s in self.shards}
 
     def __len__(self) -> int:
-        return len(self.rows)
+        """Rows held on this host."""
+        return sum(len(d) for d in self.rows.values())
+
+    def full_after(self, extra: int = 0) -> bool:
+        """Whether every shard is full once ``extra`` more rows (this host's) have been added."""
+        return min(len(d) for d in self.rows.values()) + extra // len(self.shards) >= self.capacity
 
     @property
     def full(self) -> bool:
-        return len(self.rows) >= self.capacity
+        return self.full_after(0)
+
+    def _split(self, n: int) -> int:
+        if n % len(self.shards):
+            raise ValueError(f"{n} rows do not split over this host's {len(self.shards)} data shards")
+        return n // len(self.shards)
 
     def add(self, rows: Sequence[Row]) -> None:
-        self.rows.extend((list(p), list(r)) for p, r in rows)
+        """This host's rows of a batch, in order: each shard's slice goes to its FIFO."""
+        k = self._split(len(rows))
+        for i, s in enumerate(self.shards):
+            self.rows[s].extend((list(p), list(r)) for p, r in rows[i * k : (i + 1) * k])
 
-    def sample(self, n: int, rng: np.random.Generator) -> list[Row]:
-        """``n`` distinct rows, uniformly."""
-        if n > len(self.rows):
-            raise ValueError(f"cannot sample {n} rows from a replay buffer holding {len(self.rows)}")
-        return [self.rows[i] for i in rng.choice(len(self.rows), n, replace=False)]
+    def sample(self, n: int, seed: int, step: int, micro: int = 0) -> list[Row]:
+        """``n`` rows for this host, as many from each shard, distinct within a shard, uniformly."""
+        k, out = self._split(n), []
+        for s in self.shards:
+            rows = self.rows[s]
+            if k > len(rows):
+                raise ValueError(f"cannot sample {k} rows from a replay buffer shard holding {len(rows)}")
+            rng = np.random.default_rng([seed, 0xB0F, step, micro, s])
+            out += [rows[i] for i in rng.choice(len(rows), k, replace=False)]
+        return out
 
-    def state(self) -> list:
-        return [[p, r] for p, r in self.rows]
+    def state(self) -> dict:
+        return {str(s): [[p, r] for p, r in d] for s, d in self.rows.items()}
 
-    def load(self, rows: list) -> None:
-        self.rows.clear()
-        self.add([(p, r) for p, r in rows])
+    def load(self, state: dict) -> None:
+        """Take this host's shards from a state that may hold others too (a resharded restore)."""
+        for s in self.shards:
+            self.rows[s].clear()
+            self.rows[s].extend((list(p), list(r)) for p, r in state.get(str(s), []))
 
 
 def cut_at_eos(tokens: np.ndarray, mask: np.ndarray) -> list[list[int]]:
@@ -195,7 +223,7 @@ class GenerationWorker:
         prompts = [list(p) for p in prompts]
 
         def finish() -> list[Row]:
-            responses = cut_at_eos(np.asarray(tokens), np.asarray(mask))
+            responses = cut_at_eos(local_rows(tokens), local_rows(mask))  # this host's rows
             return list(zip(prompts, responses, strict=True))
 
         if self.pool is None:
@@ -241,7 +269,7 @@ class Feeder:
 
     def _decide(self, step: int, params) -> None:
         pending = sum(len(r) for q in self.queue if q["plan"].store for r in q["rows"])
-        full = len(self.buffer) + pending >= self.buffer.capacity
+        full = self.buffer.full_after(pending)
         p = plan(
             self.method, self.scheduler, uniform(self.seed, step), step, self.total, full, self.gkd_lambda
         )
@@ -280,21 +308,28 @@ class Feeder:
                     self.buffer.add(m)
             micro = fresh
         if p.source == "replay":
-            micro = [
-                self.buffer.sample(len(m), np.random.default_rng([self.seed, 0xB0F, step, k]))
-                for k, m in enumerate(micro)
-            ]
+            micro = [self.buffer.sample(len(m), self.seed, step, k) for k, m in enumerate(micro)]
         info["buffer"] = len(self.buffer)
         return micro, info
 
     def state(self) -> dict:
         """Everything a resumed run needs: φ, the buffer, and the steps decided but not trained yet
-        (their SGOs waited for)."""
+        (their SGOs waited for). Rows are keyed by data shard, so the states of all hosts merge into one
+        (``merge_states``) that any number of processes can load."""
+        shards = self.buffer.shards
+
+        def by_shard(rows: list) -> dict:
+            k = self.buffer._split(len(rows))
+            return {
+                str(s): [[list(p), list(r)] for p, r in rows[i * k : (i + 1) * k]]
+                for i, s in enumerate(shards)
+            }
+
         queue = [
             {
                 "step": q["step"],
-                "plan": dataclasses.astuple(q["plan"]),
-                "rows": [m.rows() if isinstance(m, Pending) else m for m in q["rows"]],
+                "plan": list(dataclasses.astuple(q["plan"])),
+                "rows": [by_shard(m.rows() if isinstance(m, Pending) else m) for m in q["rows"]],
                 "gen_s": q["gen_s"],
             }
             for q in self.queue
@@ -307,10 +342,39 @@ class Feeder:
         }
 
     def load(self, state: dict) -> None:
+        """Take this host's shards of a (merged) state."""
         self.scheduler.load(state["scheduler"])
         self.buffer.load(state["buffer"])
+        mine = [str(s) for s in self.buffer.shards]
+        missing = [s for q in state["queue"] for m in q["rows"] for s in mine if s not in m]
+        if missing or any(s not in state["buffer"] for s in mine):
+            raise ValueError(
+                "the checkpoint's SGO state was written for other data shards (data x fsdp of the mesh "
+                "must stay the same to resume an SGO run)"
+            )
         self.queue = collections.deque(
-            {**q, "plan": Plan(*q["plan"]), "rows": [[tuple(r) for r in m] for m in q["rows"]]}
+            {
+                **q,
+                "plan": Plan(*q["plan"]),
+                "rows": [[(p, r) for s in mine for p, r in m[s]] for m in q["rows"]],
+            }
             for q in state["queue"]
         )
         self.decided = state["decided"]
+
+
+def merge_states(states: Sequence[dict]) -> dict:
+    """One feeder state from every host's (``Feeder.state``), their shards side by side."""
+    first = states[0]
+    buffer = {k: v for st in states for k, v in st["buffer"].items()}
+    queue = [
+        {
+            **q,
+            "rows": [
+                {k: v for st in states for k, v in st["queue"][i]["rows"][j].items()}
+                for j in range(len(q["rows"]))
+            ],
+        }
+        for i, q in enumerate(first["queue"])
+    ]
+    return {**first, "buffer": buffer, "queue": queue}

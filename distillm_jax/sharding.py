@@ -90,3 +90,11 @@ def state_shardings(
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Batches: rows over the data axes, everything else replicated."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def data_shards(mesh: Mesh) -> tuple[list[int], int]:
+    """The data-parallel shards of a batch (slices of its rows over the data axes) that this process's
+    devices hold, as global indices, and how many there are in all."""
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    held = batch_sharding(mesh, 1).addressable_devices_indices_map((n,))
+    return sorted({index[0].start or 0 for index in held.values()}), n

@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from distillm_jax import config as cfglib
-from distillm_jax import evaluation, generate, models, offpolicy, reporting, sharding, step
+from distillm_jax import distributed, evaluation, generate, models, offpolicy, reporting, sharding, step
 from distillm_jax.checkpointing import Checkpoints
 from distillm_jax.data import batching, tasks
 from distillm_jax.data import tokenizers as toklib
@@ -60,6 +60,7 @@ class Run:
         cfglib.check(config)
         self.config = c = config
         self.mesh = sharding.make_mesh(**c.mesh)
+        self.shards, self.num_shards = sharding.data_shards(self.mesh)
         self.task = tasks.get(c.data.task)
         self.lengths = batching.Lengths(c.data.max_prompt_length, c.data.max_length)
         try:
@@ -70,6 +71,13 @@ class Run:
             raise cfglib.ConfigError(str(e)) from None
         self.pad = self.tokenizer.pad_token_id
         self.micro = c.optim.batch_size // c.optim.grad_accum
+        if jax.process_count() > 1:
+            for name, size in (("the micro-batch", self.micro), ("eval.batch_size", c.eval.batch_size)):
+                if size % self.num_shards:
+                    raise cfglib.ConfigError(
+                        f"{name} ({size}) must split over the mesh's {self.num_shards} data shards "
+                        "(data x fsdp) when several processes share the batch"
+                    )
         self.student = build_model(c.student, self.mesh, trainable=True)
         self.enc_dec = hasattr(self.student, "encode")
         self.start_id = self.student.hf_config.get("decoder_start_token_id") or 0
@@ -150,21 +158,26 @@ class Run:
             if isinstance(x, dict):
                 return {k: put(v) for k, v in x.items()}
             spec = sharding.batch_sharding(self.mesh, x.ndim)
-            shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-            if x.shape[0] % shards:
+            rows = x.shape[0] * self.num_shards // len(self.shards)  # the global batch
+            if rows % self.num_shards:  # only with one process (Run checks): replicate
                 spec = NamedSharding(self.mesh, PartitionSpec())
-            return jax.make_array_from_process_local_data(spec, x)
+            return jax.make_array_from_process_local_data(spec, x, (rows, *x.shape[1:]))
 
         return put(batch)
 
+    def _mine(self, rows: list) -> list:
+        """This process's part of a global batch's rows."""
+        return batching.shard_rows(rows, self.shards, self.num_shards)
+
     def fixed_batches(self, rows: list, size: int):
-        """``rows`` in batches of ``size``; the last one filled with copies of row 0 whose loss mask is
-        zeroed. Yields (batch, number of real rows)."""
+        """``rows`` in global batches of ``size`` (this process's part of each); the last one filled with
+        copies of row 0 whose loss mask is zeroed. Yields (batch, number of real rows)."""
         for i in range(0, len(rows), size):
             chunk = rows[i : i + size]
             real = len(chunk)
-            b = self.batch(chunk + [rows[0]] * (size - real))
-            b["loss_mask"][real:] = 0
+            mine = self._mine([(r, True) for r in chunk] + [(rows[0], False)] * (size - real))
+            b = self.batch([r for r, _ in mine])
+            b["loss_mask"][[j for j, (_, keep) in enumerate(mine) if not keep]] = 0
             yield b, real
 
     # ----------------------------------------------------------------------------------------------
@@ -202,13 +215,21 @@ class Run:
         key = jax.random.key(seed)
         for i in range(0, len(rows), size):
             prompts = [p for p, _ in rows[i : i + size]]
-            real = len(prompts)
-            prompts += [rows[0][0]] * (size - real)  # fixed shape: one compile
+            prompts += [rows[0][0]] * (size - len(prompts))  # fixed shape: one compile
+            mine = self._mine(list(enumerate(prompts, start=i)))
             tokens, mask = self.sample(
-                model, prompts, new, settings, jax.random.fold_in(key, i // size), e.no_repeat_ngram_size
+                model,
+                [p for _, p in mine],
+                new,
+                settings,
+                jax.random.fold_in(key, i // size),
+                e.no_repeat_ngram_size,
             )
-            out += offpolicy.cut_at_eos(np.asarray(tokens), np.asarray(mask))[:real]
-        return out
+            done = offpolicy.cut_at_eos(distributed.local_rows(tokens), distributed.local_rows(mask))
+            out += [(j, o) for (j, _), o in zip(mine, done, strict=True) if j < len(rows)]
+        if jax.process_count() > 1:  # every process scores all rows
+            out = [tuple(x) for part in distributed.gather_objects(out) for x in part]
+        return [o for _, o in sorted(out)]
 
     def validation_losses(self, eval_step: Callable, params, teacher_state) -> dict:
         """Token-level means over the validation rows: ``val_ce`` (and ``val_<divergence>``)."""
@@ -262,6 +283,9 @@ def _loss_config(c: ConfigDict) -> step.LossConfig:
 
 def _export(model: nnx.Module, tokenizer, out_dir: str) -> None:
     """An HF checkpoint written beside ``out_dir`` and renamed into place, so a reader never sees half."""
+    if jax.process_count() > 1:  # params are sharded over hosts: every process gathers, one writes
+        graph, state = nnx.split(model)
+        model = nnx.merge(graph, jax.tree.map(distributed.gather, state))
     if jax.process_index() != 0:
         return
     tmp = out_dir + ".tmp"
@@ -284,6 +308,15 @@ def optimizer(c: ConfigDict, total: int):
         clip=o.clip,
         grad_accum=o.grad_accum,
     )
+
+
+def _killed_here(at: int) -> bool:
+    """``DISTILLM_KILL_AT_STEP`` (and, with several processes, ``DISTILLM_KILL_PROCESS``): the tests'
+    way to kill a run at a step, as a preemption without notice would."""
+    if os.environ.get("DISTILLM_KILL_AT_STEP") != str(at):
+        return False
+    only = os.environ.get("DISTILLM_KILL_PROCESS")
+    return only is None or only == str(jax.process_index())
 
 
 def _finite(rows: list[dict]) -> int | None:
@@ -309,7 +342,7 @@ def _feeder(r: Run, c: ConfigDict, total: int, next_rows: Callable, model_of: Ca
     return offpolicy.Feeder(
         c.method,
         offpolicy.AdaptiveScheduler(o.loss_eps, o.replay_ratio),
-        offpolicy.ReplayBuffer(o.capacity),
+        offpolicy.ReplayBuffer(max(o.capacity // r.num_shards, 1), r.shards),
         worker,
         next_rows,
         seed=c.seed,
@@ -320,13 +353,13 @@ def _feeder(r: Run, c: ConfigDict, total: int, next_rows: Callable, model_of: Ca
     )
 
 
-def _host_metrics(infos: list[dict], seconds: float) -> dict:
+def _host_metrics(infos: list[dict], seconds: float, hosts: float = 1.0) -> dict:
     """The SGO metrics of a logging interval: φ, the share of each batch source, the buffer size, the
     mean SGO length, and the seconds the loop was blocked on generation (paper mode: all of it; overlap
     mode: what training did not hide) out of the interval's wall-clock."""
     out = {
         "phi": infos[-1]["phi"],
-        "buffer": infos[-1]["buffer"],
+        "buffer": infos[-1]["buffer"] * hosts,  # rows in all hosts' buffers (each holds the same count)
         "gen_s": sum(i["gen_s"] for i in infos),
         "interval_s": seconds,
     }
@@ -354,13 +387,11 @@ def train(config: ConfigDict) -> dict:
     train_step, params, opt_state = step.make_train_step(r.student, r.teacher, tx, loss_cfg)
     eval_step = step.make_eval_step(r.student, r.teacher, loss_cfg)
     teacher_state = None if r.teacher is None else nnx.state(r.teacher)
-    order = batching.BatchOrder(
-        len(rows), r.micro, c.seed, host=jax.process_index(), hosts=jax.process_count()
-    )
+    order = batching.BatchOrder(len(rows), r.micro, c.seed, shards=r.shards, num_shards=r.num_shards)
     lm_order = None
     if r.lm_rows is not None:
         lm_order = batching.BatchOrder(
-            len(r.lm_rows), r.micro, c.seed + 1, host=jax.process_index(), hosts=jax.process_count()
+            len(r.lm_rows), r.micro, c.seed + 1, shards=r.shards, num_shards=r.num_shards
         )
 
     def model_of(p) -> nnx.Module:
@@ -392,7 +423,11 @@ def train(config: ConfigDict) -> dict:
         )
     if latest is not None:
         params, opt_state, host = ckpt.restore(latest, params, opt_state)
-        feeder.load(host["feeder"])
+        try:
+            feeder.load(host["feeder"])
+        except ValueError as e:
+            ckpt.close()
+            raise cfglib.ConfigError(f"cannot resume {c.run_dir}: {e}") from None
         if lead:
             print(f"resumed {c.run_dir} at step {host['step']} of {total}")
     order.position = tuple(host["order"])
@@ -408,11 +443,12 @@ def train(config: ConfigDict) -> dict:
         return metrics
 
     reporter = reporting.Reporter(c.run_dir, total, host["step"], desc=os.path.basename(c.run_dir) or "train")
-    stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s)) if lead else None
+    stop = {"signal": None}  # SIGTERM on any host (a preemption notice): save and stop, all together
+    previous = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
 
     def save(at: int) -> None:
-        host.update(step=at, order=list(order.position), feeder=feeder.state())
+        feeders = distributed.gather_objects(feeder.state())  # each host's buffer shards
+        host.update(step=at, order=list(order.position), feeder=offpolicy.merge_states(feeders))
         if lm_order is not None:
             host["lm_order"] = list(lm_order.position)
         ckpt.save(at, params, opt_state, dict(host))
@@ -430,7 +466,7 @@ def train(config: ConfigDict) -> dict:
             host.update(best=value, best_step=at)
             _export(model_of(params), r.tokenizer, os.path.join(c.run_dir, "best"))
 
-    start = time.time()
+    start, stopping = time.time(), False
     try:
         if host["initial"] is None:
             host["initial"] = evaluate(params, 0)
@@ -454,11 +490,18 @@ def train(config: ConfigDict) -> dict:
                 pending.append(m)
             at += 1
             reporter.advance()
-            if os.environ.get("DISTILLM_KILL_AT_STEP") == str(at):  # fault injection for the resume test
+            if _killed_here(at):  # fault injection for the resume and lost-process tests
                 ckpt.manager.wait_until_finished()
                 os.kill(os.getpid(), signal.SIGKILL)
             due_eval, due_save = at % eval_every == 0 or at == total, at % save_every == 0 or at == total
-            if at % c.log_interval == 0 or due_eval or due_save or stop["signal"]:
+            stopping = False
+            if (
+                at % c.log_interval == 0
+                or due_eval
+                or due_save
+                or (stop["signal"] and jax.process_count() == 1)
+            ):
+                stopping = any(distributed.gather_objects(stop["signal"] is not None))
                 rows_m = jax.device_get(pending)
                 bad = _finite(rows_m)
                 if bad is not None:
@@ -472,23 +515,20 @@ def train(config: ConfigDict) -> dict:
                 mean = {k: float(np.mean([row[k] for row in rows_m])) for k in rows_m[0]}
                 mean["tokens_per_s"] = tokens / max(time.time() - t0, 1e-9)
                 if sgo:
-                    mean.update(_host_metrics(infos, time.time() - t0))
+                    mean.update(_host_metrics(infos, time.time() - t0, r.num_shards / len(r.shards)))
                 reporter.log(at, "train", mean)
                 pending, infos, tokens, t0 = [], [], 0, time.time()
-            if due_eval or due_save or stop["signal"]:  # training wall-clock, evaluation and saving left out
+            if due_eval or due_save or stopping:  # training wall-clock, evaluation and saving left out
                 jax.block_until_ready(params)
                 host["train_seconds"] += time.perf_counter() - clock
                 if due_eval:
                     after_eval(at, evaluate(params, at))
-                if due_save or stop["signal"]:
+                if due_save or stopping:
                     save(at)
                 clock = time.perf_counter()
-            if stop["signal"]:
+            if stopping:
                 if lead:
-                    print(
-                        f"stopped by signal {stop['signal']} at step {at}; saved; "
-                        "resume with --config.resume=True"
-                    )
+                    print(f"stopped by SIGTERM at step {at}; saved; resume with --config.resume=True")
                 break
     finally:
         ckpt.close()
@@ -497,7 +537,7 @@ def train(config: ConfigDict) -> dict:
             feeder.worker.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    if stop["signal"]:
+    if stopping:
         return {"stopped_at": at}
     _export(model_of(params), r.tokenizer, os.path.join(c.run_dir, "final"))
     final = host["last_eval"]

@@ -60,6 +60,11 @@ def main(body) -> None:
         sys.exit(2)
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     try:
+        from distillm_jax import config as cfglib
+        from distillm_jax import distributed
+
+        cfglib.check(config)
+        distributed.initialize(config)  # before any device is touched
         body(config)
     except (ConfigError, CheckpointError, TrainingError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

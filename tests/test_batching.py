@@ -62,15 +62,18 @@ def test_batch_order_epochs_resume_and_hosts():
     resumed = batching.BatchOrder(num_rows=10, global_batch=4, seed=3)
     resumed.position = (1, 1)  # as restored from a checkpoint taken after 3 batches
     assert [r.tolist() for r in itertools.islice(resumed, 3)] == first[3:]
-    hosts = [batching.BatchOrder(10, 4, 3, host=h, hosts=2) for h in range(2)]
+    hosts = [batching.BatchOrder(10, 4, 3, shards=s, num_shards=4) for s in ((0, 1), (2, 3))]
     shares = [next(iter(h)).tolist() for h in hosts]
     assert shares[0] + shares[1] == first[0]
+    odd = [batching.BatchOrder(10, 4, 3, shards=s, num_shards=4) for s in ((0, 2), (1, 3))]
+    shares = [next(iter(h)).tolist() for h in odd]  # a host holds the slices of its own shards
+    assert shares[0] + shares[1] == [first[0][i] for i in (0, 2, 1, 3)]
 
 
 def test_bad_lengths_and_batches():
     with pytest.raises(ValueError, match="need 0 < max_prompt_length < max_length, got 16 and 16"):
         batching.Lengths(16, 16)
-    with pytest.raises(ValueError, match="global batch 6 does not split over 4 hosts"):
-        batching.BatchOrder(100, 6, 0, hosts=4)
+    with pytest.raises(ValueError, match="global batch 6 does not split over 4 data shards"):
+        batching.BatchOrder(100, 6, 0, shards=(0,), num_shards=4)
     with pytest.raises(ValueError, match="3 rows are fewer than one batch of 4"):
         batching.BatchOrder(3, 4, 0)

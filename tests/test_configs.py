@@ -42,7 +42,7 @@ def test_full_config_passes_the_checks(name):
     assert c.teacher.path and c.student.path and c.teacher.path != c.student.path
     assert not c.teacher.config and not c.student.config
     assert (c.method, c.loss.name, c.loss.alpha) == ("distillm", "srkl", 0.1)
-    assert (c.offpolicy.loss_eps, c.offpolicy.capacity, c.offpolicy.replay_ratio) == (0.1, 1000, "decreasing")
+    assert (c.offpolicy.loss_eps, c.offpolicy.capacity, c.offpolicy.replay_ratio) == (0.1, 4000, "decreasing")
     assert c.optim.epochs > 0 and c.eval.temperature == 1.0 and c.eval.no_repeat_ngram_size == 6
     assert c.loss.lm_coef == 0.0 and c.mesh.fsdp == -1
 

@@ -88,20 +88,39 @@ def test_each_source_comes_with_its_probability():
 def test_buffer_is_fifo_bounded_and_samples_distinct_rows():
     buf = offpolicy.ReplayBuffer(3)
     buf.add([([1], [10]), ([2], [20])])
-    assert len(buf) == 2 and not buf.full
+    assert len(buf) == 2 and not buf.full and buf.full_after(1)
     buf.add([([3], [30]), ([4], [40]), ([5], [50])])
-    assert buf.full and [p[0] for p, _ in buf.rows] == [3, 4, 5]  # the oldest left first
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        got = buf.sample(3, rng)
+    assert buf.full and [p[0] for p, _ in buf.rows[0]] == [3, 4, 5]  # the oldest left first
+    for step in range(20):
+        got = buf.sample(3, seed=0, step=step)
         assert sorted(p[0] for p, _ in got) == [3, 4, 5]  # without replacement within a batch
-    seen = {buf.sample(1, rng)[0][0][0] for _ in range(200)}
+    seen = {buf.sample(1, seed=0, step=step)[0][0][0] for step in range(200)}
     assert seen == {3, 4, 5}
     with pytest.raises(ValueError, match="cannot sample 4"):
-        buf.sample(4, rng)
+        buf.sample(4, seed=0, step=0)
     again = offpolicy.ReplayBuffer(3)
     again.load(buf.state())
-    assert list(again.rows) == list(buf.rows)
+    assert list(again.rows[0]) == list(buf.rows[0])
+
+
+def test_buffer_shards_make_replay_independent_of_the_process_count():
+    """One host feeding 4 data shards, or two hosts feeding 2 each: the same rows go in, the same rows
+    come out of a replay, and the state of either reshards into the other."""
+    one = offpolicy.ReplayBuffer(5, shards=range(4))
+    two = [offpolicy.ReplayBuffer(5, shards=(0, 1)), offpolicy.ReplayBuffer(5, shards=(2, 3))]
+    for step in range(4):
+        rows = [([step], [100 * step + i]) for i in range(8)]  # a global batch of 8, 2 rows a shard
+        one.add(rows)
+        two[0].add(rows[:4])
+        two[1].add(rows[4:])
+    assert one.full and all(b.full for b in two)  # 5 per shard: 8 rows of the 10 pushed each
+    for step in range(5):
+        assert one.sample(8, 3, step) == two[0].sample(4, 3, step) + two[1].sample(4, 3, step)
+    moved = offpolicy.ReplayBuffer(5, shards=(2, 3))
+    moved.load(one.state())
+    assert moved.sample(4, 3, 9) == two[1].sample(4, 3, 9)
+    with pytest.raises(ValueError, match="do not split over this host's 2 data shards"):
+        two[0].add([([1], [1])])
 
 
 @pytest.mark.parametrize("pad", [0, 1])  # pad == eos (GPT-2, OPT, LLaMA) and pad != eos

@@ -100,19 +100,40 @@ def encoder_decoder_batch(
     }
 
 
+def shard_rows(rows: Sequence, shards: Sequence[int], num_shards: int) -> list:
+    """This host's part of a global batch's ``rows``: the slices of the data shards (``shards``, global
+    indices out of ``num_shards``) its devices hold, in order. A host holding every shard takes all
+    rows (also when they do not split evenly: such a batch is replicated)."""
+    if len(shards) == num_shards:
+        return list(rows)
+    if len(rows) % num_shards:
+        raise ValueError(f"a batch of {len(rows)} rows does not split over {num_shards} data shards")
+    k = len(rows) // num_shards
+    return [row for s in shards for row in rows[s * k : (s + 1) * k]]
+
+
 class BatchOrder:
     """Which rows form each batch: a fresh permutation per epoch from ``seed``, cut into full batches
     (the last partial batch of an epoch is dropped: fixed shapes). ``position`` (epoch, batch) is all a
-    checkpoint needs to resume the exact sequence. With several hosts, each takes its own slice of every
-    global batch, so hosts never load each other's rows."""
+    checkpoint needs to resume the exact sequence. With several hosts, each takes the slices of every
+    global batch that its data shards hold (``shard_rows``), so hosts never load each other's rows and a
+    global batch is the same whatever the number of processes."""
 
-    def __init__(self, num_rows: int, global_batch: int, seed: int, *, host: int = 0, hosts: int = 1):
-        if global_batch % hosts:
-            raise ValueError(f"global batch {global_batch} does not split over {hosts} hosts")
+    def __init__(
+        self,
+        num_rows: int,
+        global_batch: int,
+        seed: int,
+        *,
+        shards: Sequence[int] = (0,),
+        num_shards: int = 1,
+    ):
+        if len(shards) != num_shards and global_batch % num_shards:
+            raise ValueError(f"global batch {global_batch} does not split over {num_shards} data shards")
         if num_rows < global_batch:
             raise ValueError(f"{num_rows} rows are fewer than one batch of {global_batch}")
         self.num_rows, self.global_batch, self.seed = num_rows, global_batch, seed
-        self.host, self.hosts = host, hosts
+        self.shards, self.num_shards = tuple(shards), num_shards
         self.position = (0, 0)
 
     @property
@@ -122,8 +143,7 @@ class BatchOrder:
     def _rows(self, epoch: int, index: int) -> np.ndarray:
         perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
         batch = perm[index * self.global_batch : (index + 1) * self.global_batch]
-        share = self.global_batch // self.hosts
-        return batch[self.host * share : (self.host + 1) * share]
+        return np.asarray(shard_rows(batch, self.shards, self.num_shards))
 
     def __iter__(self) -> Iterator[np.ndarray]:
         while True:
