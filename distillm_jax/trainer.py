@@ -353,7 +353,7 @@ def _feeder(r: Run, c: ConfigDict, total: int, next_rows: Callable, model_of: Ca
     )
 
 
-def _host_metrics(infos: list[dict], seconds: float, hosts: float = 1.0) -> dict:
+def _host_metrics(infos: list[dict], seconds: float, sgo_lengths: list, hosts: float = 1.0) -> dict:
     """The SGO metrics of a logging interval: φ, the share of each batch source, the buffer size, the
     mean SGO length, and the seconds the loop was blocked on generation (paper mode: all of it; overlap
     mode: what training did not hide) out of the interval's wall-clock."""
@@ -365,9 +365,8 @@ def _host_metrics(infos: list[dict], seconds: float, hosts: float = 1.0) -> dict
     }
     for source in ("data", "sgo", "replay"):
         out[f"src_{source}"] = float(np.mean([i["source"] == source for i in infos]))
-    lengths = [i["sgo_len"] for i in infos if "sgo_len" in i]
-    if lengths:
-        out["sgo_len"] = float(np.mean(lengths))
+    if sgo_lengths:  # every host's (equal-sized) SGO batches
+        out["sgo_len"] = float(np.mean(sgo_lengths))
     return out
 
 
@@ -501,7 +500,12 @@ def train(config: ConfigDict) -> dict:
                 or due_save
                 or (stop["signal"] and jax.process_count() == 1)
             ):
-                stopping = any(distributed.gather_objects(stop["signal"] is not None))
+                news = {
+                    "stop": stop["signal"] is not None,
+                    "sgo_len": [i["sgo_len"] for i in infos if "sgo_len" in i],
+                }
+                hosts = distributed.gather_objects(news)  # what each host alone knows
+                stopping = any(h["stop"] for h in hosts)
                 rows_m = jax.device_get(pending)
                 bad = _finite(rows_m)
                 if bad is not None:
@@ -515,7 +519,8 @@ def train(config: ConfigDict) -> dict:
                 mean = {k: float(np.mean([row[k] for row in rows_m])) for k in rows_m[0]}
                 mean["tokens_per_s"] = tokens / max(time.time() - t0, 1e-9)
                 if sgo:
-                    mean.update(_host_metrics(infos, time.time() - t0, r.num_shards / len(r.shards)))
+                    lengths = [x for h in hosts for x in h["sgo_len"]]
+                    mean.update(_host_metrics(infos, time.time() - t0, lengths, r.num_shards / len(r.shards)))
                 reporter.log(at, "train", mean)
                 pending, infos, tokens, t0 = [], [], 0, time.time()
             if due_eval or due_save or stopping:  # training wall-clock, evaluation and saving left out
