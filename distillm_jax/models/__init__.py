@@ -28,7 +28,15 @@ _MODULES: tuple[ModuleType, ...] = (gpt2, llama, opt, t5)
 FAMILIES: dict[str, ModuleType] = {t: m for m in _MODULES for t in m.MODEL_TYPES}
 """HF ``model_type`` -> the module that implements it."""
 
-__all__ = ["FAMILIES", "CheckpointError", "create", "from_pretrained", "load_hf_config", "save_pretrained"]
+__all__ = [
+    "FAMILIES",
+    "CheckpointError",
+    "abstract_params",
+    "create",
+    "from_pretrained",
+    "load_hf_config",
+    "save_pretrained",
+]
 
 
 class FrozenConfig(dict):
@@ -73,6 +81,13 @@ def _builder(hf_config, param_dtype, dtype, seed: int = 0):
         return model
 
     return family, cfg, build
+
+
+def abstract_params(hf_config, param_dtype=jnp.float32) -> nnx.State:
+    """Shapes, dtypes and logical axes of a model's parameters, without allocating any (the memory
+    planner's input)."""
+    _, _, build = _builder(hf_config, param_dtype, param_dtype)
+    return nnx.state(nnx.eval_shape(build), nnx.Param)
 
 
 def create(hf_config, *, dtype=jnp.float32, param_dtype=None, mesh: Mesh | None = None, seed: int = 0):

@@ -1,0 +1,159 @@
+"""Memory per device of a run, before anything is loaded: will this teacher/student pair, batch, lengths
+and mesh fit on these devices?
+
+Parameters and optimizer state are exact: every parameter's shape and logical axes come from the model
+code run abstractly (``models.abstract_params``), and the config's mesh and sharding rules give each
+device's shard. Activations and the sampler's KV cache are estimates: the student's saved activations per
+layer follow Korthikanti et al. (2022) — ``rows·T·(34·d + 5·heads·T)`` bytes in 16-bit, no recomputation —
+the logits count four ``[rows, T, V]`` float32 buffers (teacher, student, their softmaxes / gradient), or
+one chunk's worth with ``loss.chunk_size``. Training and generation do not overlap, so the peak is the
+larger of the two on top of the states. A 10 % margin is kept for XLA's scratch and fragmentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import jax.numpy as jnp
+from flax import nnx
+from ml_collections import ConfigDict
+
+from distillm_jax import models, offpolicy
+from distillm_jax import sharding as shd
+
+GIB = 2**30
+MARGIN = 0.9  # the share of a device's memory a plan may use
+
+
+@dataclasses.dataclass(frozen=True)
+class _MeshShape:
+    """What ``sharding.logical_to_spec`` reads of a mesh: the size of each axis (no devices needed)."""
+
+    shape: dict
+
+
+def mesh_shape(config: ConfigDict, devices: int) -> dict:
+    sizes = {a: config.mesh[a] for a in shd.MESH_AXES}
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if devices % known:
+        raise ValueError(f"mesh {sizes} does not fit {devices} devices")
+    return {a: devices // known if v == -1 else v for a, v in sizes.items()}
+
+
+def hf_config(spec: ConfigDict):
+    """The transformers config of a teacher/student spec: its checkpoint's config.json, or
+    ``spec.config`` for a new model (a hub id needs the hub or its cache)."""
+    from transformers import AutoConfig
+
+    if spec.path:
+        if os.path.isdir(os.path.expanduser(spec.path)):
+            return models.load_hf_config(os.path.expanduser(spec.path))
+        return AutoConfig.from_pretrained(spec.path)
+    kwargs = spec.config.to_dict()
+    return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+
+
+def shard_bytes(hf, dtype, mesh: dict) -> int:
+    """Bytes of one device's shard of every parameter of a model."""
+    total = 0
+    fake = _MeshShape(mesh)
+    for var in nnx.to_flat_state(models.abstract_params(hf, dtype)):
+        v = var[1]
+        shape = v.get_value().shape
+        axes = v.get_metadata().get("axes") or (None,) * len(shape)
+        spec = shd.logical_to_spec(axes, shape, fake)
+        split = [math.prod(mesh[a] for a in ((s,) if isinstance(s, str) else s)) if s else 1 for s in spec]
+        total += math.prod(d // k for d, k in zip(shape, split, strict=True)) * jnp.dtype(dtype).itemsize
+    return total
+
+
+def _dims(hf) -> dict:
+    c = hf.to_dict()
+
+    def first(*names, default=None):
+        return next((c[n] for n in names if c.get(n) is not None), default)
+
+    d = first("hidden_size", "n_embd", "d_model")
+    heads = first("num_attention_heads", "n_head", "num_heads")
+    return {
+        "layers": first("num_hidden_layers", "n_layer", "num_layers")
+        + (first("num_decoder_layers", default=0) if c.get("model_type") in ("t5", "mt5") else 0),
+        "d": d,
+        "heads": heads,
+        "kv": first("num_key_value_heads", default=heads) * first("head_dim", "d_kv", default=d // heads),
+        "vocab": c["vocab_size"],
+        "enc_dec": c.get("model_type") in ("t5", "mt5"),
+    }
+
+
+def plan(config: ConfigDict, devices: int) -> dict[str, float]:
+    """Bytes per device of each part of the run (``total`` is the peak)."""
+    mesh = mesh_shape(config, devices)
+    data, tensor = mesh["data"] * mesh["fsdp"], mesh["tensor"]
+    c, o = config, config.optim
+    student = hf_config(c.student)
+    s_dtype = c.student.param_dtype or "float32"
+    out = {"student params": shard_bytes(student, s_dtype, mesh)}
+    out["gradients"] = out["student params"]
+    out["AdamW state"] = 2 * out["student params"] * (1.5 if o.grad_accum > 1 else 1)
+    teacher = None
+    if c.method != "sft":
+        teacher = hf_config(c.teacher)
+        out["teacher params"] = shard_bytes(teacher, c.teacher.param_dtype or c.teacher.dtype, mesh)
+
+    d = _dims(student)
+    el = jnp.dtype(c.student.dtype).itemsize
+    rows = math.ceil(o.batch_size // o.grad_accum / data)
+    p, total_len = c.data.max_prompt_length, c.data.max_length
+    t = total_len - p if d["enc_dec"] else total_len
+    per_layer = rows * t * (34 * d["d"] + 5 * d["heads"] * t) * el / 2 / tensor
+    vocab_t = c.loss.chunk_size or t
+    logits = 4 * rows * vocab_t * d["vocab"] * 4 / tensor
+    out["activations (est.)"] = d["layers"] * per_layer + logits
+
+    generates = c.eval.generate or c.method in ("seqkd", *offpolicy.METHODS)
+    gen = 0.0
+    if generates:
+        gen_rows = math.ceil(max(c.eval.batch_size, o.batch_size // o.grad_accum) / data)
+        model = _dims(teacher) if c.method == "seqkd" and teacher is not None else d
+        cached = total_len + (p if model["enc_dec"] else 0)  # + cross-attention keys of the prompt
+        gen = 2 * model["layers"] * gen_rows * cached * model["kv"] * el / tensor
+        gen += 2 * gen_rows * model["vocab"] * 4  # a step's logits
+    out["generation KV cache (est.)"] = gen
+    states = sum(v for k, v in out.items() if "est." not in k)
+    out["total"] = states + max(out["activations (est.)"], gen)
+    return out
+
+
+def device_memory() -> int | None:
+    """Bytes the first device may use, if it says (accelerators do; a CPU does not)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return int(stats["bytes_limit"]) if "bytes_limit" in stats else None
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:9.2f} GiB" if n >= GIB else f"{n / 2**20:9.2f} MiB"
+
+
+def report(parts: dict[str, float], devices: int, memory: int | None) -> str:
+    lines = [f"memory per device, {devices} devices:"]
+    lines += [f"  {k:<28} {_size(v)}" for k, v in parts.items()]
+    if memory:
+        lines.append(f"  {'device memory':<28} {_size(memory)} (a plan may use {MARGIN:.0%})")
+    return "\n".join(lines)
+
+
+def fits(parts: dict[str, float], memory: int) -> bool:
+    return parts["total"] <= MARGIN * memory
+
+
+def advice(parts: dict[str, float], memory: int) -> str:
+    return (
+        f"the run needs about {parts['total'] / GIB:.2f} GiB per device, more than {MARGIN:.0%} of "
+        f"{memory / GIB:.2f} GiB: shard over more devices (mesh.fsdp), keep the teacher in bfloat16, take "
+        "smaller micro-batches (optim.grad_accum), or chunk the loss (loss.chunk_size)"
+    )

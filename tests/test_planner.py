@@ -1,0 +1,42 @@
+"""The memory planner: exact parameter shards, and a plan that will not fit refused in one line."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+from flax import nnx
+
+from distillm_jax import config as cfglib
+from distillm_jax import planner, sharding, trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("fsdp", [1, 8])
+def test_parameter_shards_are_exact(fsdp):
+    """What the planner computes from shapes and axes alone is what a device holds once placed."""
+    c = cfglib.load_file(str(ROOT / "configs" / "gpt2_dolly.py"), "tiny")
+    c.mesh.fsdp = fsdp
+    parts = planner.plan(c, fsdp)
+    mesh = sharding.make_mesh(1, fsdp, 1) if fsdp > 1 else None
+    for role, key in (("student", "student params"), ("teacher", "teacher params")):
+        model = trainer.build_model(c[role], mesh, trainable=role == "student")
+        leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+        held = sum(x.addressable_shards[0].data.nbytes for x in leaves)
+        assert parts[key] == held, role
+    assert parts["AdamW state"] == 2 * parts["student params"] == 2 * parts["gradients"]
+    assert parts["total"] > parts["student params"] + parts["teacher params"] + parts["activations (est.)"]
+
+
+def test_a_plan_that_does_not_fit_is_refused_in_one_line():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "launch/plan.py", "--config", "configs/demo.py", "--devices", "1", "--memory_gib"]
+    proc = subprocess.run([*cmd, "0.01"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: the run needs about")
+    assert "teacher params" in proc.stdout and "activations (est.)" in proc.stdout
+    ok = subprocess.run([*cmd, "16"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert ok.returncode == 0 and ok.stdout.strip().endswith("fits"), ok.stderr
