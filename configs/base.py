@@ -102,6 +102,7 @@ def get_config() -> ConfigDict:
     c.log_interval = 10  # steps between progress updates, metrics.jsonl and tensorboard rows
 
     c.distributed = ConfigDict()  # several processes (hosts); TPU pods and SLURM jobs are detected
+    c.distributed.auto = False  # join by JAX's cluster detection (TPU pod slices, SLURM): launch/*.sh set it
     c.distributed.coordinator = ""  # "host:port" of process 0, to start processes by hand (or simulate)
     c.distributed.num_processes = 1
     c.distributed.process_id = 0

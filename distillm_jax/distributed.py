@@ -20,25 +20,15 @@ from ml_collections import ConfigDict
 
 def initialize(config: ConfigDict) -> None:
     """Join the run's processes before any device is touched: from ``distributed.coordinator``,
-    ``num_processes``, ``process_id`` when given (local simulation, custom clusters), else by JAX's own
-    detection on TPU pod slices and under SLURM with several tasks; a single process does nothing."""
+    ``num_processes``, ``process_id`` when given (local simulation, custom clusters); by JAX's cluster
+    detection (TPU pod slices, SLURM, ...) with ``distributed.auto`` (the launch scripts set it) or
+    under a SLURM job with several tasks; otherwise one process, nothing to do."""
     d = config.distributed
-    kwargs = {
-        "heartbeat_timeout_seconds": int(d.heartbeat_timeout),
-        "initialization_timeout": int(d.init_timeout),
-    }
+    timeouts = {"heartbeat_timeout_seconds": d.heartbeat_timeout, "initialization_timeout": d.init_timeout}
     if d.coordinator:
-        jax.distributed.initialize(d.coordinator, d.num_processes, d.process_id, **kwargs)
-    elif _detected_cluster():
-        jax.distributed.initialize(**kwargs)
-
-
-def _detected_cluster() -> bool:
-    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ
-    tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or os.environ.get(
-        "MEGASCALE_COORDINATOR_ADDRESS"
-    )
-    return bool(slurm or tpu_pod)
+        jax.distributed.initialize(d.coordinator, d.num_processes, d.process_id, **timeouts)
+    elif d.auto or (int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ):
+        jax.distributed.initialize(**timeouts)
 
 
 def local_rows(x: jax.Array) -> np.ndarray:

@@ -28,7 +28,17 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from distillm_jax import config as cfglib
-from distillm_jax import distributed, evaluation, generate, models, offpolicy, reporting, sharding, step
+from distillm_jax import (
+    distributed,
+    evaluation,
+    generate,
+    models,
+    offpolicy,
+    planner,
+    reporting,
+    sharding,
+    step,
+)
 from distillm_jax.checkpointing import Checkpoints
 from distillm_jax.data import batching, tasks
 from distillm_jax.data import tokenizers as toklib
@@ -136,10 +146,7 @@ class Run:
         self.lm_rows = None
         if c.loss.lm_coef > 0:
             rows = tasks.load_rows(tasks.get("openwebtext"), c.data.lm_source, c.data.lm_split)
-            eos = [self.tokenizer.eos_token_id]
-            self.lm_rows = [
-                self.tokenizer(r["text"], add_special_tokens=False)["input_ids"] + eos for r in rows
-            ]
+            self.lm_rows = batching.LazyTokens([r["text"] for r in rows], self.tokenizer)
 
     def _valid(self) -> tuple[list, list[str]]:
         d = self.config.data
@@ -621,6 +628,7 @@ def run(config: ConfigDict) -> dict:
     for it (the demo), then the configured run, then — with ``compare_sft`` — an SFT-only student from the
     same start for the same steps; prints teacher / student before / after / SFT side by side."""
     cfglib.check(config)
+    _warn_if_too_big(config)
     c, results = config, {}
     for role in ("teacher", "student"):
         if c[role].train_steps and not c[role].path:
@@ -635,6 +643,20 @@ def run(config: ConfigDict) -> dict:
     if jax.process_index() == 0 and len(results) > 1:
         print(comparison(results))
     return results
+
+
+def _warn_if_too_big(c: ConfigDict) -> None:
+    """The memory planner's verdict before anything is loaded, on devices that report their memory
+    (a warning: its activation figures are estimates; ``launch/plan.py`` shows the parts)."""
+    memory = planner.device_memory()
+    if memory is None or jax.process_index() != 0:
+        return
+    try:
+        parts = planner.plan(c, jax.device_count())
+    except (OSError, ValueError):  # e.g. a hub id without the hub: the run itself will say
+        return
+    if not planner.fits(parts, memory):
+        print(f"warning: {planner.advice(parts, memory)} (python launch/plan.py for the parts)")
 
 
 def comparison(results: dict) -> str:

@@ -10,11 +10,15 @@ import _cli
 def body(config):
     import json
 
+    import jax
+
     from distillm_jax import trainer
     from distillm_jax.data import tasks
 
     seeds = tuple(config.eval.seeds)
     out = trainer.evaluate_model(config, seeds)
+    if jax.process_index() != 0:  # every host evaluates its share; one reports
+        return
     name = tasks.get(config.data.task).metric
     where = config.student.path or "a new random student"
     print(f"{where} on {config.data.task} ({config.data.valid_split}), sampling seeds {seeds}:")

@@ -154,6 +154,21 @@ class BatchOrder:
             yield rows
 
 
+class LazyTokens(Sequence):
+    """Texts tokenized (+ EOS) when read: a large plain-text corpus (the LM loss's) costs each host only
+    the rows its data shards train on, and no memory for token ids."""
+
+    def __init__(self, texts: Sequence[str], tokenizer):
+        self.texts, self.tokenizer = texts, tokenizer
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> list[int]:
+        ids = self.tokenizer(self.texts[i], add_special_tokens=False)["input_ids"]
+        return ids + [self.tokenizer.eos_token_id]
+
+
 def text_batch(rows: Sequence[list[int]], length: int, pad: int) -> dict:
     """Plain text for the language-modelling loss: each row's tokens from the first slot, next-token
     labels on every real token."""
