@@ -166,7 +166,7 @@ class LazyTokens(Sequence):
 
     def __getitem__(self, i: int) -> list[int]:
         ids = self.tokenizer(self.texts[i], add_special_tokens=False)["input_ids"]
-        return ids + [self.tokenizer.eos_token_id]
+        return [*ids, self.tokenizer.eos_token_id]
 
 
 def text_batch(rows: Sequence[list[int]], length: int, pad: int) -> dict:
