@@ -77,14 +77,16 @@ def _dims(hf) -> dict:
 
     d = first("hidden_size", "n_embd", "d_model")
     heads = first("num_attention_heads", "n_head", "num_heads")
+    enc_dec = c.get("model_type") in ("t5", "mt5")
+    layers = first("num_hidden_layers", "n_layer", "num_layers")
     return {
-        "layers": first("num_hidden_layers", "n_layer", "num_layers")
-        + (first("num_decoder_layers", default=0) if c.get("model_type") in ("t5", "mt5") else 0),
+        "enc_layers": layers if enc_dec else 0,
+        "layers": first("num_decoder_layers", default=layers) if enc_dec else layers,  # the decoder's
         "d": d,
         "heads": heads,
         "kv": first("num_key_value_heads", default=heads) * first("head_dim", "d_kv", default=d // heads),
         "vocab": c["vocab_size"],
-        "enc_dec": c.get("model_type") in ("t5", "mt5"),
+        "enc_dec": enc_dec,
     }
 
 
@@ -108,18 +110,22 @@ def plan(config: ConfigDict, devices: int) -> dict[str, float]:
     rows = math.ceil(o.batch_size // o.grad_accum / data)
     p, total_len = c.data.max_prompt_length, c.data.max_length
     t = total_len - p if d["enc_dec"] else total_len
-    per_layer = rows * t * (34 * d["d"] + 5 * d["heads"] * t) * el / 2 / tensor
-    vocab_t = c.loss.chunk_size or t
-    logits = 4 * rows * vocab_t * d["vocab"] * 4 / tensor
-    out["activations (est.)"] = d["layers"] * per_layer + logits
+
+    def layer(tokens: int, keys: int) -> float:  # a layer's saved activations, bytes
+        return rows * tokens * (34 * d["d"] + 5 * d["heads"] * keys) * el / 2 / tensor
+
+    cross = p if d["enc_dec"] else 0  # the decoder also attends over the prompt
+    acts = d["enc_layers"] * layer(p, p) + d["layers"] * layer(t, t + cross)
+    logits = 4 * rows * (c.loss.chunk_size or t) * d["vocab"] * 4 / tensor
+    out["activations (est.)"] = acts + logits
 
     generates = c.eval.generate or c.method in ("seqkd", *offpolicy.METHODS)
     gen = 0.0
     if generates:
         gen_rows = math.ceil(max(c.eval.batch_size, o.batch_size // o.grad_accum) / data)
         model = _dims(teacher) if c.method == "seqkd" and teacher is not None else d
-        cached = total_len + (p if model["enc_dec"] else 0)  # + cross-attention keys of the prompt
-        gen = 2 * model["layers"] * gen_rows * cached * model["kv"] * el / tensor
+        # keys and values of every position: prompt + response (T5: the cross-attention's are the prompt's)
+        gen = 2 * model["layers"] * gen_rows * total_len * model["kv"] * el / tensor
         gen += 2 * gen_rows * model["vocab"] * 4  # a step's logits
     out["generation KV cache (est.)"] = gen
     states = sum(v for k, v in out.items() if "est." not in k)

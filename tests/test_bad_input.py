@@ -151,3 +151,12 @@ def test_empty_responses_and_long_prompts_are_counted(tmp_path, capsys):
     assert len(run.train_rows) == 11 and len(run.valid_refs) == 11
     out = capsys.readouterr().out
     assert "train: 11 rows; skipped 1 with an empty response; cut 1 prompts longer than 80 tokens" in out
+
+
+def test_bad_distributed_settings_are_one_line(tmp_path):
+    c = tiny(tmp_path)
+    c.distributed.coordinator, c.distributed.num_processes, c.distributed.process_id = "127.0.0.1:9", 2, 2
+    with pytest.raises(
+        cfglib.ConfigError, match=r"0 <= process_id < num_processes, got '127.0.0.1:9', process 2 of 2"
+    ):
+        cfglib.check(c)
