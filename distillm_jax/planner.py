@@ -137,7 +137,7 @@ def device_memory() -> int | None:
     """Bytes the first device may use, if it says (accelerators do; a CPU does not)."""
     import jax
 
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     return int(stats["bytes_limit"]) if "bytes_limit" in stats else None
 
 

@@ -69,3 +69,15 @@ def main(body) -> None:
     except (ConfigError, CheckpointError, TrainingError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:  # a collective that failed because another process died or hung
+        import jax
+
+        if jax.process_count() == 1 or not isinstance(e, jax.errors.JaxRuntimeError):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(
+            f"error: process {jax.process_index()}: another process stopped or lost contact ({first}); "
+            "fix what stopped it (its log), then run again with --config.resume=True",
+            file=sys.stderr,
+        )
+        sys.exit(1)

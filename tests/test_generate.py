@@ -180,7 +180,7 @@ def test_compiles_once_per_shape():
     from distillm_jax.generate import _compiled
 
     # the settings generate() derives for gpt2's config (eos = pad = start = 1), greedy, 4 new tokens
-    fn = _compiled(nnx.graphdef(model), False, (4, 0.0, 0, 1.0, 1, 1, 0, 1))
+    fn = _compiled(nnx.graphdef(model), False, (4, 0.0, 0, 1.0, 1, 1, 0, 1), None)
     assert fn._cache_size() == 1  # the second call reused the first compilation
     generate(model, ids[:, 1:], mask[:, 1:], 4)  # a new prompt length: exactly one more
     assert fn._cache_size() == 2

@@ -119,5 +119,6 @@ def test_a_lost_process_stops_the_others(tmp_path):
     )
     (rc0, err0), (rc1, _) = out
     assert rc1 != 0 and rc0 != 0
-    assert "another task died" in err0 or "stopped sending heartbeats" in err0, err0[-2000:]
+    # JAX's heartbeat check aborts it ("another task died"), or a collective times out first (our line)
+    assert "another task died" in err0 or "another process stopped or lost contact" in err0, err0[-2000:]
     assert time.time() - start < 240
