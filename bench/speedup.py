@@ -61,8 +61,9 @@ def base_config(args: argparse.Namespace):
     """The demo config with the student's SFT init made once (and reused by every arm)."""
     c = cfglib.load_file(os.path.join(ROOT, "configs", "demo.py"), "tiny" if args.quick else "")
     c.run_dir, c.resume, c.compare_sft = args.out, True, False
-    if args.quick:
+    if args.quick:  # random tiny teacher and student: the script's path is what is checked
         args.steps, args.eval_every = min(args.steps, 4), min(args.eval_every, 2)
+        c.teacher.train_steps = c.student.train_steps = 0
     for role in ("teacher", "student"):  # resume=True: made once, then reused
         if c[role].train_steps and not c[role].path:
             c = trainer.sft_first(c, role, {})

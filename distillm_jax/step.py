@@ -128,7 +128,7 @@ def _like_params(tree, params):
     to the default device: an uncommitted first input would make the second call compile again."""
     named = [x.sharding for x in jax.tree.leaves(params) if isinstance(x.sharding, NamedSharding)]
     if not named:
-        return jax.device_put(tree, jax.devices()[0])
+        return jax.device_put(tree, jax.local_devices()[0])
     replicated = NamedSharding(named[0].mesh, PartitionSpec())
     return jax.tree.map(
         lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated), tree

@@ -81,6 +81,15 @@ class Run:
             raise cfglib.ConfigError(str(e)) from None
         self.pad = self.tokenizer.pad_token_id
         self.micro = c.optim.batch_size // c.optim.grad_accum
+        d = c.data  # read before any model loads: a wrong file or column fails in seconds
+        raw_train = None if evaluate_only else self._raw(d.train_split, d.max_train_rows, d.demo_rows)
+        raw_valid = self._raw(d.valid_split, d.max_valid_rows, d.max_valid_rows or 500)
+        texts = None
+        if c.loss.lm_coef > 0 and not evaluate_only:
+            texts = [
+                r["text"]
+                for r in self._raw(d.lm_split, 0, 0, task=tasks.get("openwebtext"), source=d.lm_source)
+            ]
         if jax.process_count() > 1:
             for name, size in (("the micro-batch", self.micro), ("eval.batch_size", c.eval.batch_size)):
                 if size % self.num_shards:
@@ -95,8 +104,8 @@ class Run:
         if c.loss.lm_coef > 0 and self.enc_dec:
             raise cfglib.ConfigError("loss.lm_coef (plain LM loss) needs a decoder-only student; set it to 0")
         self.teacher = None
+        self.valid_rows, self.valid_refs = self._tokenized(d.valid_split, raw_valid)
         if evaluate_only:
-            self.valid_rows, self.valid_refs = self._valid()
             return
         if c.method != "sft":
             self.teacher = build_model(c.teacher, self.mesh, trainable=False)
@@ -105,7 +114,12 @@ class Run:
                 raise cfglib.ConfigError(
                     "teacher and student must both be encoder-decoder or both decoder-only"
                 )
-        self._load_data()
+        self.train_rows, _ = self._tokenized(d.train_split, raw_train)
+        if len(self.train_rows) < c.optim.batch_size:
+            raise cfglib.ConfigError(
+                f"{len(self.train_rows)} usable training rows are fewer than one batch ({c.optim.batch_size})"
+            )
+        self.lm_rows = None if texts is None else batching.LazyTokens(texts, self.tokenizer)
 
     # ----------------------------------------------------------------------------------------------
     # data
@@ -117,13 +131,19 @@ class Run:
                 f"({len(self.tokenizer)}); they do not belong together"
             )
 
-    def _tokenized(self, split: str, max_rows: int, demo_rows: int) -> tuple[list, list[str]]:
-        c = self.config
+    def _raw(self, split: str, max_rows: int, demo_rows: int, task=None, source=None) -> list[dict]:
+        """A split's rows as read (the task's columns checked), at most ``max_rows`` (0: all)."""
         try:
-            rows = tasks.load_rows(self.task, c.data.source or None, split, demo_rows=demo_rows)
+            rows = tasks.load_rows(
+                task or self.task, source or self.config.data.source or None, split, demo_rows=demo_rows
+            )
         except (FileNotFoundError, ValueError) as e:
             raise cfglib.ConfigError(str(e)) from None
-        rows = rows[:max_rows] if max_rows else rows
+        return rows[:max_rows] if max_rows else rows
+
+    def _tokenized(self, split: str, rows: list[dict]) -> tuple[list, list[str]]:
+        """(prompt, response) token ids of a split's rows, and the reference texts."""
+        c = self.config
         pairs = tasks.to_pairs(self.task, rows, encoder_decoder=self.enc_dec)
         tokenized, skipped = batching.tokenize_pairs(pairs, self.tokenizer, self.lengths)
         if any(skipped.values()) and jax.process_index() == 0:
@@ -134,23 +154,6 @@ class Run:
             )
         refs = [r for _, r in pairs if r.strip()]
         return tokenized, refs
-
-    def _load_data(self) -> None:
-        c = self.config
-        self.train_rows, _ = self._tokenized(c.data.train_split, c.data.max_train_rows, c.data.demo_rows)
-        self.valid_rows, self.valid_refs = self._valid()
-        if len(self.train_rows) < c.optim.batch_size:
-            raise cfglib.ConfigError(
-                f"{len(self.train_rows)} usable training rows are fewer than one batch ({c.optim.batch_size})"
-            )
-        self.lm_rows = None
-        if c.loss.lm_coef > 0:
-            rows = tasks.load_rows(tasks.get("openwebtext"), c.data.lm_source, c.data.lm_split)
-            self.lm_rows = batching.LazyTokens([r["text"] for r in rows], self.tokenizer)
-
-    def _valid(self) -> tuple[list, list[str]]:
-        d = self.config.data
-        return self._tokenized(d.valid_split, d.max_valid_rows, d.max_valid_rows or 500)
 
     def batch(self, rows: list) -> dict:
         if self.enc_dec:

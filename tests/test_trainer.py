@@ -150,14 +150,14 @@ def test_overlap_mode_trains_like_paper_mode(tmp_path):
     stale while training goes on (overlap mode): both finish and land on a comparable loss."""
 
     def run(name, **kw):
-        c = tiny(tmp_path / name, method="onpolicy", compare_sft=False, optim__steps=6, eval__generate=False)
+        c = tiny(tmp_path / name, method="onpolicy", compare_sft=False, optim__steps=5, eval__generate=False)
         c.teacher.train_steps, c.student.train_steps = 0, 0
-        c.optim.lr, c.eval.interval = 3e-2, 6
+        c.optim.lr, c.eval.interval = 3e-2, 5
         return trainer.run(trainer.override(c, **kw))["student"]
 
     paper = run("paper")
     overlap = run("overlap", offpolicy__overlap=True, offpolicy__max_staleness=2)
-    assert paper["sources"] == overlap["sources"] == {"data": 0, "sgo": 6, "replay": 0}
+    assert paper["sources"] == overlap["sources"] == {"data": 0, "sgo": 5, "replay": 0}
     start, a, b = paper["initial"]["val_ce"], paper["final"]["val_ce"], overlap["final"]["val_ce"]
     assert a < start - 0.05 and b < start - 0.05  # both learn
     assert abs(a - b) < 0.25 * (start - a)
