@@ -145,8 +145,15 @@ class Run:
         """(prompt, response) token ids of a split's rows, and the reference texts."""
         c = self.config
         pairs = tasks.to_pairs(self.task, rows, encoder_decoder=self.enc_dec)
-        tokenized, skipped = batching.tokenize_pairs(pairs, self.tokenizer, self.lengths)
-        if any(skipped.values()) and jax.process_index() == 0:
+        kept = [x for x in pairs if x[1].strip()]  # an empty response is skipped (and counted)
+        hosts, me = jax.process_count(), jax.process_index()
+        tokenized, skipped = batching.tokenize_pairs(kept[me::hosts], self.tokenizer, self.lengths)
+        if hosts > 1:  # each host tokenizes every hosts-th row; all of them are put back in order
+            parts = distributed.gather_objects([tokenized, skipped["prompt_truncated"]])
+            tokenized = [tuple(parts[i % hosts][0][i // hosts]) for i in range(len(kept))]
+            skipped["prompt_truncated"] = sum(n for _, n in parts)
+        skipped["empty_response"] = len(pairs) - len(kept)
+        if any(skipped.values()) and me == 0:
             print(
                 f"{split}: {len(tokenized)} rows; "
                 f"skipped {skipped['empty_response']} with an empty response; "
@@ -512,6 +519,7 @@ def train(config: ConfigDict) -> dict:
             ):
                 news = {
                     "stop": stop["signal"] is not None,
+                    "tokens": tokens,
                     "sgo_len": [i["sgo_len"] for i in infos if "sgo_len" in i],
                 }
                 hosts = distributed.gather_objects(news)  # what each host alone knows
@@ -527,7 +535,7 @@ def train(config: ConfigDict) -> dict:
                         f"non-finite loss at step {bad_step} ({values}); last good checkpoint: {where}"
                     )
                 mean = {k: float(np.mean([row[k] for row in rows_m])) for k in rows_m[0]}
-                mean["tokens_per_s"] = tokens / max(time.time() - t0, 1e-9)
+                mean["tokens_per_s"] = sum(h["tokens"] for h in hosts) / max(time.time() - t0, 1e-9)
                 if sgo:
                     lengths = [x for h in hosts for x in h["sgo_len"]]
                     mean.update(_host_metrics(infos, time.time() - t0, lengths, r.num_shards / len(r.shards)))
