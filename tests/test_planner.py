@@ -40,3 +40,36 @@ def test_a_plan_that_does_not_fit_is_refused_in_one_line():
     assert "teacher params" in proc.stdout and "activations (est.)" in proc.stdout
     ok = subprocess.run([*cmd, "16"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert ok.returncode == 0 and ok.stdout.strip().endswith("fits"), ok.stderr
+
+
+def test_activation_estimate_matches_the_compiled_step():
+    """The planner's activation figure against XLA's compiled scratch memory of the real train step."""
+    import jax.numpy as jnp
+    from ml_collections import ConfigDict
+
+    from distillm_jax import step
+    from distillm_jax.data import batching
+
+    def gpt2(d, heads):
+        return ConfigDict(
+            {"model_type": "gpt2", "n_embd": d, "n_layer": 2, "n_head": heads, "vocab_size": 4096},
+            type_safe=False,
+        )
+
+    c = cfglib.load_file(str(ROOT / "configs" / "gpt2_dolly.py"), "kd,tiny")
+    c.teacher.config, c.student.config = gpt2(256, 4), gpt2(128, 2)
+    c.optim.batch_size, c.data.max_prompt_length, c.data.max_length = 8, 64, 128
+    c.mesh.fsdp, c.eval.generate = 1, False
+    estimate = planner.plan(c, 1)["activations (est.)"]
+    student = trainer.build_model(c.student, None, trainable=True)
+    teacher = trainer.build_model(c.teacher, None, trainable=False)
+    fn, params, opt = step.make_train_step(
+        student, teacher, trainer.optimizer(c, 10), trainer._loss_config(c)
+    )
+    rows = [(list(range(3, 67)), [*range(5, 68), 1])] * 8
+    batch = {
+        k: jnp.asarray(v) for k, v in batching.decoder_only_batch(rows, batching.Lengths(64, 128), 0).items()
+    }
+    compiled = fn.lower(params, opt, nnx.state(teacher), batch).compile()
+    measured = compiled.memory_analysis().temp_size_in_bytes
+    assert 0.75 < estimate / measured < 1.3, (estimate / 2**20, measured / 2**20)
