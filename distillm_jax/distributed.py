@@ -63,7 +63,9 @@ def gather_objects(value) -> list:
 
     data = np.frombuffer(json.dumps(value).encode(), np.uint8)
     sizes = multihost_utils.process_allgather(np.array([data.size], np.int64))
-    padded = np.zeros(int(np.max(sizes)), np.uint8)
+    # padded to a power of two: each distinct length compiles its own all-gather, so a value whose size
+    # changes at every log interval must not bring a compile every time
+    padded = np.zeros(1 << max(int(np.max(sizes)) - 1, 255).bit_length(), np.uint8)
     padded[: data.size] = data
     everyone = multihost_utils.process_allgather(padded)
     return [

@@ -153,11 +153,17 @@ class ReplayBuffer:
             raise ValueError(f"{n} rows do not split over this host's {len(self.shards)} data shards")
         return n // len(self.shards)
 
-    def add(self, rows: Sequence[Row]) -> None:
-        """This host's rows of a batch, in order: each shard's slice goes to its FIFO."""
+    def slices(self, rows: Sequence[Row]) -> dict[int, list[Row]]:
+        """This host's rows of a batch, in order, cut into the slices of its data shards."""
         k = self._split(len(rows))
-        for i, s in enumerate(self.shards):
-            self.rows[s].extend((list(p), list(r)) for p, r in rows[i * k : (i + 1) * k])
+        return {
+            s: [(list(p), list(r)) for p, r in rows[i * k : (i + 1) * k]] for i, s in enumerate(self.shards)
+        }
+
+    def add(self, rows: Sequence[Row]) -> None:
+        """This host's rows of a batch: each shard's slice goes to its FIFO."""
+        for s, part in self.slices(rows).items():
+            self.rows[s].extend(part)
 
     def sample(self, n: int, seed: int, step: int, micro: int = 0) -> list[Row]:
         """``n`` rows for this host, as many from each shard, distinct within a shard, uniformly."""
@@ -316,14 +322,9 @@ class Feeder:
         """Everything a resumed run needs: φ, the buffer, and the steps decided but not trained yet
         (their SGOs waited for). Rows are keyed by data shard, so the states of all hosts merge into one
         (``merge_states``) that any number of processes can load."""
-        shards = self.buffer.shards
 
         def by_shard(rows: list) -> dict:
-            k = self.buffer._split(len(rows))
-            return {
-                str(s): [[list(p), list(r)] for p, r in rows[i * k : (i + 1) * k]]
-                for i, s in enumerate(shards)
-            }
+            return {str(s): part for s, part in self.buffer.slices(rows).items()}
 
         queue = [
             {
@@ -343,8 +344,6 @@ class Feeder:
 
     def load(self, state: dict) -> None:
         """Take this host's shards of a (merged) state."""
-        self.scheduler.load(state["scheduler"])
-        self.buffer.load(state["buffer"])
         mine = [str(s) for s in self.buffer.shards]
         missing = [s for q in state["queue"] for m in q["rows"] for s in mine if s not in m]
         if missing or any(s not in state["buffer"] for s in mine):
@@ -352,6 +351,8 @@ class Feeder:
                 "the checkpoint's SGO state was written for other data shards (data x fsdp of the mesh "
                 "must stay the same to resume an SGO run)"
             )
+        self.scheduler.load(state["scheduler"])
+        self.buffer.load(state["buffer"])
         self.queue = collections.deque(
             {
                 **q,

@@ -438,9 +438,11 @@ def train(config: ConfigDict) -> dict:
             "continue it, or choose another run_dir"
         )
     if latest is not None:
-        params, opt_state, host = ckpt.restore(latest, params, opt_state)
+        params, opt_state, saved = ckpt.restore(latest, params, opt_state)
+        host.update(saved)  # a checkpoint from before a key existed keeps its default
         try:
-            feeder.load(host["feeder"])
+            if host["feeder"] is not None:
+                feeder.load(host["feeder"])
         except ValueError as e:
             ckpt.close()
             raise cfglib.ConfigError(f"cannot resume {c.run_dir}: {e}") from None
