@@ -55,10 +55,7 @@ def build_model(spec: ConfigDict, mesh, *, trainable: bool) -> nnx.Module:
     param_dtype = jnp.dtype(spec.param_dtype or ("float32" if trainable else spec.dtype))
     if spec.path:
         return models.from_pretrained(spec.path, dtype=dtype, mesh=mesh, param_dtype=param_dtype)
-    from transformers import AutoConfig
-
-    kwargs = spec.config.to_dict()
-    hf = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    hf = planner.hf_config(spec)  # from spec.config
     return models.create(hf, dtype=dtype, param_dtype=param_dtype, mesh=mesh, seed=spec.seed)
 
 
