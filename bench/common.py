@@ -3,6 +3,7 @@ compiled memory of a jitted function. Benchmarks report ratios measured side by 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -35,6 +36,22 @@ def median_seconds(fn: Callable[..., Any], *args: Any, repeats: int = 3) -> floa
     return statistics.median(times)
 
 
+def matmul_peak_flop_s(dtype: str = "float32", n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of the fastest of ``repeats`` jitted n x n matmuls in ``dtype`` (float32 at full
+    precision, no TF32): the device's practical peak, measured in the run that quotes a utilisation."""
+    a = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(2), (n, n), dtype)
+    precision = jax.lax.Precision.HIGHEST if dtype == "float32" else None
+    mm = jax.jit(lambda x, y: jax.numpy.matmul(x, y, precision=precision))
+    jax.block_until_ready(mm(a, b))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(mm(a, b))
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best
+
+
 def temp_bytes(compiled: jax.stages.Compiled) -> int:
     """Scratch memory XLA reserves for one call of a compiled function (beyond inputs and outputs)."""
     return int(compiled.memory_analysis().temp_size_in_bytes)
@@ -52,11 +69,30 @@ def free_memory_bytes() -> int:
     return int(info["MemAvailable"].split()[0]) * 1024
 
 
-def write_rows(path: str | None, args: Any, rows: list[dict]) -> None:
-    """Save a benchmark's rows with the machine and the arguments they were measured with."""
+def versions() -> dict[str, str]:
+    """Versions of the packages a benchmark compares (absent ones left out)."""
+    from importlib import metadata
+
+    out = {}
+    for name in ("jax", "jaxlib", "flax", "torch", "transformers", "trl"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def write_rows(path: str | None, args: Any, rows: list[dict], **extra: Any) -> None:
+    """Save a benchmark's rows with the machine, date, versions and arguments they were measured with."""
     if path:
+        result = {
+            "machine": machine_note(),
+            "date": time.strftime("%Y-%m-%d"),
+            "versions": versions(),
+            "args": vars(args),
+            **extra,
+            "rows": rows,
+        }
         with open(path, "w") as f:
-            json.dump({"machine": machine_note(), "args": vars(args), "rows": rows}, f, indent=1)
+            json.dump(result, f, indent=1)
 
 
 def torch_and_ours(config, seed: int = 0):

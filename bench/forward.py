@@ -108,15 +108,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             }
         )
         print(json.dumps(rows[-1]), flush=True)
-    print("| model | params | batch x seq | ours tok/s | transformers tok/s | ours / transformers |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['model']} | {r['params_m']:.0f}M | {args.batch} x {args.seq} | {r['ours_tok_s']:.0f} "
-            f"| {r['torch_tok_s']:.0f} | {r['ratio']:.2f}× |"
-        )
+    print(table(rows, vars(args)))
     write_rows(args.json, args, rows)
     return rows
+
+
+def table(rows: list[dict], args: dict) -> str:
+    """Markdown: one line per model; the ratio is ours / transformers tokens/s (above 1: ours is faster)."""
+    out = [
+        "| model | params | batch x seq | ours tok/s | transformers tok/s | ours / transformers |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['model']} | {r['params_m']:.0f}M | {args['batch']} x {args['seq']} "
+            f"| {r['ours_tok_s']:.0f} | {r['torch_tok_s']:.0f} | {r['ratio']:.2f}× |"
+        )
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -120,18 +120,24 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-    print(
-        "| model | batch | prompt + new | ours tok/s | transformers tok/s | ours / transformers "
-        "| ours first call (compile + run) s |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['model']} | {r['batch']} | {args.prompt} + {args.new} | {r['ours_tok_s']:.0f} "
-            f"| {r['torch_tok_s']:.0f} | {r['ratio']:.2f}× | {r['ours_first_call_s']:.1f} |"
-        )
+    print(table(rows, vars(args)))
     write_rows(args.json, args, rows)
     return rows
+
+
+def table(rows: list[dict], args: dict) -> str:
+    """Markdown: one line per (model, batch); the ratio is ours / transformers generated tokens/s."""
+    out = [
+        "| model | batch | prompt + new | ours tok/s | transformers tok/s | ours / transformers "
+        "| ours first call (compile + run) s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['model']} | {r['batch']} | {args['prompt']} + {args['new']} | {r['ours_tok_s']:.0f} "
+            f"| {r['torch_tok_s']:.0f} | {r['ratio']:.2f}× | {r['ours_first_call_s']:.1f} |"
+        )
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

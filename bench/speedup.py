@@ -13,19 +13,24 @@ with one seed. Run from the repository root:
     python bench/speedup.py                      # the demo: 300 steps per method, evaluated every 30
     python bench/speedup.py --quick              # the tiny demo, seconds: checks the script itself
     python bench/speedup.py --json out.json --plot out.png
+    python bench/speedup.py --family gpt2        # decoder-only demo pair, against TRL's GKDTrainer too
+
+``--family gpt2`` runs the demo task with a GPT-2-shaped pair (``configs/demo.py:gpt2``, teacher trained
+on the spot the first time) and adds two on-policy GKD arms, ours (``gkd`` with lmbda 1) and TRL's
+``GKDTrainer`` with lmbda 1 (``bench/trl_gkd.py``) as shipped and with its position ids fixed; the best
+ROUGE-L of the latter is then the target.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 from collections.abc import Sequence
 
 import numpy as np
-from common import machine_note
+from common import machine_note, write_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -41,29 +46,49 @@ ARMS = {  # name: (paper method, overrides)
     "imitkd": ("imitkd", {}),
     "onpolicy": ("onpolicy", {}),
     "onpolicy_overlap": ("onpolicy", {"offpolicy__overlap": True}),
+    "gkd_onpolicy": ("gkd", {"offpolicy__gkd_lambda": 1.0}),
+    "trl_gkd": ("gkd", {"offpolicy__gkd_lambda": 1.0}),  # TRL's GKDTrainer, bench/trl_gkd.py
+    "trl_gkd_positions": ("gkd", {"offpolicy__gkd_lambda": 1.0}),  # the same, position ids fixed
+}
+FAMILY_ARMS = {
+    "t5": ["distillm", "distillm_overlap", "gkd", "imitkd", "onpolicy", "onpolicy_overlap"],
+    "gpt2": ["distillm", "gkd", "gkd_onpolicy", "trl_gkd", "trl_gkd_positions"],
 }
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the tiny demo config, a few steps")
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--family", choices=list(FAMILY_ARMS), default="t5", help="the demo pair's architecture")
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), help="default: the family's arms")
+    p.add_argument(
+        "--target", help="the arm whose best ROUGE-L is the target (default: the last TRL arm, else gkd)"
+    )
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--rows", type=int, default=500, help="training rows: 300 steps of 32 = 19 epochs")
     p.add_argument("--eval-every", type=int, default=30)
-    p.add_argument("--out", default="runs/bench_speedup", help="run folders")
+    p.add_argument("--out", help="run folders (default: runs/bench_speedup[_gpt2])")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--plot", help="ROUGE-L against training wall-clock, PNG")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.arms = args.arms or FAMILY_ARMS[args.family]
+    trl = [a for a in args.arms if a.startswith("trl_gkd")]
+    if trl and args.family != "gpt2":
+        p.error("the trl_gkd arms need --family gpt2 (TRL's GKDTrainer is decoder-only)")
+    args.target = args.target or (trl[-1] if trl else "gkd")
+    args.out = args.out or "runs/bench_speedup" + ("_gpt2" if args.family == "gpt2" else "")
+    return args
 
 
 def base_config(args: argparse.Namespace):
     """The demo config with the student's SFT init made once (and reused by every arm)."""
-    c = cfglib.load_file(os.path.join(ROOT, "configs", "demo.py"), "tiny" if args.quick else "")
+    variant = ",".join(v for v, on in (("tiny", args.quick), ("gpt2", args.family == "gpt2")) if on)
+    c = cfglib.load_file(os.path.join(ROOT, "configs", "demo.py"), variant)
     c.run_dir, c.resume, c.compare_sft = args.out, True, False
-    if args.quick:  # random tiny teacher and student: the script's path is what is checked
+    if args.quick:  # near-random tiny teacher and student: the script's path is what is checked
         args.steps, args.eval_every = min(args.steps, 4), min(args.eval_every, 2)
-        c.teacher.train_steps = c.student.train_steps = 0
+        # TRL loads both from HF checkpoints: one SFT step writes them
+        c.teacher.train_steps = c.student.train_steps = int(any(a.startswith("trl") for a in args.arms))
     for role in ("teacher", "student"):  # resume=True: made once, then reused
         if c[role].train_steps and not c[role].path:
             c = trainer.sft_first(c, role, {})
@@ -76,6 +101,10 @@ def run_arm(c, name: str, out: str) -> dict:
     """One method from the shared start, in a fresh ``out/name``."""
     method, changes = ARMS[name]
     c = paper.method(trainer.override(c, **changes), method)
+    if name.startswith("trl_gkd"):
+        import trl_gkd
+
+        return trl_gkd.run_arm(c, out, name, fix_positions=name == "trl_gkd_positions")
     c.run_dir, c.resume = os.path.join(out, name), False
     shutil.rmtree(c.run_dir, ignore_errors=True)
     summary = trainer.train(c)
@@ -100,29 +129,37 @@ def time_to(curve: list, target: float) -> float | None:
     return next((s for _, s, v in curve if v >= target), None)
 
 
-def table(rows: list[dict], target: float) -> str:
-    gkd = next((r for r in rows if r["arm"] == "gkd"), None)
-    base = time_to(gkd["curve"], target) if gkd else None
+def at_time(curve: list, seconds: float) -> float:
+    """ROUGE-L at the last evaluation within ``seconds`` of training."""
+    return [v for _, s, v in curve if s <= seconds + 1e-9][-1]
+
+
+def table(rows: list[dict], target: float, target_arm: str = "gkd") -> str:
+    ref = next((r for r in rows if r["arm"] == target_arm), None)
+    base = time_to(ref["curve"], target) if ref else None
+    budget = min(r["train_seconds"] for r in rows)  # equal wall-clock: what every arm had by then
     out = [
-        f"target ROUGE-L {target:.2f} (GKD's best)",
-        "| method | loss | steps | train s | blocked on generation s | to target s | speed-up vs GKD | "
-        "final ROUGE-L | best | sources data/sgo/replay |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"target ROUGE-L {target:.2f} ({target_arm}'s best)",
+        f"| method | loss | steps | train s | s / 100 steps | blocked on generation s | to target s "
+        f"| speed-up vs {target_arm} | ROUGE-L at {budget:.0f} s | final ROUGE-L | best "
+        "| sources data/sgo/replay |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         t = time_to(r["curve"], target)
         ratio = f"{base / t:.2f}x" if t and base else "—"
         src = r["sources"]
         out.append(
-            f"| {r['arm']} | {r['loss']} | {r['steps']} | {r['train_seconds']:.0f} | "
-            f"{r['gen_seconds']:.0f} | "
-            f"{'never' if t is None else f'{t:.0f}'} | {ratio} | {r['final_rougeL']:.2f} | "
+            f"| {r['arm']} | {r['loss']} | {r['steps']} | {r['train_seconds']:.0f} "
+            f"| {100 * r['train_seconds'] / r['steps']:.1f} | {r['gen_seconds']:.0f} "
+            f"| {'never' if t is None else f'{t:.0f}'} | {ratio} | {at_time(r['curve'], budget):.2f} "
+            f"| {r['final_rougeL']:.2f} | "
             f"{r['best_rougeL']:.2f} | {src['data']}/{src['sgo']}/{src['replay']} |"
         )
     return "\n".join(out)
 
 
-def plot(rows: list[dict], target: float, path: str) -> None:
+def plot(rows: list[dict], target: float, path: str, target_arm: str = "gkd") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,7 +169,7 @@ def plot(rows: list[dict], target: float, path: str) -> None:
     for r in rows:
         _, secs, vals = zip(*r["curve"], strict=True)
         ax.plot(secs, vals, marker="o", label=r["arm"])
-    ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="target (GKD best)")
+    ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target ({target_arm}'s best)")
     ax.set_xlabel("training wall-clock (s)")
     ax.set_ylabel("validation ROUGE-L (sampled)")
     ax.set_title("demo task: student ROUGE-L against wall-clock")
@@ -145,16 +182,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     c = base_config(args)
     rows = [run_arm(c, name, args.out) for name in args.arms]
-    gkd = next((r for r in rows if r["arm"] == "gkd"), None)
-    target = gkd["best_rougeL"] if gkd else float(np.max([r["best_rougeL"] for r in rows]))
+    ref = next((r for r in rows if r["arm"] == args.target), None)
+    target = ref["best_rougeL"] if ref else float(np.max([r["best_rougeL"] for r in rows]))
     print(machine_note())
-    print(table(rows, target))
-    if args.json:
-        with open(args.json, "w") as f:
-            result = {"machine": machine_note(), "args": vars(args), "target": target, "rows": rows}
-            json.dump(result, f, indent=1)
+    print(table(rows, target, args.target))
+    write_rows(args.json, args, rows, target=target)
     if args.plot:
-        plot(rows, target, args.plot)
+        plot(rows, target, args.plot, args.target)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
-"""Distillation train step tokens/s: ours (``step.make_train_step``) against the same step in transformers
-PyTorch, on the same weights and batch, same machine, same run.
+"""Distillation train step tokens/s: ours (``step.make_train_step``) against the peers a user would pick,
+on the same weights and batch, same machine, same run, the sides' steps interleaved:
 
-One step is the teacher forward (no gradient), the student forward and backward, the SRKL loss
-(alpha 0.1, token-level masked mean over the response half of each row) and an AdamW update with
-global-norm clipping at 1. Both models are GPT-2-shaped, built in transformers PyTorch with random
-weights, saved, and loaded by ``models.from_pretrained``. Also reported: achieved FLOP/s of both sides
-against this machine's measured float32 matmul peak (a jitted 2048 x 2048 matmul, same run). Run from the
-repository root (needs torch: ``pip install torch==2.13.0``):
+- TRL's ``GKDTrainer`` (``trl.experimental.gkd``) with lmbda 0 (no generation) and our step, both with
+  the generalised JSD at beta 0.1 (the paper's GKD loss): the whole ``Trainer`` step as a TRL user runs it;
+- a plain transformers + torch loop and our step, both with the SRKL (alpha 0.1).
+
+One step is the teacher forward (no gradient), the student forward and backward, the loss (token-level
+masked mean over the response half of each row) and an AdamW update (weight decay 0.01) with global-norm
+clipping at 1. Both models are GPT-2-shaped, built in transformers PyTorch with random weights, saved,
+and loaded by ``models.from_pretrained``. Also reported: achieved FLOP/s of every side against this
+machine's measured float32 matmul peak (a jitted 2048 x 2048 matmul, same run). Run from the repository
+root (needs the peers: ``pip install -r bench/requirements.txt``):
 
     python bench/train_step.py              # teacher GPT-2 small (124M), student 6 x 384 (30M), 8 x 512
     python bench/train_step.py --quick      # tiny shapes, seconds: checks the script itself
@@ -27,13 +31,19 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import machine_note, torch_and_ours, write_rows
+from common import machine_note, matmul_peak_flop_s, torch_and_ours, write_rows
 from flax import nnx
 
 from distillm_jax import losses, step
 from distillm_jax.models import layers
 
 ALPHA = 0.1
+BETA = 0.1
+# Each comparison: (our side, peer side, the loss both compute, its parameter, what the table calls it).
+PAIRS = {
+    "trl": ("ours_jsd", "trl", "jsd", ("beta", BETA), "TRL GKDTrainer (lmbda 0)", "JSD β 0.1"),
+    "torch": ("ours", "torch", "srkl", ("alpha", ALPHA), "transformers + torch loop", "SRKL α 0.1"),
+}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -54,6 +64,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="float32",
         help="our compute and parameter dtype (torch stays float32; bfloat16 is for accelerators)",
     )
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=0,
+        help="our side's loss.chunk_size (0: the plain form, the default of a run's config)",
+    )
+    p.add_argument("--peers", nargs="+", choices=list(PAIRS), default=list(PAIRS), help="which peers to run")
     p.add_argument("--breakdown", action="store_true", help="also time the teacher forward and the loss")
     p.add_argument("--quick", action="store_true", help="tiny shapes, for testing the script")
     p.add_argument("--json", help="also write the rows to this file")
@@ -133,9 +150,11 @@ class Ours:
     """Our train step, exactly as the trainer builds it; ``__call__`` runs one step and returns the loss.
     The returned params and optimizer state are fed back (the step donates its inputs)."""
 
-    def __init__(self, args, t_model, s_model, batch: dict):
+    def __init__(self, args, t_model, s_model, batch: dict, divergence: str = "srkl", param=("alpha", ALPHA)):
         tx = step.make_optimizer(args.lr, total_steps=1000, weight_decay=0.01, clip=1.0)
-        cfg = step.LossConfig(divergence="srkl", kd_ratio=1.0, params=(("alpha", ALPHA),))
+        cfg = step.LossConfig(
+            divergence=divergence, kd_ratio=1.0, params=(param,), chunk_size=args.chunk_size
+        )
         self.step, self.params, self.opt_state = step.make_train_step(s_model, t_model, tx, cfg)
         self.teacher_state = nnx.state(t_model)
         self.batch = {k: jnp.asarray(v) for k, v in batch.items()}
@@ -190,6 +209,106 @@ class Torch:
         return float(loss.detach())
 
 
+class Trl:
+    """TRL's ``GKDTrainer`` with lmbda 0 (every step on the given batch, no generation) and JSD at
+    ``BETA``, driven one step per call: ``trainer.train()`` runs on a thread that a callback parks at the
+    start of every step until the next call, so TRL's steps interleave with the other sides' as theirs
+    do. Each step is everything ``Trainer`` does for it (collation, teacher and student forwards, loss,
+    backward, clipping, AdamW with its default fused kernel, logging every step). The loss is read from
+    ``compute_loss`` (before any accumulation scaling)."""
+
+    def __init__(self, args, t_model, s_model, batch: dict):
+        import tempfile
+        import threading
+
+        import datasets
+        import torch
+        import transformers
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+        from distillm_jax.data.tokenizers import byte_level
+
+        ids = torch.tensor(batch["input_ids"], dtype=torch.long)
+        # TRL shifts labels itself (labels[:, 1:] against logits[:, :-1]): label j is the target of
+        # position j - 1, so our loss mask moves one to the right; -100 elsewhere.
+        keep = torch.zeros_like(ids, dtype=torch.bool)
+        keep[:, 1:] = torch.tensor(batch["loss_mask"][:, :-1] != 0)
+        fixed = {
+            "input_ids": ids,
+            "attention_mask": torch.tensor(batch["attention_mask"], dtype=torch.long),
+            "labels": torch.where(keep, ids, torch.full_like(ids, -100)),
+        }
+        self.losses: list[float] = []
+        self.go, self.done = threading.Semaphore(0), threading.Semaphore(0)
+        self.error: BaseException | None = None
+        losses_ = self.losses
+
+        class Recording(GKDTrainer):
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                losses_.append(float((out[0] if return_outputs else out).detach()))
+                return out
+
+        driver = self
+
+        class Parking(transformers.TrainerCallback):
+            started = False
+
+            def on_step_begin(self, *a, **kw):
+                if self.started:
+                    driver.done.release()
+                self.started = True
+                driver.go.acquire()
+
+            def on_train_end(self, *a, **kw):
+                driver.done.release()
+
+        self.out_dir = tempfile.TemporaryDirectory()
+        config = GKDConfig(
+            output_dir=self.out_dir.name,
+            per_device_train_batch_size=ids.shape[0],
+            max_steps=args.warmup + args.repeats,
+            learning_rate=args.lr,
+            lr_scheduler_type="constant",
+            weight_decay=0.01,
+            max_grad_norm=1.0,
+            lmbda=0.0,
+            beta=BETA,
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=jax.devices()[0].platform == "cpu",
+            dataloader_num_workers=0,
+            seed=0,
+            disable_tqdm=True,
+        )
+        self.trainer = Recording(
+            model=s_model,
+            teacher_model=t_model,
+            args=config,
+            train_dataset=datasets.Dataset.from_dict({"row": list(range(ids.shape[0] * config.max_steps))}),
+            data_collator=lambda rows: {k: v.clone() for k, v in fixed.items()},
+            processing_class=byte_level(),  # GKDTrainer wants one for pad_token_id; the batch is given
+            callbacks=[Parking()],
+        )
+        self.thread = threading.Thread(target=self._train, daemon=True)
+        self.thread.start()
+
+    def _train(self) -> None:
+        try:
+            self.trainer.train()
+        except BaseException as e:  # handed to the caller's thread
+            self.error = e
+            self.done.release()
+
+    def __call__(self) -> float:
+        self.go.release()
+        self.done.acquire()
+        if self.error is not None:
+            raise RuntimeError("TRL's GKDTrainer failed") from self.error
+        return self.losses[-1]
+
+
 def load_1min() -> float | None:
     """The host's 1-minute load average: other work on the machine shows up here."""
     try:
@@ -229,16 +348,6 @@ def run_steps(args, sides: dict) -> dict:
         r["step_s"], r["min_step_s"] = statistics.median(timed), min(timed)
         r["cpu_step_s"] = statistics.median(r["cpu_s"][args.warmup :])
     return out
-
-
-def matmul_peak_flop_s(n: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of a jitted n x n float32 matmul, fastest of ``repeats`` calls: the machine's practical
-    peak for this benchmark."""
-    a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
-    mm = jax.jit(lambda x, y: jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST))
-    best = best_seconds({"mm": lambda: jax.block_until_ready(mm(a, b))}, repeats)["mm"]
-    return 2.0 * n**3 / best
 
 
 def torch_matmul_flop_s(n: int = 2048, repeats: int = 10) -> float:
@@ -322,7 +431,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(f"# {machine_note()}; torch {torch.__version__} on cpu ({threads} threads)", flush=True)
     t_config, s_config = hf_configs(args.quick)
     t_hf, t_ours = load_pair(t_config, 0, args.dtype)
-    s_hf, s_ours = load_pair(s_config, 1, args.dtype)
     batch = make_batch(args.batch, args.seq, t_config.vocab_size)
     tokens = args.batch * args.seq
     n_t, t_fwd = step_flops(t_config, tokens)
@@ -331,52 +439,67 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
     peak, torch_peak = matmul_peak_flop_s(), torch_matmul_flop_s()
     print(f"# float32 2048 x 2048 matmul GFLOP/s: jitted {peak / 1e9:.1f}, torch {torch_peak / 1e9:.1f}")
-    sides = {"ours": Ours(args, t_ours, s_ours, batch), "torch": Torch(args, t_hf, s_hf, batch)}
+    # Every side trains its own copy of the same student, and the TRL side gets its own teacher: all
+    # built before any Trainer exists (a Trainer changes torch's global state, e.g. its seeds).
+    models = {}
+    for peer in args.peers:
+        models[peer] = (
+            load_pair(s_config, 1, args.dtype)[1],
+            load_pair(s_config, 1, "float32")[0],
+            load_pair(t_config, 0, "float32")[0] if peer == "trl" else t_hf,
+        )
+    student_params_m = sum(p.numel() for p in models[args.peers[0]][1].parameters()) / 1e6
+    sides = {}
+    for peer in args.peers:
+        ours_name, peer_name, divergence, param, _, _ = PAIRS[peer]
+        s_ours, s_hf_peer, t_hf_peer = models[peer]
+        sides[ours_name] = Ours(args, t_ours, s_ours, batch, divergence, param)
+        sides[peer_name] = (Trl if peer == "trl" else Torch)(args, t_hf_peer, s_hf_peer, batch)
+    del models
     timed = run_steps(args, sides)
-    ours, theirs = timed["ours"], timed["torch"]
-    timed["ours"]["compiles"], timed["ours"]["xla_flops"] = (
-        sides["ours"].compiles(),
-        sides["ours"].xla_flops(),
-    )
+    for name, side in sides.items():
+        r = timed[name]
+        r["tok_s"], r["flop_s"] = tokens / r["step_s"], flops / r["step_s"]
+        if isinstance(side, Ours):
+            r["compiles"], r["xla_flops"] = side.compiles(), side.xla_flops()
     del sides
     row = {
         "teacher_params_m": sum(p.numel() for p in t_hf.parameters()) / 1e6,
-        "student_params_m": sum(p.numel() for p in s_hf.parameters()) / 1e6,
+        "student_params_m": student_params_m,
         "teacher_flop_params_m": n_t / 1e6,
         "student_flop_params_m": n_s / 1e6,
         "batch": args.batch,
         "seq": args.seq,
         "dtype": args.dtype,
+        "chunk_size": args.chunk_size,
         "torch_threads": threads,
         "torch": torch.__version__,
+        "trl": _version("trl"),
         "warmup": args.warmup,
         "repeats": args.repeats,
-        "ours_step_s": ours["step_s"],
-        "torch_step_s": theirs["step_s"],
-        "ours_times_s": ours["times_s"],
-        "torch_times_s": theirs["times_s"],
-        "ours_cpu_s": ours["cpu_s"],
-        "torch_cpu_s": theirs["cpu_s"],
-        "ours_load": ours["load"],
-        "torch_load": theirs["load"],
-        "ours_compiles": ours["compiles"],
-        "ours_tok_s": tokens / ours["step_s"],
-        "torch_tok_s": tokens / theirs["step_s"],
-        "ratio": theirs["step_s"] / ours["step_s"],
-        "ours_min_step_s": ours["min_step_s"],
-        "torch_min_step_s": theirs["min_step_s"],
-        "ratio_of_min": theirs["min_step_s"] / ours["min_step_s"],
-        "ratio_of_cpu_s": theirs["cpu_step_s"] / ours["cpu_step_s"],
         "flops_per_step": flops,
-        "ours_xla_flops_per_step": ours["xla_flops"],
         "peak_flop_s": peak,
         "torch_matmul_flop_s": torch_peak,
-        "ours_flop_s": flops / ours["step_s"],
-        "torch_flop_s": flops / theirs["step_s"],
-        "ours_losses": ours["losses"],
-        "torch_losses": theirs["losses"],
-        "first_loss_rel_diff": abs(ours["losses"][0] - theirs["losses"][0]) / abs(theirs["losses"][0]),
+        "sides": timed,
+        "pairs": [],
     }
+    for peer in args.peers:
+        ours_name, peer_name, divergence, param, label, loss_label = PAIRS[peer]
+        ours, theirs = timed[ours_name], timed[peer_name]
+        row["pairs"].append(
+            {
+                "peer": peer,
+                "ours_side": ours_name,
+                "peer_side": peer_name,
+                "peer_label": label,
+                "loss": loss_label,
+                "ratio": theirs["step_s"] / ours["step_s"],
+                "ratio_of_min": theirs["min_step_s"] / ours["min_step_s"],
+                "ratio_of_cpu_s": theirs["cpu_step_s"] / ours["cpu_step_s"],
+                "first_loss_rel_diff": abs(ours["losses"][0] - theirs["losses"][0])
+                / abs(theirs["losses"][0]),
+            }
+        )
     if args.breakdown:
         row.update(breakdown(args, t_ours, t_hf, s_config, batch))
     print(json.dumps(row), flush=True)
@@ -385,24 +508,37 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     return [row]
 
 
+def _version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def table(rows: list[dict]) -> str:
-    """Markdown: one line per run; ratios are ours / transformers (above 1: ours is faster), by
-    median wall-clock step time and by median CPU seconds per step (less sensitive to other load)."""
+    """Markdown: one line per comparison; ratios are ours / peer (above 1: ours is faster), by median
+    wall-clock step time and by median CPU seconds per step (less sensitive to other load)."""
     out = [
-        "| teacher / student | batch x seq | ours tok/s | transformers tok/s | ours / transformers "
-        "| by CPU time | ours GFLOP/s | transformers GFLOP/s | matmul peak GFLOP/s "
+        "| peer | loss | teacher / student | batch x seq | ours tok/s | peer tok/s | ours / peer "
+        "| by CPU time | ours GFLOP/s (of peak) | peer GFLOP/s (of peak) | matmul peak GFLOP/s "
         "| first-step loss rel. diff |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        out.append(
-            f"| {r['teacher_params_m']:.1f}M / {r['student_params_m']:.1f}M | {r['batch']} x {r['seq']} "
-            f"| {r['ours_tok_s']:.0f} | {r['torch_tok_s']:.0f} | {r['ratio']:.2f}× "
-            f"| {r['ratio_of_cpu_s']:.2f}× "
-            f"| {r['ours_flop_s'] / 1e9:.1f} ({r['ours_flop_s'] / r['peak_flop_s']:.0%}) "
-            f"| {r['torch_flop_s'] / 1e9:.1f} ({r['torch_flop_s'] / r['peak_flop_s']:.0%}) "
-            f"| {r['peak_flop_s'] / 1e9:.1f} | {r['first_loss_rel_diff']:.1e} |"
-        )
+        for p in r["pairs"]:
+            ours, theirs, peak = r["sides"][p["ours_side"]], r["sides"][p["peer_side"]], r["peak_flop_s"]
+            chunked = f" (ours chunked, {r['chunk_size']})" if r.get("chunk_size") else ""
+            out.append(
+                f"| {p['peer_label']} | {p['loss']}{chunked} "
+                f"| {r['teacher_params_m']:.1f}M / {r['student_params_m']:.1f}M "
+                f"| {r['batch']} x {r['seq']} | {ours['tok_s']:.0f} | {theirs['tok_s']:.0f} "
+                f"| **{p['ratio']:.2f}×** | {p['ratio_of_cpu_s']:.2f}× "
+                f"| {ours['flop_s'] / 1e9:.1f} ({ours['flop_s'] / peak:.0%}) "
+                f"| {theirs['flop_s'] / 1e9:.1f} ({theirs['flop_s'] / peak:.0%}) "
+                f"| {peak / 1e9:.1f} | {p['first_loss_rel_diff']:.1e} |"
+            )
     return "\n".join(out)
 
 
