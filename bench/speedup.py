@@ -1,7 +1,10 @@
 """DistiLLM's efficiency claim on the demo task: wall-clock to reach a target student ROUGE-L, and the final
 ROUGE-L, for DistiLLM's adaptive off-policy (paper mode and overlap mode) against the SGO baselines — GKD
 (λ = 0.5 on-policy, JSD β = 0.1), ImitKD (fresh SGOs into the buffer every step, FKL) and on-policy
-SGOs every step (SRKL) — with the same step budget, the same SFT'd student init and the same teacher.
+SGOs every step (SRKL) — and the paper's other baselines and settings: MiniLLM (policy gradient on the
+reverse KL), DistiLLM-2 (contrastive skew KLs on teacher and student responses generated once) and
+DistiLLM training LoRA adapters (r 16, α 64 on q and v) instead of the whole student — with the same step
+budget, the same SFT'd student init and the same teacher.
 
 The student distils on 500 training rows for 300 steps of 32 (19 epochs, as the paper's 20 on Dolly):
 long enough to overfit, which is when DistiLLM's scheduler turns to SGOs. The target is the best ROUGE-L
@@ -49,9 +52,22 @@ ARMS = {  # name: (paper method, overrides)
     "gkd_onpolicy": ("gkd", {"offpolicy__gkd_lambda": 1.0}),
     "trl_gkd": ("gkd", {"offpolicy__gkd_lambda": 1.0}),  # TRL's GKDTrainer, bench/trl_gkd.py
     "trl_gkd_positions": ("gkd", {"offpolicy__gkd_lambda": 1.0}),  # the same, position ids fixed
+    "minillm": ("minillm", {}),  # policy gradient, rollouts from 0.2·teacher + 0.8·student, 4 PPO epochs
+    "distillm2": ("distillm2", {}),  # contrastive SKL / SRKL on responses generated once by both models
+    "distillm_lora": ("distillm", {"student__lora__rank": 16, "student__lora__alpha": 64.0}),  # q, v
 }
 FAMILY_ARMS = {
-    "t5": ["distillm", "distillm_overlap", "gkd", "imitkd", "onpolicy", "onpolicy_overlap"],
+    "t5": [
+        "distillm",
+        "distillm_overlap",
+        "gkd",
+        "imitkd",
+        "onpolicy",
+        "onpolicy_overlap",
+        "minillm",
+        "distillm2",
+        "distillm_lora",
+    ],
     "gpt2": ["distillm", "gkd", "gkd_onpolicy", "trl_gkd", "trl_gkd_positions"],
 }
 

@@ -15,6 +15,18 @@ def model_spec(path: str = "", dtype: str = "float32") -> ConfigDict:
             "param_dtype": "",  # "" = dtype; the student's params stay float32 for AdamW unless set
             "train_steps": 0,  # > 0 with no path: train the new model by SFT first (teacher, student init)
             "train_lr": 0.0,  # its learning rate then; 0 = optim.lr
+            # LoRA (rank > 0): train adapters on frozen base weights; the optimizer holds adapters only.
+            # The paper's OpenLLaMA setting: rank 16, alpha 64, dropout 0.1. Exports are merged HF
+            # checkpoints; peft=True also writes the adapters in PEFT's layout to <export>/adapter.
+            "lora": ConfigDict(
+                {
+                    "rank": 0,
+                    "alpha": 16.0,
+                    "dropout": 0.0,
+                    "targets": ("q", "v"),  # of q k v o (attention), gate up down (MLP)
+                    "peft": False,
+                }
+            ),
         }
     )
 
@@ -25,7 +37,8 @@ def get_config() -> ConfigDict:
     c.seed = 0
     c.resume = False  # continue the run in run_dir from its latest complete checkpoint
     # sft (CE only) | kd (loss.name on ground truth) | seqkd (on teacher outputs) | distillm (adaptive
-    # SGOs + replay) | imitkd | gkd | onpolicy (SGO baselines; configs/paper.py sets each one's loss)
+    # SGOs + replay) | imitkd | gkd | onpolicy (SGO baselines; configs/paper.py sets each one's loss) |
+    # minillm (policy gradient on reverse KL) | distillm2 (contrastive, on teacher and student outputs)
     c.method = "kd"
     c.compare_sft = False  # also train an SFT student of the same size and steps, and compare
 
@@ -90,6 +103,14 @@ def get_config() -> ConfigDict:
     c.offpolicy.max_new_tokens = 0  # 0 = max_length - max_prompt_length
     c.offpolicy.overlap = False  # generate SGOs ahead, on params up to max_staleness updates old
     c.offpolicy.max_staleness = 2
+
+    c.minillm = ConfigDict()  # method minillm (PAPER.md §3); lm loss: loss.lm_coef; sampling: offpolicy.*
+    c.minillm.mix_alpha = 0.2  # rollouts sampled from mix_alpha·teacher + (1 − mix_alpha)·student
+    c.minillm.ppo_epochs = 4  # optimizer steps on each rollout batch
+    c.minillm.clip = 0.2  # PPO ratio clipping
+
+    c.distillm2 = ConfigDict()  # method distillm2 (PAPER.md §5): teacher outputs as seqkd.*, student
+    c.distillm2.beta = 1.0  # outputs sampled once by the initial student as offpolicy.*; (2−β)·SKL + β·SRKL
 
     c.seqkd = ConfigDict()
     c.seqkd.temperature = 1.0  # teacher sampling for SeqKD's responses; 0 = greedy

@@ -1,7 +1,10 @@
-"""OpenLLaMA2-7B -> OpenLLaMA2-3B on Dolly-15K with DistiLLM's skew reverse KL. The paper fine-tunes the
-3B student with LoRA (r 16, alpha 64); this config trains it fully (no LoRA yet) at the OPT rate 5e-5 for
-10 epochs (the paper states neither for LLaMA). Check that the hub checkpoints ship safetensors (convert
-``.bin`` ones first). ``:tiny``: tiny random Llamas on a 24-row local sample of Dolly."""
+"""OpenLLaMA2-7B -> OpenLLaMA2-3B on Dolly-15K with DistiLLM's skew reverse KL. As in the paper, the 3B
+student trains as LoRA adapters (r 16, alpha 64, dropout 0.1, on q and v) over its frozen weights; exports
+are merged HF checkpoints with the adapters also in PEFT's layout (``<export>/adapter``). The learning rate
+is the OPT rate 5e-5 for 10 epochs (the paper states neither for LLaMA). The paper's teacher is an SFT'd
+7B; to SFT it as LoRA adapters too, run ``method=sft`` with its spec as the student and
+``student.lora.rank=16``. Check that the hub checkpoints ship safetensors (convert ``.bin`` ones first).
+``:tiny``: tiny random Llamas (LoRA as well) on a 24-row local sample of Dolly."""
 
 from ml_collections import ConfigDict
 
@@ -12,4 +15,6 @@ def get_config(arg: str = "") -> ConfigDict:
     teacher, student = "openlm-research/open_llama_7b_v2", "openlm-research/open_llama_3b_v2"
     c = paper.distillm(base.get_config(), "openllama_dolly", teacher, student, lr=5e-5, epochs=10)
     paper.dolly(c)
+    lo = c.student.lora
+    lo.rank, lo.alpha, lo.dropout, lo.targets, lo.peft = 16, 64.0, 0.1, ("q", "v"), True
     return tiny.variant(c, arg, "openllama_dolly", teacher=tiny.llama(64, 2, 4), student=tiny.llama(32, 1, 2))

@@ -18,6 +18,10 @@ METHODS = {
     "imitkd": ("fkl", {}),
     "gkd": ("jsd", {"beta": 0.1}),  # with probability offpolicy.gkd_lambda = 0.5 on fresh SGOs
     "onpolicy": ("srkl", {"alpha": 0.1}),
+    # Not a divergence on batches: the policy gradient of the reverse KL (val_rkl is what it lowers).
+    "minillm": ("rkl", {}),
+    # (2 − β)·SKL on teacher outputs + β·SRKL on student outputs, both with this alpha; val_sfkl reported.
+    "distillm2": ("sfkl", {"alpha": 0.1}),
 }
 
 
@@ -28,6 +32,10 @@ def method(c: ConfigDict, name: str) -> ConfigDict:
     for key, value in params.items():
         c.loss[key] = value
     c.run_dir = c.run_dir if name == "distillm" else f"{c.run_dir}_{name}"
+    if name in ("minillm", "distillm2"):  # their losses have no chunked form
+        c.loss.chunk_size = 0
+    if name == "minillm":  # PPO epochs train on whole rollout batches
+        c.optim.grad_accum = 1
     return c
 
 

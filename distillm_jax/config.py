@@ -13,7 +13,8 @@ from ml_collections import ConfigDict
 from distillm_jax import losses, offpolicy
 from distillm_jax.data import tasks
 
-METHODS = ("sft", "kd", "seqkd", *offpolicy.METHODS)
+METHODS = ("sft", "kd", "seqkd", *offpolicy.METHODS, "minillm", "distillm2")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 DTYPES = ("float32", "bfloat16")
 BASE = Path(__file__).resolve().parents[1] / "configs" / "base.py"
 
@@ -114,6 +115,7 @@ def check(config: ConfigDict) -> None:
     if config.eval.temperature < 0 or not 0 < config.eval.top_p <= 1:
         raise ConfigError("eval.temperature must be >= 0 and eval.top_p in (0, 1]")
     _check_offpolicy(config)
+    _check_methods(config)
     d = config.distributed
     if d.coordinator and (":" not in d.coordinator or not 0 <= d.process_id < d.num_processes):
         raise ConfigError(
@@ -146,6 +148,31 @@ def _check_offpolicy(config: ConfigDict) -> None:
         raise ConfigError(
             f"offpolicy.capacity ({o.capacity}) must hold at least one micro-batch ({micro} rows)"
         )
+
+
+def _check_methods(config: ConfigDict) -> None:
+    """The settings of minillm, distillm2 and LoRA."""
+    m, method = config.minillm, config.method
+    if not 0.0 <= m.mix_alpha <= 1.0 or m.ppo_epochs < 1 or not 0.0 < m.clip < 1.0:
+        raise ConfigError(
+            "minillm: need mix_alpha in [0, 1], ppo_epochs >= 1 and clip in (0, 1), got "
+            f"{m.mix_alpha}, {m.ppo_epochs}, {m.clip}"
+        )
+    if not 0.0 <= config.distillm2.beta <= 2.0:
+        raise ConfigError(f"distillm2.beta must be in [0, 2], got {config.distillm2.beta}")
+    if method in ("minillm", "distillm2") and config.loss.chunk_size:
+        raise ConfigError(f"method {method} has no chunked loss; set loss.chunk_size=0")
+    if method == "minillm" and config.optim.grad_accum != 1:
+        raise ConfigError("method minillm trains whole rollout batches: set optim.grad_accum=1")
+    for role in ("teacher", "student"):
+        lo = config[role].lora
+        bad = sorted(set(lo.targets) - set(LORA_TARGETS))
+        if lo.rank < 0 or lo.alpha <= 0 or not 0.0 <= lo.dropout < 1.0 or bad or not lo.targets:
+            raise ConfigError(
+                f"{role}.lora: need rank >= 0, alpha > 0, dropout in [0, 1) and targets among "
+                f"{', '.join(LORA_TARGETS)}; got rank {lo.rank}, alpha {lo.alpha}, dropout {lo.dropout}, "
+                f"targets {tuple(lo.targets)}"
+            )
 
 
 def loss_params(config: ConfigDict) -> dict[str, float]:

@@ -6,6 +6,10 @@ over. The loop stops as soon as every row has produced its EOS. Decoder-only pro
 either side: rows are left-aligned first, and positions count real tokens only, so a padded row generates
 what it would alone. Encoder-decoder models run the encoder once; the decoder caches cross-attention keys
 and values.
+
+MiniLLM draws its rollouts from a teacher-student mixture: with ``mix_model`` the teacher runs in
+lockstep with the student in the same loop (each with its own cache, both fed every drawn token), and
+each token comes from ``mix_alpha * p_teacher + (1 - mix_alpha) * q_student``.
 """
 
 from __future__ import annotations
@@ -75,34 +79,64 @@ def _left_align(ids: Array, mask: Array) -> tuple[Array, Array]:
     return jnp.take_along_axis(ids, order, axis=1), jnp.take_along_axis(mask, order, axis=1)
 
 
+def _mix(student: Array, teacher: Array, alpha: Array) -> Array:
+    """log(alpha * softmax(teacher) + (1 - alpha) * softmax(student)), formed in log space so that
+    alpha = 0 or 1 reproduces one model exactly and -inf (filtered, banned) entries stay -inf."""
+    return jnp.logaddexp(
+        jnp.log(alpha) + jax.nn.log_softmax(teacher), jnp.log1p(-alpha) + jax.nn.log_softmax(student)
+    )
+
+
 @functools.lru_cache(maxsize=64)
-def _compiled(graphdef, encoder_decoder: bool, settings: tuple, rows: jax.sharding.Sharding | None):
-    """The jitted generation function for one model graph and one set of static settings; its outputs
-    keep the prompts' row sharding ``rows`` (each host then reads the rows it fed, no all-gather)."""
+def _compiled(
+    graphdef,
+    encoder_decoder: bool,
+    settings: tuple,
+    rows: jax.sharding.Sharding | None,
+    mix_graphdef=None,
+):
+    """The jitted generation function for one model graph (and mixer graph, if any) and one set of
+    static settings; its outputs keep the prompts' row sharding ``rows`` (each host then reads the rows
+    it fed, no all-gather). The mixer's state and alpha are arguments, so one compilation serves every
+    alpha and every teacher checkpoint of that graph."""
     n_new, temperature, top_k, top_p, eos, pad, ngram, start = settings
     greedy = temperature == 0.0
 
-    def run(state, prompt_ids, prompt_mask, rng):
-        model = nnx.merge(graphdef, state)
-        b, p = prompt_ids.shape
-        head = model.head()
+    def advance(net, ids, kv_valid, positions, cache, index):
+        """``ids`` through one model's decoder into cache slots from ``index`` (T5 takes positions
+        from the slots)."""
         if encoder_decoder:
-            enc = model.encode(prompt_ids, prompt_mask)
-            slots = n_new + 1
-            cache = model.init_cache(b, slots, enc, prompt_mask)
+            return net.hidden(ids, kv_valid, None, None, cache=cache, cache_index=index)
+        return net.hidden(ids, kv_valid, positions=positions, cache=cache, cache_index=index)
+
+    def new_cache(net, prompt_ids, prompt_mask, b, slots):
+        """One model's empty cache; encoder-decoder models encode the prompt into it, once."""
+        if encoder_decoder:
+            return net.init_cache(b, slots, net.encode(prompt_ids, prompt_mask), prompt_mask)
+        return net.init_cache(b, slots)
+
+    def run(state, prompt_ids, prompt_mask, rng, mixer=None):
+        nets = [nnx.merge(graphdef, state)]
+        if mixer is not None:
+            nets.append(nnx.merge(mix_graphdef, mixer[0]))
+        b, p = prompt_ids.shape
+        heads = [net.head() for net in nets]
+        if not encoder_decoder:
+            prompt_ids, prompt_mask = _left_align(prompt_ids, prompt_mask)
+        slots = n_new + 1 if encoder_decoder else p + n_new
+        caches = [new_cache(net, prompt_ids, prompt_mask, b, slots) for net in nets]
+        if encoder_decoder:  # prefill the decoder's start token
             seq = jnp.full((b, slots), pad, jnp.int32).at[:, 0].set(start)
             kv_valid = jnp.zeros((b, slots), jnp.int32).at[:, 0].set(1)
-            h, cache = model.hidden(seq[:, :1], kv_valid, None, None, cache=cache, cache_index=0)
-            offset = 1  # sequence slot of generated token i
-        else:
-            prompt_ids, prompt_mask = _left_align(prompt_ids, prompt_mask)
-            slots = p + n_new
-            cache = model.init_cache(b, slots)
+            first, positions, offset = seq[:, :1], None, 1  # generated token i goes to slot offset + i
+        else:  # prefill the prompt
             seq = jnp.full((b, slots), pad, jnp.int32).at[:, :p].set(prompt_ids)
             kv_valid = jnp.zeros((b, slots), jnp.int32).at[:, :p].set(prompt_mask)
-            positions = L.default_positions(prompt_mask)
-            h, cache = model.hidden(prompt_ids, kv_valid, positions=positions, cache=cache, cache_index=0)
-            offset = p
+            first, positions, offset = prompt_ids, L.default_positions(prompt_mask), p
+        hs, caches = zip(
+            *(advance(net, first, kv_valid, positions, c, 0) for net, c in zip(nets, caches, strict=True)),
+            strict=True,
+        )
         lengths = jnp.sum(prompt_mask != 0, axis=1).astype(jnp.int32)  # next position of each row
 
         def cond(carry):
@@ -110,15 +144,21 @@ def _compiled(graphdef, encoder_decoder: bool, settings: tuple, rows: jax.shardi
             return (i < n_new) & ~jnp.all(done)
 
         def body(carry):
-            i, cache, seq, kv_valid, last, done, out_mask, rng = carry
-            logits = L.logits(last, head)[:, -1]
+            i, caches, seq, kv_valid, lasts, done, out_mask, rng = carry
+            logits = [L.logits(last, head)[:, -1] for last, head in zip(lasts, heads, strict=True)]
+            if mixer is not None:  # padded vocabularies may differ: keep the entries both have
+                v = min(x.shape[-1] for x in logits)
+                logits = [x[:, :v] for x in logits]
             if ngram > 0:
-                logits = _ban_repeated_ngrams(logits, seq, offset + i, ngram)
-            if greedy:
-                token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            else:
+                logits = [_ban_repeated_ngrams(x, seq, offset + i, ngram) for x in logits]
+            if not greedy:
                 rng, key = jax.random.split(rng)
-                token = _sample(key, _filter(logits, temperature, top_k, top_p)).astype(jnp.int32)
+                logits = [_filter(x, temperature, top_k, top_p) for x in logits]
+            scores = logits[0] if mixer is None else _mix(logits[0], logits[1], mixer[1])
+            if greedy:
+                token = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+            else:
+                token = _sample(key, scores).astype(jnp.int32)
             token = jnp.where(done, pad, token)
             out_mask = out_mask.at[:, i].set(~done)
             done = done | (token == eos) if eos is not None else done
@@ -126,23 +166,20 @@ def _compiled(graphdef, encoder_decoder: bool, settings: tuple, rows: jax.shardi
             kv_valid = jax.lax.dynamic_update_slice_in_dim(
                 kv_valid, jnp.ones((b, 1), jnp.int32), offset + i, 1
             )
-            if encoder_decoder:
-                h, cache = model.hidden(
-                    token[:, None], kv_valid, None, None, cache=cache, cache_index=offset + i
-                )
-            else:
-                pos = (lengths + i)[:, None]
-                h, cache = model.hidden(
-                    token[:, None], kv_valid, positions=pos, cache=cache, cache_index=offset + i
-                )
-            return i + 1, cache, seq, kv_valid, h, done, out_mask, rng
+            pos = None if encoder_decoder else (lengths + i)[:, None]
+            stepped = [
+                advance(net, token[:, None], kv_valid, pos, cache, offset + i)
+                for net, cache in zip(nets, caches, strict=True)
+            ]
+            lasts, caches = zip(*stepped, strict=True)
+            return i + 1, caches, seq, kv_valid, lasts, done, out_mask, rng
 
         init = (
             jnp.int32(0),
-            cache,
+            caches,
             seq,
             kv_valid,
-            h[:, -1:],
+            tuple(h[:, -1:] for h in hs),
             jnp.zeros((b,), bool),
             jnp.zeros((b, n_new), bool),
             rng,
@@ -185,6 +222,8 @@ def generate(
     pad_token_id: int | None = None,
     no_repeat_ngram_size: int = 0,
     max_prompt_length: int | None = None,
+    mix_model: nnx.Module | None = None,
+    mix_alpha: float = 0.0,
 ) -> tuple[Array, Array]:
     """Generate ``max_new_tokens`` tokens after each prompt.
 
@@ -197,6 +236,10 @@ def generate(
       eos_token_id, pad_token_id: default to the model's config; rows stop at their first EOS.
       no_repeat_ngram_size: forbid repeating any n-gram of the sequence so far (0 = off).
       max_prompt_length: the configured prompt length, if any: longer prompts are an error.
+      mix_model, mix_alpha: MiniLLM's teacher-mixed sampling. With a mixer (the teacher, of the same
+        kind as ``model``) every token is drawn from ``mix_alpha * p_mixer + (1 - mix_alpha) * q_model``,
+        each filtered as above (no_repeat_ngram bans a token in both), over the vocabulary entries
+        both have; greedy takes the mixture's argmax. Both run in one loop, each with its own cache.
     Returns:
       ``tokens [B, max_new_tokens]`` (pad after a row's EOS) and ``mask [B, max_new_tokens]``, True for
       the generated tokens up to and including the first EOS.
@@ -217,15 +260,26 @@ def generate(
             f"generate: temperature, top_k and no_repeat_ngram_size must be >= 0, got "
             f"{temperature}, {top_k}, {no_repeat_ngram_size}"
         )
+    if not 0.0 <= mix_alpha <= 1.0:
+        raise ValueError(f"generate: mix_alpha must be in [0, 1], got {mix_alpha}")
+    if mix_alpha and mix_model is None:
+        raise ValueError(f"generate: mix_alpha {mix_alpha} needs a mix_model to mix with")
+    encoder_decoder = hasattr(model, "encode")
+    if mix_model is not None and hasattr(mix_model, "encode") != encoder_decoder:
+        kinds = ("decoder-only", "encoder-decoder")
+        raise ValueError(
+            f"generate: mix_model is {kinds[not encoder_decoder]} but model is {kinds[encoder_decoder]}; "
+            "both must be the same kind"
+        )
     if temperature > 0 and rng is None:
         raise ValueError("generate: sampling (temperature > 0) needs rng, e.g. jax.random.key(0)")
-    encoder_decoder = hasattr(model, "encode")
-    limit = _config_value(model, "n_positions", "max_position_embeddings")
-    if not encoder_decoder and limit is not None and p + max_new_tokens > limit:
-        raise ValueError(
-            f"generate: prompt length {p} + max_new_tokens {max_new_tokens} exceeds the model's "
-            f"{limit} positions"
-        )
+    for net, which in ((model, "model"), (mix_model, "mix_model")):
+        limit = None if net is None else _config_value(net, "n_positions", "max_position_embeddings")
+        if not encoder_decoder and limit is not None and p + max_new_tokens > limit:
+            raise ValueError(
+                f"generate: prompt length {p} + max_new_tokens {max_new_tokens} exceeds the {which}'s "
+                f"{limit} positions"
+            )
     eos = eos_token_id if eos_token_id is not None else _config_value(model, "eos_token_id")
     pad = pad_token_id if pad_token_id is not None else _config_value(model, "pad_token_id")
     pad = pad if pad is not None else (eos if eos is not None else 0)
@@ -242,12 +296,17 @@ def generate(
         start,
     )
     graphdef, state = nnx.split(model)
+    mix_graphdef, mixer = None, None
+    if mix_model is not None:
+        mix_graphdef, mix_state = nnx.split(mix_model)
+        mixer = (mix_state, jnp.float32(mix_alpha))
     ids, mask = jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32)
-    mesh, rows = _mesh_of(state), None
+    mesh, rows = _mesh_of((state, mixer)), None
     if mesh is not None:  # rows over the data axes when they divide evenly, else replicated
         rows = shd.batch_sharding(mesh)
         if b % (mesh.shape["data"] * mesh.shape["fsdp"]):
             rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         ids, mask = (jax.device_put(x, rows) for x in (ids, mask))
     rng = jax.random.key(0) if rng is None else rng
-    return _compiled(graphdef, encoder_decoder, settings, rows)(state, ids, mask, rng)
+    fn = _compiled(graphdef, encoder_decoder, settings, rows, mix_graphdef)
+    return fn(state, ids, mask, rng, mixer)

@@ -238,10 +238,67 @@ def cross_entropy(logits: Array, labels: Array, mask: Array) -> Array:
             f"cross_entropy: labels {lab} and mask {m} must both be the logits' shape without vocab, "
             f"{s[:-1]} (logits {s})"
         )
+    return masked_mean(-label_log_probs(logits, labels, mask), mask)
+
+
+def label_log_probs(logits: Array, labels: Array, mask: Array) -> Array:
+    """float32 ``log softmax(logits)[label]`` per position ``[...]``; 0 where ``mask`` is 0 (labels
+    there are never gathered from)."""
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     safe_labels = jnp.where(mask != 0, labels, 0).astype(jnp.int32)
-    nll = -jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
-    return masked_mean(nll, mask)
+    picked = jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
+    return jnp.where(mask != 0, picked, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# DistiLLM-2 (PAPER.md §5): a contrastive pair of skew KLs, one on the teacher's responses and one on the
+# student's own responses to the same prompts, each reduced per sequence.
+
+
+def sequence_mean(values: Array, mask: Array) -> Array:
+    """Mean over sequences of each sequence's mean over its masked positions (``[B, T]`` inputs); rows
+    without a masked position (batch padding) do not count."""
+    keep = mask != 0
+    counts = jnp.sum(keep, axis=-1)
+    per_row = jnp.sum(jnp.where(keep, values, 0.0), axis=-1) / jnp.maximum(counts, 1)
+    rows = counts > 0
+    return jnp.sum(jnp.where(rows, per_row, 0.0)) / jnp.maximum(jnp.sum(rows), 1).astype(jnp.float32)
+
+
+def _srkl_detached_mix(ls: Array, lt: Array, valid: Array, alpha: float) -> Array:
+    """KL(q ‖ (1−α) p + α sg(q)): the student inside the mixture is a constant, so the gradient only
+    pushes q towards the mixture, not the mixture towards q."""
+    return _kl(ls, _log_mix(lt, jax.lax.stop_gradient(ls), 1.0 - alpha), valid)
+
+
+def distillm2(
+    student_logits_tgo: Array,
+    teacher_logits_tgo: Array,
+    mask_tgo: Array,
+    student_logits_sgo: Array,
+    teacher_logits_sgo: Array,
+    mask_sgo: Array,
+    *,
+    alpha: float = 0.1,
+    beta: float = 1.0,
+) -> tuple[Array, dict[str, Array]]:
+    """DistiLLM-2's contrastive loss ``(2 − β)·SKL(teacher outputs) + β·SRKL(student outputs)``.
+
+    SKL = KL(p ‖ α p + (1−α) q) on the teacher-generated responses (``*_tgo``, ``[B, T, V]`` logits and
+    ``[B, T]`` mask), SRKL = KL(q ‖ (1−α) p + α sg(q)) on the student-generated ones (``*_sgo``), the
+    student stop-gradiented inside the SRKL mixture; mixtures in log space; each term a per-sequence
+    mean of per-token values. Returns the loss and its two terms.
+    """
+    for name, value, hi in (("alpha", alpha, 1.0), ("beta", beta, 2.0)):
+        if not isinstance(value, Real) or not 0.0 <= float(value) <= hi:
+            raise ValueError(f"distillm2: {name} must be a number in [0, {hi:g}], got {value!r}")
+    _check_logits("distillm2 (teacher outputs)", student_logits_tgo, teacher_logits_tgo, jnp.shape(mask_tgo))
+    _check_logits("distillm2 (student outputs)", student_logits_sgo, teacher_logits_sgo, jnp.shape(mask_sgo))
+    skl = _token_values(_REGISTRY["sfkl"], {"alpha": alpha}, student_logits_tgo, teacher_logits_tgo)
+    ls, lt, valid = _safe_log_probs(student_logits_sgo, teacher_logits_sgo)
+    srkl_ = jnp.maximum(_srkl_detached_mix(ls, lt, valid, alpha), 0.0)
+    skl, srkl_ = sequence_mean(skl, mask_tgo), sequence_mean(srkl_, mask_sgo)
+    return (2.0 - beta) * skl + beta * srkl_, {"skl_tgo": skl, "srkl_sgo": srkl_}
 
 
 # ---------------------------------------------------------------------------------------------------

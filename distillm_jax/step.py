@@ -20,10 +20,11 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from distillm_jax import losses
+from distillm_jax import lora, losses, minillm
 from distillm_jax.models import layers
 
 TRAINING_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels")
+OBJECTIVES = ("distill", "distillm2", "minillm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,9 +34,21 @@ class LossConfig:
     params: tuple = ()  # the divergence's parameters, e.g. (("alpha", 0.1),)
     lm_coef: float = 0.0  # weight of the plain LM loss on batch["lm"]
     chunk_size: int = 0  # > 0: the chunked large-vocabulary form, this many positions per chunk
+    # What a training batch is scored by: "distill" (CE and the divergence), "distillm2" (the contrastive
+    # loss on batch = teacher outputs and batch["sgo"] = student outputs, ``alpha`` from params) or
+    # "minillm" (policy gradient on a rollout batch carrying "old_logp" and "teacher_logp"). Evaluation
+    # batches (ground truth) are always scored by CE and the divergence.
+    objective: str = "distill"
+    distillm2_beta: float = 1.0  # (2 − β)·SKL + β·SRKL
+    mix_alpha: float = 0.2  # minillm: the teacher's share of the sampling mixture
+    clip: float = 0.2  # minillm: PPO ratio clipping
 
     def __post_init__(self):
         losses.validate(self.divergence, **dict(self.params))
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective != "distill" and self.chunk_size:
+            raise ValueError(f"the {self.objective} objective has no chunked form; set chunk_size to 0")
         if not 0.0 <= self.kd_ratio <= 1.0:
             raise ValueError(f"kd_ratio must be in [0, 1], got {self.kd_ratio}")
         if self.lm_coef < 0 or self.chunk_size < 0:
@@ -60,12 +73,76 @@ def _ce(h: jax.Array, head: jax.Array, batch: dict, chunk: int) -> jax.Array:
     return losses.cross_entropy(layers.logits(h, head), batch["labels"], batch["loss_mask"])
 
 
+def _both_logits(student: nnx.Module, teacher: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """Student and (stop-gradient) teacher logits [B, T, V] over the vocabulary rows both have."""
+    hs, ws = hidden_and_head(student, batch)
+    ht, wt = jax.lax.stop_gradient(hidden_and_head(teacher, batch))
+    v = min(ws.shape[-1], wt.shape[-1])
+    return layers.logits(hs, ws[:, :v]), layers.logits(ht, wt[:, :v])
+
+
+def _distillm2_loss(student, teacher, batch: dict, cfg: LossConfig) -> tuple[jax.Array, dict]:
+    s_tgo, t_tgo = _both_logits(student, teacher, batch)
+    s_sgo, t_sgo = _both_logits(student, teacher, batch["sgo"])
+    loss, parts = losses.distillm2(
+        s_tgo,
+        t_tgo,
+        batch["loss_mask"],
+        s_sgo,
+        t_sgo,
+        batch["sgo"]["loss_mask"],
+        alpha=dict(cfg.params).get("alpha", 0.1),
+        beta=cfg.distillm2_beta,
+    )
+    ce = losses.cross_entropy(jax.lax.stop_gradient(s_tgo), batch["labels"], batch["loss_mask"])
+    return loss, {"ce": ce, **parts}
+
+
+def _minillm_loss(student, teacher, batch: dict, cfg: LossConfig) -> tuple[jax.Array, dict]:
+    s_logits, t_logits = _both_logits(student, teacher, batch)
+    return minillm.loss(
+        s_logits,
+        t_logits,
+        batch["labels"],
+        batch["loss_mask"],
+        batch["old_logp"],
+        batch["teacher_logp"],
+        mix_alpha=cfg.mix_alpha,
+        clip=cfg.clip,
+    )
+
+
+def label_log_probs(student: nnx.Module, teacher: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """log q and log p of every label [B, T] (0 off the loss mask): how MiniLLM scores a rollout once,
+    with the same forward pass (and vocabulary rows) its loss uses."""
+    s_logits, t_logits = _both_logits(student, teacher, batch)
+    labels, mask = batch["labels"], batch["loss_mask"]
+    return losses.label_log_probs(s_logits, labels, mask), losses.label_log_probs(t_logits, labels, mask)
+
+
 def distill_loss(
     student: nnx.Module, teacher: nnx.Module | None, batch: dict, cfg: LossConfig
 ) -> tuple[jax.Array, dict]:
     """The step's loss and its parts. With ``kd_ratio == 0`` the teacher is not run at all; with
     ``kd_ratio == 1`` CE is only reported (no gradient flows through it). The student's logits are
-    computed once for both CE and the divergence."""
+    computed once for both CE and the divergence. A DistiLLM-2 batch (with ``"sgo"``) or a MiniLLM
+    rollout batch (with ``"old_logp"``) is scored by its objective instead (``cfg.objective``)."""
+    if cfg.objective == "distillm2" and "sgo" in batch:
+        loss, metrics = _distillm2_loss(student, teacher, batch, cfg)
+    elif cfg.objective == "minillm" and "old_logp" in batch:
+        loss, metrics = _minillm_loss(student, teacher, batch, cfg)
+    else:
+        loss, metrics = _distill_loss(student, teacher, batch, cfg)
+    if cfg.lm_coef > 0.0:
+        lm = _ce(*hidden_and_head(student, batch["lm"]), batch["lm"], cfg.chunk_size)
+        metrics["lm"] = lm
+        loss = loss + cfg.lm_coef * lm
+    return loss, metrics
+
+
+def _distill_loss(
+    student: nnx.Module, teacher: nnx.Module | None, batch: dict, cfg: LossConfig
+) -> tuple[jax.Array, dict]:
     hs, ws = hidden_and_head(student, batch)
     labels, mask = batch["labels"], batch["loss_mask"]
     ce_only_reported = cfg.kd_ratio == 1.0
@@ -91,10 +168,6 @@ def distill_loss(
             d = losses.divergence(cfg.divergence, s_logits[..., :v], t_logits, mask, **kw)
         metrics[cfg.divergence] = d
         loss = d if ce_only_reported else (1.0 - cfg.kd_ratio) * ce + cfg.kd_ratio * d
-    if cfg.lm_coef > 0.0:
-        lm = _ce(*hidden_and_head(student, batch["lm"]), batch["lm"], cfg.chunk_size)
-        metrics["lm"] = lm
-        loss = loss + cfg.lm_coef * lm
     return loss, metrics
 
 
@@ -140,24 +213,53 @@ def init_opt_state(tx: optax.GradientTransformation, params: nnx.State) -> optax
     return _like_params(tx.init(params), params)
 
 
+def split_student(student: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graph, trainable, frozen) of a student: its params, or only its LoRA adapters when it has them
+    (then the base weights are frozen). The frozen part is passed to every jitted step as an argument,
+    never closed over (a closed-over array would be baked into the program as a constant)."""
+    trainable = lora.TRAINABLE if lora.has_adapters(student) else nnx.Param
+    return nnx.split(student, trainable, ...)
+
+
+class TrainStep:
+    """``step(params, opt_state, teacher_state, batch, rng=None) -> (params, opt_state, metrics)``: the
+    jitted train step with the student's frozen part bound. ``rng`` (a key) turns on LoRA dropout for the
+    call; ``lower`` and ``_cache_size`` reach the jitted function (benchmarks, memory planning)."""
+
+    def __init__(self, jitted: Callable, frozen: nnx.State):
+        self.jitted, self.frozen = jitted, frozen
+
+    def __call__(self, params, opt_state, teacher_state, batch, rng=None):
+        return self.jitted(params, opt_state, self.frozen, teacher_state, batch, rng)
+
+    def lower(self, params, opt_state, teacher_state, batch, rng=None):
+        return self.jitted.lower(params, opt_state, self.frozen, teacher_state, batch, rng)
+
+    def _cache_size(self) -> int:
+        return self.jitted._cache_size()
+
+
 def make_train_step(
     student: nnx.Module, teacher: nnx.Module | None, tx: optax.GradientTransformation, cfg: LossConfig
-) -> tuple[Callable, nnx.State, optax.OptState]:
+) -> tuple[TrainStep, nnx.State, optax.OptState]:
     """The jitted step and its initial (params, optimizer state).
 
     ``step(params, opt_state, teacher_state, batch) -> (params, opt_state, metrics)``; params and
     optimizer state keep the shardings they were created with and are donated: after the first step the
     ``student`` module's own arrays are consumed, so work from the returned params (``nnx.merge`` them
-    with the student's graph to evaluate or export).
+    with the student's graph and frozen part, ``split_student``, to evaluate or export). For a student
+    with LoRA adapters, params (and the optimizer state) are the adapters only.
     """
-    s_graph, params, s_rest = nnx.split(student, nnx.Param, ...)
+    s_graph, params, frozen = split_student(student)
     t_graph = None if teacher is None else nnx.graphdef(teacher)
     params = _like_params(params, params)
     opt_state = init_opt_state(tx, params)
 
-    def step(params, opt_state, teacher_state, batch):
+    def step(params, opt_state, frozen, teacher_state, batch, rng):
         def loss_fn(p):
-            model = nnx.merge(s_graph, p, s_rest)
+            model = nnx.merge(s_graph, p, frozen)
+            if rng is not None:
+                lora.set_dropout_key(model, rng)
             t_model = None if t_graph is None else nnx.merge(t_graph, teacher_state)
             return distill_loss(model, t_model, batch, cfg)
 
@@ -169,22 +271,36 @@ def make_train_step(
 
     shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
     jitted = jax.jit(step, donate_argnums=(0, 1), out_shardings=(*shardings, None))
-    return jitted, params, opt_state
+    return TrainStep(jitted, frozen), params, opt_state
 
 
 def make_eval_step(student: nnx.Module, teacher: nnx.Module | None, cfg: LossConfig) -> Callable:
     """``eval_step(params, teacher_state, batch) -> {"ce_sum", "tokens"[, divergence + "_sum"]}``: sums
     over the batch's target tokens, so that a validation set split into batches gives the exact
     token-level mean (sum of sums / sum of tokens)."""
-    s_graph, _, s_rest = nnx.split(student, nnx.Param, ...)
+    s_graph, _, frozen = split_student(student)
     t_graph = None if teacher is None else nnx.graphdef(teacher)
     cfg = dataclasses.replace(cfg, lm_coef=0.0)
 
-    def step(params, teacher_state, batch):
-        model = nnx.merge(s_graph, params, s_rest)
+    @jax.jit
+    def step(params, frozen, teacher_state, batch):
+        model = nnx.merge(s_graph, params, frozen)
         t_model = None if t_graph is None else nnx.merge(t_graph, teacher_state)
         _, metrics = distill_loss(model, t_model, batch, cfg)
         tokens = jnp.sum(batch["loss_mask"] != 0).astype(jnp.float32)
         return {"tokens": tokens, **{f"{k}_sum": v * tokens for k, v in metrics.items()}}
 
-    return jax.jit(step)
+    return lambda params, teacher_state, batch: step(params, frozen, teacher_state, batch)
+
+
+def make_score_step(student: nnx.Module, teacher: nnx.Module) -> Callable:
+    """``score(params, teacher_state, batch) -> (log q, log p)`` of the batch's labels [B, T]."""
+    s_graph, _, frozen = split_student(student)
+    t_graph = nnx.graphdef(teacher)
+
+    @jax.jit
+    def score(params, frozen, teacher_state, batch):
+        model = nnx.merge(s_graph, params, frozen)
+        return label_log_probs(model, nnx.merge(t_graph, teacher_state), batch)
+
+    return lambda params, teacher_state, batch: score(params, frozen, teacher_state, batch)

@@ -32,6 +32,8 @@ from distillm_jax import (
     distributed,
     evaluation,
     generate,
+    lora,
+    minillm,
     models,
     offpolicy,
     planner,
@@ -54,9 +56,16 @@ def build_model(spec: ConfigDict, mesh, *, trainable: bool) -> nnx.Module:
     dtype = jnp.dtype(spec.dtype)
     param_dtype = jnp.dtype(spec.param_dtype or ("float32" if trainable else spec.dtype))
     if spec.path:
-        return models.from_pretrained(spec.path, dtype=dtype, mesh=mesh, param_dtype=param_dtype)
-    hf = planner.hf_config(spec)  # from spec.config
-    return models.create(hf, dtype=dtype, param_dtype=param_dtype, mesh=mesh, seed=spec.seed)
+        model = models.from_pretrained(spec.path, dtype=dtype, mesh=mesh, param_dtype=param_dtype)
+    else:
+        hf = planner.hf_config(spec)  # from spec.config
+        model = models.create(hf, dtype=dtype, param_dtype=param_dtype, mesh=mesh, seed=spec.seed)
+    lo = spec.lora
+    if trainable and lo.rank:  # adapters on the frozen weights (kept in the param dtype they load in)
+        lora.apply(
+            model, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=tuple(lo.targets), seed=spec.seed
+        )
+    return model
 
 
 class Run:
@@ -97,6 +106,7 @@ class Run:
         self.student = build_model(c.student, self.mesh, trainable=True)
         self.enc_dec = hasattr(self.student, "encode")
         self.start_id = self.student.hf_config.get("decoder_start_token_id") or 0
+        self.student_lora_dropout = bool(c.student.lora.rank and c.student.lora.dropout)
         self._check_vocab(self.student, "student")
         if c.loss.lm_coef > 0 and self.enc_dec:
             raise cfglib.ConfigError("loss.lm_coef (plain LM loss) needs a decoder-only student; set it to 0")
@@ -203,9 +213,19 @@ class Run:
         keys = ("input_ids", "attention_mask") if self.enc_dec else ("prompt_ids", "prompt_mask")
         return self.to_devices({k: b[k] for k in keys})
 
-    def sample(self, model: nnx.Module, prompts: list, new: int, settings: ConfigDict, rng, ngram: int = 0):
+    def sample(
+        self,
+        model: nnx.Module,
+        prompts: list,
+        new: int,
+        settings: ConfigDict,
+        rng,
+        ngram: int = 0,
+        mix: tuple[nnx.Module, float] | None = None,
+    ):
         """Dispatch the sampler on ``prompts`` (token-id lists); returns device ``(tokens, mask)``
-        without waiting. ``settings``: a config group with ``temperature``, ``top_k``, ``top_p``."""
+        without waiting. ``settings``: a config group with ``temperature``, ``top_k``, ``top_p``;
+        ``mix``: (another model, its share) to sample from a mixture of the two (MiniLLM)."""
         ids, mask = self._sampler_inputs(prompts).values()
         return generate.generate(
             model,
@@ -219,6 +239,8 @@ class Run:
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.pad,
             no_repeat_ngram_size=ngram,
+            mix_model=None if mix is None else mix[0],
+            mix_alpha=0.0 if mix is None else mix[1],
         )
 
     def generate_texts(self, model: nnx.Module, rows: list, *, temperature: float, seed: int) -> list:
@@ -267,14 +289,33 @@ class Run:
 
     def seqkd_rows(self) -> list:
         """The teacher's responses to the training prompts, generated once and cached in the run folder."""
-        path = os.path.join(self.config.run_dir, "seqkd_train.jsonl")
+        return self.responses(self.teacher, "seqkd_train.jsonl", self.config.seqkd.temperature)
+
+    def distillm2_rows(self) -> list:
+        """(prompt, teacher's response, initial student's response) for every training prompt: DistiLLM-2's
+        data, both responses generated once (teacher as SeqKD's, the student with ``offpolicy.*``
+        temperature) and cached in the run folder."""
+        teacher = self.seqkd_rows()
+        student = self.responses(self.student, "distillm2_student.jsonl", self.config.offpolicy.temperature)
+        return [(p, t, s) for (p, t), (_, s) in zip(teacher, student, strict=True)]
+
+    def training_batch(self, rows: list) -> dict:
+        """A training batch of (prompt, response) rows; of (prompt, teacher response, student response)
+        rows (DistiLLM-2) the teacher-output batch with the student-output batch under ``"sgo"``."""
+        if rows and len(rows[0]) == 3:
+            b = self.batch([(p, t) for p, t, _ in rows])
+            b["sgo"] = self.batch([(p, s) for p, _, s in rows])
+            return b
+        return self.batch(rows)
+
+    def responses(self, model: nnx.Module, name: str, temperature: float) -> list:
+        """``model``'s responses to the training prompts as (prompt, response) rows, generated once and
+        cached in ``run_dir/name``."""
+        path = os.path.join(self.config.run_dir, name)
         if os.path.exists(path):
             with open(path) as f:
                 return [tuple(json.loads(line)) for line in f]
-        temperature = self.config.seqkd.temperature
-        outs = self.generate_texts(
-            self.teacher, self.train_rows, temperature=temperature, seed=self.config.seed
-        )
+        outs = self.generate_texts(model, self.train_rows, temperature=temperature, seed=self.config.seed)
         eos = self.tokenizer.eos_token_id
         rows = [(p, [int(t) for t in o] or [eos]) for (p, _), o in zip(self.train_rows, outs, strict=True)]
         if jax.process_index() == 0:
@@ -292,11 +333,17 @@ def _loss_config(c: ConfigDict) -> step.LossConfig:
         params=tuple(cfglib.loss_params(c).items()),
         lm_coef=float(c.loss.lm_coef),
         chunk_size=int(c.loss.chunk_size),
+        objective=c.method if c.method in ("minillm", "distillm2") else "distill",
+        distillm2_beta=float(c.distillm2.beta),
+        mix_alpha=float(c.minillm.mix_alpha),
+        clip=float(c.minillm.clip),
     )
 
 
-def _export(model: nnx.Module, tokenizer, out_dir: str) -> None:
-    """An HF checkpoint written beside ``out_dir`` and renamed into place, so a reader never sees half."""
+def _export(model: nnx.Module, tokenizer, out_dir: str, *, peft: bool = False) -> None:
+    """An HF checkpoint written beside ``out_dir`` and renamed into place, so a reader never sees half.
+    A LoRA student is written with its adapters merged into the weights; with ``peft`` its adapters are
+    also written in PEFT's layout to ``out_dir/adapter``."""
     if jax.process_count() > 1:  # params are sharded over hosts: every process gathers, one writes
         graph, state = nnx.split(model)
         model = nnx.merge(graph, jax.tree.map(distributed.gather, state))
@@ -305,7 +352,10 @@ def _export(model: nnx.Module, tokenizer, out_dir: str) -> None:
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    models.save_pretrained(model, tmp, tokenizer=tokenizer)
+    adapters = lora.has_adapters(model)
+    models.save_pretrained(lora.merged(model) if adapters else model, tmp, tokenizer=tokenizer)
+    if adapters and peft:
+        lora.save_peft(model, os.path.join(tmp, "adapter"))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
 
@@ -367,6 +417,27 @@ def _feeder(r: Run, c: ConfigDict, total: int, next_rows: Callable, model_of: Ca
     )
 
 
+def _rollouts(
+    r: Run, c: ConfigDict, next_rows: Callable, model_of: Callable, teacher_state
+) -> minillm.Rollouts:
+    """MiniLLM's rollout batches: sampled from the teacher-mixed policy with ``offpolicy.*`` settings,
+    scored once by the student that sampled them and the teacher."""
+    o, new = c.offpolicy, c.offpolicy.max_new_tokens or r.lengths.max_response
+    mix = (r.teacher, float(c.minillm.mix_alpha))
+    worker = offpolicy.GenerationWorker(
+        lambda params, prompts, key: r.sample(model_of(params), prompts, new, o, key, mix=mix), threaded=False
+    )
+    score_step = step.make_score_step(r.student, r.teacher)
+
+    def score(params, rows):
+        out = score_step(params, teacher_state, r.to_devices(r.batch(rows)))
+        return tuple(np.asarray(distributed.local_rows(x), np.float32) for x in out)
+
+    return minillm.Rollouts(
+        c.minillm.ppo_epochs, worker.submit, score, next_rows, seed=c.seed, shards=r.shards
+    )
+
+
 def _host_metrics(infos: list[dict], seconds: float, sgo_lengths: list, hosts: float = 1.0) -> dict:
     """The SGO metrics of a logging interval: φ, the share of each batch source, the buffer size, the
     mean SGO length, and the seconds the loop was blocked on generation (paper mode: all of it; overlap
@@ -390,13 +461,13 @@ def train(config: ConfigDict) -> dict:
     c = config
     lead = jax.process_index() == 0
     loss_cfg = _loss_config(c)
-    rows = r.seqkd_rows() if c.method == "seqkd" else r.train_rows
+    rows = {"seqkd": r.seqkd_rows, "distillm2": r.distillm2_rows}.get(c.method, lambda: r.train_rows)()
     updates_per_epoch = len(rows) // c.optim.batch_size
     total = c.optim.epochs * updates_per_epoch if c.optim.epochs else c.optim.steps
     eval_every = c.eval.interval or updates_per_epoch
     save_every = c.checkpoint.interval or eval_every
     tx = optimizer(c, total)
-    s_graph, _, s_rest = nnx.split(r.student, nnx.Param, ...)
+    s_graph, _, s_rest = step.split_student(r.student)
     train_step, params, opt_state = step.make_train_step(r.student, r.teacher, tx, loss_cfg)
     eval_step = step.make_eval_step(r.student, r.teacher, loss_cfg)
     teacher_state = None if r.teacher is None else nnx.state(r.teacher)
@@ -413,6 +484,11 @@ def train(config: ConfigDict) -> dict:
     batches = iter(order)
     feeder = _feeder(r, c, total, lambda: [rows[i] for i in next(batches)], model_of)
     sgo = c.method in offpolicy.METHODS
+    rollouts = None
+    if c.method == "minillm":
+        rollouts = _rollouts(r, c, lambda: [rows[i] for i in next(batches)], model_of, teacher_state)
+    dropout_key = jax.random.key(c.seed + 0xD0) if r.student_lora_dropout else None
+    peft = bool(c.student.lora.peft)
 
     ckpt = Checkpoints(os.path.join(c.run_dir, "checkpoints"), keep=c.checkpoint.keep)
     host = {
@@ -440,6 +516,8 @@ def train(config: ConfigDict) -> dict:
         try:
             if host["feeder"] is not None:
                 feeder.load(host["feeder"])
+            if rollouts is not None and host.get("rollout") is not None:
+                rollouts.load(host["rollout"])
         except ValueError as e:
             ckpt.close()
             raise cfglib.ConfigError(f"cannot resume {c.run_dir}: {e}") from None
@@ -464,6 +542,10 @@ def train(config: ConfigDict) -> dict:
     def save(at: int) -> None:
         feeders = distributed.gather_objects(feeder.state())  # each host's buffer shards
         host.update(step=at, order=list(order.position), feeder=offpolicy.merge_states(feeders))
+        if rollouts is not None:
+            parts = distributed.gather_objects(rollouts.state())
+            shards = {k: v for p in parts for k, v in p["shards"].items()}
+            host["rollout"] = {"round": parts[0]["round"], "shards": shards}
         if lm_order is not None:
             host["lm_order"] = list(lm_order.position)
         ckpt.save(at, params, opt_state, dict(host))
@@ -479,7 +561,7 @@ def train(config: ConfigDict) -> dict:
         best = host["best"]
         if best is None or (value > best if higher_better else value < best):
             host.update(best=value, best_step=at)
-            _export(model_of(params), r.tokenizer, os.path.join(c.run_dir, "best"))
+            _export(model_of(params), r.tokenizer, os.path.join(c.run_dir, "best"), peft=peft)
 
     start, stopping = time.time(), False
     try:
@@ -491,17 +573,26 @@ def train(config: ConfigDict) -> dict:
         clock = time.perf_counter()
         lm_batches = iter(lm_order) if lm_order is not None else None
         while at < total:
-            micro_rows, info = feeder.rows_for(at, params)
+            if rollouts is not None:
+                rollout, scores, info = rollouts.for_step(at, params)
+                micro_rows = [rollout]
+            else:
+                micro_rows, info = feeder.rows_for(at, params)
             infos.append(info)
             host["sources"][info["source"]] += 1
             host["gen_seconds"] += info["gen_s"]
-            for mrows in micro_rows:
-                b = r.batch(mrows)
+            for k, mrows in enumerate(micro_rows):
+                b = r.training_batch(mrows)
+                if rollouts is not None:
+                    b["old_logp"], b["teacher_logp"] = scores
                 tokens += sum(int(b[k].sum()) for k in ("attention_mask", "decoder_attention_mask") if k in b)
                 if lm_batches is not None:
                     lm = [r.lm_rows[i] for i in next(lm_batches)]
                     b["lm"] = batching.text_batch(lm, c.data.max_length, r.pad)
-                params, opt_state, m = train_step(params, opt_state, teacher_state, r.to_devices(b))
+                key = None
+                if dropout_key is not None:  # LoRA dropout: a key per micro-batch, the same on a resume
+                    key = jax.random.fold_in(dropout_key, at * c.optim.grad_accum + k)
+                params, opt_state, m = train_step(params, opt_state, teacher_state, r.to_devices(b), key)
                 pending.append(m)
             at += 1
             reporter.advance()
@@ -561,7 +652,7 @@ def train(config: ConfigDict) -> dict:
             signal.signal(signal.SIGTERM, previous)
     if stopping:
         return {"stopped_at": at}
-    _export(model_of(params), r.tokenizer, os.path.join(c.run_dir, "final"))
+    _export(model_of(params), r.tokenizer, os.path.join(c.run_dir, "final"), peft=peft)
     final = host["last_eval"]
     summary = {
         "run_dir": c.run_dir,
@@ -693,7 +784,7 @@ def evaluate_model(config: ConfigDict, seeds: tuple[int, ...]) -> dict:
     seed: ``{"val_ce", "<metric>": mean, "<metric>_std", "scores"}``."""
     r = Run(config, evaluate_only=True)
     eval_step = step.make_eval_step(r.student, None, step.LossConfig(kd_ratio=0.0))
-    out = r.validation_losses(eval_step, nnx.state(r.student, nnx.Param), None)
+    out = r.validation_losses(eval_step, step.split_student(r.student)[1], None)
     scores = [r.metric(r.student, s) for s in seeds]
     name = r.task.metric
     return {**out, name: float(np.mean(scores)), f"{name}_std": float(np.std(scores)), "scores": scores}
@@ -715,12 +806,12 @@ def export_checkpoint(config: ConfigDict, at: int | None = None, out_dir: str | 
             )
         mesh = sharding.make_mesh(**config.mesh)
         student = build_model(config.student, mesh, trainable=True)
-        graph, params, rest = nnx.split(student, nnx.Param, ...)
+        graph, params, rest = step.split_student(student)
         tx = optimizer(config, 1)
         params, _, _ = ckpt.restore(at, params, step.init_opt_state(tx, params))
     finally:
         ckpt.close()
     tokenizer = toklib.load(config.tokenizer, config.student.path)
     out_dir = out_dir or os.path.join(config.run_dir, f"export-{at}")
-    _export(nnx.merge(graph, params, rest), tokenizer, out_dir)
+    _export(nnx.merge(graph, params, rest), tokenizer, out_dir, peft=bool(config.student.lora.peft))
     return out_dir

@@ -99,6 +99,23 @@ def test_bad_offpolicy_settings_are_one_line(tmp_path, key, value, message):
         cfglib.check(c)
 
 
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"minillm__clip": 1.5}, r"minillm: need .* ppo_epochs >= 1 and clip in \(0, 1\)"),
+        ({"method": "minillm", "optim__grad_accum": 2}, r"method minillm trains whole rollout batches"),
+        ({"method": "distillm2", "loss__chunk_size": 16}, r"method distillm2 has no chunked loss"),
+        ({"distillm2__beta": 3.0}, r"distillm2.beta must be in \[0, 2\]"),
+        ({"student__lora__targets": ("q", "wq")}, r"student.lora: need .* targets among q, k, v, o"),
+        ({"teacher__lora__dropout": 1.0}, r"teacher.lora: need .* dropout in \[0, 1\)"),
+    ],
+)
+def test_bad_method_settings_are_one_line(tmp_path, changes, message):
+    c = trainer.override(tiny(tmp_path), **changes)
+    with pytest.raises(cfglib.ConfigError, match=message):
+        cfglib.check(c)
+
+
 def test_dataset_without_the_task_columns(tmp_path):
     data = tmp_path / "data"
     data.mkdir()

@@ -72,6 +72,8 @@ def test_tiny_variant_keeps_the_setup(name):
         ("kd,tiny", "kd", "fkl", {}),
         ("onpolicy", "onpolicy", "srkl", {"alpha": 0.1}),
         ("sft", "sft", "fkl", {}),
+        ("tiny,minillm", "minillm", "rkl", {}),
+        ("distillm2", "distillm2", "sfkl", {"alpha": 0.1}),
     ],
 )
 def test_paper_methods_as_config_arguments(arg, method, loss, params):
@@ -99,3 +101,14 @@ def test_tiny_variant_trains_end_to_end(name, tmp_path, quick_compiles):
     final = s["final"]
     assert s["metric"] in final and "val_ce" in final and "val_srkl" in final
     assert all(math.isfinite(v) for v in final.values()), final
+
+
+def test_minillm_and_distillm2_switch_off_the_chunked_loss():
+    for method in ("minillm", "distillm2"):
+        c = load("qwen_dolly", method)  # the Qwen pair chunks its loss by default
+        cfglib.check(c)
+        assert c.loss.chunk_size == 0
+    c = load("qwen_dolly")
+    c.method = "minillm"
+    with pytest.raises(cfglib.ConfigError, match="no chunked loss"):
+        cfglib.check(c)

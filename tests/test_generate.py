@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from scipy import stats
 
 from distillm_jax import models, sharding
@@ -175,12 +176,10 @@ def test_compiles_once_per_shape():
     model, ids, mask = load("gpt2")
     generate(model, ids, mask, 4)
     generate(model, ids, mask, 4)
-    from flax import nnx
-
     from distillm_jax.generate import _compiled
 
     # the settings generate() derives for gpt2's config (eos = pad = start = 1), greedy, 4 new tokens
-    fn = _compiled(nnx.graphdef(model), False, (4, 0.0, 0, 1.0, 1, 1, 0, 1), None)
+    fn = _compiled(nnx.graphdef(model), False, (4, 0.0, 0, 1.0, 1, 1, 0, 1), None, None)
     assert fn._cache_size() == 1  # the second call reused the first compilation
     generate(model, ids[:, 1:], mask[:, 1:], 4)  # a new prompt length: exactly one more
     assert fn._cache_size() == 2
@@ -219,3 +218,67 @@ def test_inverse_cdf_sampler_matches_softmax_and_skips_removed_tokens():
     assert counts[1] == 0 and counts[3] == 0
     p = np.exp([0.0, 1.0, 2.0, 0.5])
     assert stats.chisquare(counts[[0, 2, 4, 5]], 20000 * p / p.sum()).pvalue > 1e-3
+
+
+# MiniLLM's teacher-mixed sampling: tokens drawn from alpha * p_mixer + (1 - alpha) * q_model.
+
+
+@pytest.mark.parametrize(("student", "teacher"), [("gpt2", "llama"), ("t5", "t5_v1_1")])
+def test_mix_alpha_0_and_1_reproduce_each_model_alone(student, teacher):
+    model, ids, mask = load(student)
+    mixer = load(teacher)[0]
+    kw = dict(temperature=1.0, top_k=40, no_repeat_ngram_size=2, rng=jax.random.key(2), eos_token_id=-1)
+    alone = [np.asarray(generate(m, ids, mask, N, **kw)[0]) for m in (model, mixer)]
+    assert not np.array_equal(*alone)
+    for alpha, expected in zip((0.0, 1.0), alone, strict=True):
+        got = generate(model, ids, mask, N, mix_model=mixer, mix_alpha=alpha, **kw)[0]
+        np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+def probs(logits, top_k=0):
+    """softmax over the last axis after keeping the ``top_k`` largest logits (0 = all), in float64."""
+    x = np.asarray(logits, np.float64)
+    if top_k:
+        x = np.where(x < np.sort(x, axis=-1)[..., -top_k, None], -np.inf, x)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_mixed_first_token_follows_the_mixture_of_both_filtered_models():
+    student, ids, _ = load("gpt2")
+    teacher = load("llama")[0]
+    table = student.wte.table  # pad the student's vocabulary from 96 to 100 entries
+    table.set_value(
+        jnp.concatenate([table[...], 4 * jax.random.normal(jax.random.key(0), (4, table.shape[1]))])
+    )
+    prompts, alpha, draws = ids[:, -4:], 0.3, 8192
+    last_logits = nnx.jit(lambda m, x: m(x, jnp.ones_like(x))[:, -1])  # jitted: 3x faster than eager here
+    q, p = (np.asarray(last_logits(m, jnp.asarray(prompts))) for m in (student, teacher))
+    assert probs(q[0], 8)[96:].sum() > 0.1  # the padding would take top-k slots if it were not cut first
+    rows = np.repeat(prompts[:1], draws, 0)
+    kw = dict(temperature=1.0, top_k=8, rng=jax.random.key(0), eos_token_id=-1)
+    tokens, _ = generate(student, rows, np.ones_like(rows), 1, mix_model=teacher, mix_alpha=alpha, **kw)
+    observed = np.bincount(np.asarray(tokens)[:, 0], minlength=96) / draws
+    q8, p8 = probs(q[0, :96], 8), probs(p[0, :96], 8)
+    tv = lambda a, b: 0.5 * np.abs(a - b).sum()  # noqa: E731
+    assert tv(observed, alpha * p8 + (1 - alpha) * q8) < 0.05
+    assert tv(observed, q8) > 0.15
+    # greedy: the argmax of the unfiltered mixture, which differs here from the student's own argmax
+    greedy, _ = generate(student, prompts, np.ones_like(prompts), 1, mix_model=teacher, mix_alpha=0.5)
+    mixture = probs(p[:, :96]) + probs(q[:, :96])
+    np.testing.assert_array_equal(np.asarray(greedy)[:, 0], mixture.argmax(-1))
+    assert (q[:, :96].argmax(-1) != mixture.argmax(-1)).any()
+
+
+def test_mix_bad_inputs():
+    model, ids, mask = load("gpt2")
+    mixer, t5 = load("llama")[0], load("t5")[0]
+    for alpha in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=rf"mix_alpha must be in \[0, 1\], got {alpha}"):
+            generate(model, ids, mask, 4, mix_model=mixer, mix_alpha=alpha)
+    with pytest.raises(ValueError, match=r"mix_alpha 0.2 needs a mix_model"):
+        generate(model, ids, mask, 4, mix_alpha=0.2)
+    with pytest.raises(ValueError, match=r"mix_model is encoder-decoder but model is decoder-only"):
+        generate(model, ids, mask, 4, mix_model=t5, mix_alpha=0.2)
+    with pytest.raises(ValueError, match=r"mix_model is decoder-only but model is encoder-decoder"):
+        generate(t5, ids, mask, 4, mix_model=model, mix_alpha=0.2)

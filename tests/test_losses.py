@@ -238,3 +238,69 @@ def test_bad_parameters():
         losses.divergence("jsd", s, t, mask, alpha=0.1)
     with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1\], got 1.5"):
         losses.divergence("srkl", s, t, mask, alpha=1.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# DistiLLM-2's contrastive loss.
+
+
+def ref_seq_mean(values, mask):
+    keep = np.asarray(mask) != 0
+    rows = [v[k].mean() for v, k in zip(values, keep, strict=True) if k.any()]
+    return float(np.mean(rows)) if rows else 0.0
+
+
+def ref_srkl_fixed_mix(s, t, q_fixed, alpha):
+    """Σ q (log q − log m) with m = (1−α) p + α q_fixed: q inside the mixture held constant."""
+    ls = np_log_softmax(s)
+    q, p = np.exp(ls), np.exp(np_log_softmax(t))
+    return np.sum(q * (ls - np.log((1 - alpha) * p + alpha * q_fixed)), axis=-1)
+
+
+def test_distillm2_value_and_stop_gradient_against_float64():
+    alpha, beta = 0.1, 0.7
+    s1, t1, m1 = logits_pair("normal")
+    s2, t2, m2 = random_logits(5), random_logits(6), np.ones((B, T), np.float32)
+    m2[0, 1:] = 0.0  # a short sequence: per-sequence means weigh it like the long one
+
+    def ours(a, b):
+        return losses.distillm2(a, jnp.asarray(t1), m1, b, jnp.asarray(t2), m2, alpha=alpha, beta=beta)
+
+    (value, parts), (g1, g2) = ours(s1, s2), jax.grad(lambda a, b: ours(a, b)[0], (0, 1))(s1, s2)
+    skl = ref_seq_mean(ref_token("sfkl", s1, t1, alpha=alpha), m1)
+    q0 = np.exp(np_log_softmax(s2))
+
+    def ref_srkl(x):
+        return ref_seq_mean(ref_srkl_fixed_mix(x, t2, q0, alpha), m2)
+
+    srkl = ref_srkl(s2)
+    np.testing.assert_allclose(float(value), (2 - beta) * skl + beta * srkl, rtol=2e-5)
+    np.testing.assert_allclose([float(parts["skl_tgo"]), float(parts["srkl_sgo"])], [skl, srkl], rtol=2e-5)
+    # The value equals plain SRKL's (the detached q has the same value) ...
+    np.testing.assert_allclose(srkl, ref_seq_mean(ref_token("srkl", s2, t2, alpha=alpha), m2), rtol=1e-12)
+
+    def fd(f, x, h=1e-6):
+        x, g = np.asarray(x, np.float64), np.zeros(x.shape)
+        for idx in np.ndindex(x.shape):
+            hi, lo = x.copy(), x.copy()
+            hi[idx] += h
+            lo[idx] -= h
+            g[idx] = (f(hi) - f(lo)) / (2 * h)
+        return g
+
+    # ... but its gradient is the one with the mixture's q held fixed, not plain SRKL's.
+    want = beta * fd(ref_srkl, s2)
+    plain = beta * fd(lambda x: ref_seq_mean(ref_token("srkl", x, t2, alpha=alpha), m2), s2)
+    np.testing.assert_allclose(np.asarray(g2), want, atol=2e-6)
+    assert np.abs(want - plain).max() > 1e-3, "the stop-gradient must change the gradient"
+    assert not np.any(np.asarray(g2)[0, 1:]), "masked positions get no gradient"
+    want1 = (2 - beta) * fd(lambda x: ref_seq_mean(ref_token("sfkl", x, t1, alpha=alpha), m1), s1)
+    np.testing.assert_allclose(np.asarray(g1), want1, atol=2e-6)
+
+
+def test_distillm2_rejects_bad_parameters():
+    s, t, m = logits_pair("normal")
+    with pytest.raises(ValueError, match="beta must be a number in"):
+        losses.distillm2(s, t, m, s, t, m, beta=2.5)
+    with pytest.raises(ValueError, match="teacher outputs"):
+        losses.distillm2(s[:, :2], t, m, s, t, m)

@@ -10,6 +10,10 @@ slots, masked by ``kv_valid [B, S]`` (which slots hold real tokens) and causalit
 prompts simply have invalid leading slots; *positions* (for rotary or learned position embeddings) are
 passed separately and count only real tokens, so a left-padded row computes exactly what the unpadded
 row would.
+
+LoRA hooks. ``Attention`` and ``MLP`` are the only places a family multiplies by a projection kernel, so
+they are where low-rank adapters plug in: a ``LoRA`` block stored as ``lora_<kernel name>`` on the block
+(``lora.apply`` adds them) has its update added to that projection. Without one nothing changes.
 """
 
 from __future__ import annotations
@@ -160,6 +164,67 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
 
 
 # ---------------------------------------------------------------------------------------------------
+# LoRA adapters (distillm_jax/lora.py adds, merges and exports them).
+
+
+class LoRAParam(nnx.Param):
+    """An adapter factor: its own variable type so that a LoRA run trains exactly these
+    (``nnx.split(model, LoRAParam, ...)``) and leaves every other parameter frozen."""
+
+
+class DropoutKey(nnx.Variable):
+    """The PRNG key an adapter's dropout uses; present only while ``lora.set_dropout_key`` set one."""
+
+
+class LoRA(nnx.Module):
+    """The low-rank update ``(alpha / rank) * (dropout(x) A) B`` of a kernel whose first ``n_in`` dims
+    are inputs: A [prod(in), rank] starts random, B [rank, prod(out)] zero, so a fresh adapter changes
+    nothing. Factors are kept in the kernel's dtype and replicated (they are small); the update is
+    computed in the projection's compute dtype. Dropout runs only while ``dropout_key`` holds a DropoutKey."""
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        n_in: int,
+        *,
+        rank: int,
+        alpha: float,
+        dropout: float,
+        key,
+        index: int,
+        param_dtype,
+    ):
+        fan_in = math.prod(shape[:n_in])
+        bound = fan_in**-0.5  # kaiming-uniform with a=sqrt(5), torch's Linear init, the usual choice for A
+        a = jax.random.uniform(key, (fan_in, rank), param_dtype, -bound, bound)
+        self.a = LoRAParam(a, axes=(None, None))
+        self.b = LoRAParam(jnp.zeros((rank, math.prod(shape[n_in:])), param_dtype), axes=(None, None))
+        self.n_in, self.out_shape = n_in, tuple(shape[n_in:])
+        self.rank, self.alpha, self.dropout, self.index = rank, alpha, dropout, index
+        self.dropout_key = nnx.data(None)
+
+    def delta(self) -> Array:
+        """The update as an [prod(in), prod(out)] float32 matrix, ``(alpha / rank) A B``."""
+        return (self.alpha / self.rank) * (self.a[...].astype(jnp.float32) @ self.b[...].astype(jnp.float32))
+
+    def __call__(self, x: Array, dtype) -> Array:
+        lead = x.shape[: x.ndim - self.n_in]
+        x = x.reshape(*lead, -1).astype(dtype)
+        if self.dropout_key is not None and self.dropout > 0:
+            keep = jax.random.bernoulli(self.dropout_key[...], 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / jnp.asarray(1.0 - self.dropout, dtype), jnp.zeros((), dtype))
+        y = (x @ self.a[...].astype(dtype)) @ self.b[...].astype(dtype)
+        return (y * jnp.asarray(self.alpha / self.rank, dtype)).reshape(*lead, *self.out_shape)
+
+
+def adapted(block: nnx.Module, name: str, x: Array, y: Array) -> Array:
+    """``y``, the projection of ``x`` by ``block``'s kernel ``name``, plus that kernel's LoRA update when
+    it has one."""
+    lora = getattr(block, "lora_" + name, None)
+    return y if lora is None else y + lora(x, y.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Attention.
 
 
@@ -219,19 +284,21 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(head_dim, qk_norm_eps, **norm) if qk_norm_eps is not None else None
         self.dtype = dtype
 
-    def _proj(self, x: Array, w: nnx.Param, b: nnx.Param | None) -> Array:
-        y = jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype))
+    def _proj(self, x: Array, name: str) -> Array:
+        y = jnp.einsum("btd,dhk->bthk", x, getattr(self, name)[...].astype(self.dtype))
+        y = adapted(self, name, x, y)
+        b = getattr(self, name + "_bias")
         return y if b is None else y + b[...].astype(self.dtype)
 
     def kv(self, x: Array, positions: Array | None = None, inv_freq: Array | None = None) -> Cache:
         """Keys and values of ``x`` [B, S, D] as [B, kv_heads, S, head_dim] (the cache layout; also what
         a cross-attention cache holds), rotated when ``inv_freq`` is given."""
-        k = self._proj(x, self.k, self.k_bias)
+        k = self._proj(x, "k")
         if self.k_norm is not None:
             k = self.k_norm(k)
         if inv_freq is not None:
             k = apply_rope(k, positions, inv_freq)
-        return {"k": k.transpose(0, 2, 1, 3), "v": self._proj(x, self.v, self.v_bias).transpose(0, 2, 1, 3)}
+        return {"k": k.transpose(0, 2, 1, 3), "v": self._proj(x, "v").transpose(0, 2, 1, 3)}
 
     def __call__(
         self,
@@ -248,7 +315,7 @@ class Attention(nnx.Module):
     ) -> tuple[Array, Cache | None]:
         """Self-attention over ``x`` (writing to ``cache`` when given), or cross-attention to the
         precomputed keys/values ``cross``. Returns the output and the updated cache."""
-        q = self._proj(x, self.q, self.q_bias)
+        q = self._proj(x, "q")
         if self.q_norm is not None:
             q = self.q_norm(q)
         if cross is not None:
@@ -262,7 +329,7 @@ class Attention(nnx.Module):
                 kv = {n: jax.lax.dynamic_update_slice(cache[n], kv[n].astype(cache[n].dtype), at) for n in kv}
                 cache = kv
         out = dot_attention(q, kv["k"], kv["v"], mask, bias, scale)
-        y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(self.dtype))
+        y = adapted(self, "o", out, jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(self.dtype)))
         return (y if self.o_bias is None else y + self.o_bias[...].astype(self.dtype)), cache
 
 
@@ -299,15 +366,15 @@ class MLP(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         w = lambda p: p[...].astype(self.dtype)  # noqa: E731
-        h = x @ w(self.up)
+        h = adapted(self, "up", x, x @ w(self.up))
         if self.up_bias is not None:
             h = h + w(self.up_bias)
         if self.gate is None:
             h = self.act(h)
         else:
-            g = x @ w(self.gate)
+            g = adapted(self, "gate", x, x @ w(self.gate))
             h = self.act(g if self.gate_bias is None else g + w(self.gate_bias)) * h
-        y = h @ w(self.down)
+        y = adapted(self, "down", h, h @ w(self.down))
         return y if self.down_bias is None else y + w(self.down_bias)
 
 
