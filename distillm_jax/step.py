@@ -294,13 +294,21 @@ def make_eval_step(student: nnx.Module, teacher: nnx.Module | None, cfg: LossCon
 
 
 def make_score_step(student: nnx.Module, teacher: nnx.Module) -> Callable:
-    """``score(params, teacher_state, batch) -> (log q, log p)`` of the batch's labels [B, T]."""
+    """``score(params, teacher_state, batch) -> (log q, log p)`` of the batch's labels [B, T], sharded
+    as the labels are (so that every process reads back the rows it fed)."""
     s_graph, _, frozen = split_student(student)
     t_graph = nnx.graphdef(teacher)
 
-    @jax.jit
     def score(params, frozen, teacher_state, batch):
         model = nnx.merge(s_graph, params, frozen)
         return label_log_probs(model, nnx.merge(t_graph, teacher_state), batch)
 
-    return lambda params, teacher_state, batch: score(params, frozen, teacher_state, batch)
+    jitted: dict = {}
+
+    def call(params, teacher_state, batch):
+        rows = getattr(batch["labels"], "sharding", None)  # None: a host batch, placed by jit
+        if rows not in jitted:
+            jitted[rows] = jax.jit(score, out_shardings=None if rows is None else (rows, rows))
+        return jitted[rows](params, frozen, teacher_state, batch)
+
+    return call

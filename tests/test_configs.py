@@ -1,16 +1,19 @@
 """The paper configs (configs/*.py): every full config passes the start-up checks, the ``:tiny`` variants
 use the same method, loss, task and model family as their full config, and each ``:tiny`` variant trains
-end to end (random tiny models of the family, the shipped data sample, 3 steps on the 8 CPU devices)."""
+end to end (random tiny models of the family, the shipped data sample, 3 steps on the 8 CPU devices);
+the OpenLLaMA one as the paper's LoRA student."""
 
 import json
 import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from distillm_jax import config as cfglib
-from distillm_jax import reporting, trainer
+from distillm_jax import lora, models, reporting, trainer
+from distillm_jax.models import hf_io
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # config files import configs.base
@@ -101,6 +104,35 @@ def test_tiny_variant_trains_end_to_end(name, tmp_path, quick_compiles):
     final = s["final"]
     assert s["metric"] in final and "val_ce" in final and "val_srkl" in final
     assert all(math.isfinite(v) for v in final.values()), final
+    if name == "openllama_dolly":
+        check_lora_export(c, tmp_path)
+
+
+def check_lora_export(c, tmp_path):
+    """The LoRA student (the paper's r 16, α 64, dropout 0.1 on q and v) trained only its adapters: its
+    merged export is the frozen base plus (α/r)·B·A of the PEFT-layout adapters, every other weight the
+    base's exactly."""
+    assert (c.student.lora.rank, c.student.lora.alpha, c.student.lora.dropout) == (16, 64.0, 0.1)
+    base = trainer.build_model(c.student, None, trainable=True)  # the same seed: the frozen weights
+    models.save_pretrained(lora.merged(base), str(tmp_path / "base"))  # fresh adapters: B = 0
+    base_t = hf_io.open_checkpoint(str(tmp_path / "base"))
+    final = Path(c.run_dir) / "final"
+    merged_t = hf_io.open_checkpoint(str(final))
+    adapter = hf_io.read_safetensors(str(final / "adapter" / "adapter_model.safetensors"))
+    config = json.loads((final / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (16, 64)
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    prefix, suffix = "base_model.model.", ".lora_A.weight"
+    adapted = {k.removeprefix(prefix).removesuffix(suffix) for k in adapter if k.endswith(suffix)}
+    assert len(adapted) == 2  # one layer, q and v
+    for name, w in base_t.items():
+        module = name.removesuffix(".weight")
+        if module not in adapted:
+            np.testing.assert_array_equal(merged_t[name], w)  # every frozen weight exactly as it was
+            continue
+        a, b = adapter[f"{prefix}{module}.lora_A.weight"], adapter[f"{prefix}{module}.lora_B.weight"]
+        assert np.abs(b).max() > 0  # the adapters trained
+        np.testing.assert_allclose(merged_t[name], w + (64 / 16) * b @ a, atol=1e-6)
 
 
 def test_minillm_and_distillm2_switch_off_the_chunked_loss():

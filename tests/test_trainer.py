@@ -2,11 +2,14 @@
 never resumes from a half-written checkpoint, and stops on a NaN loss naming the step and the last good
 checkpoint. A run killed and resumed (with SGOs in flight, across process counts): test_pods.py."""
 
+import contextlib
+import io
 import json
 import os
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -26,9 +29,20 @@ def tiny(tmp_path, **changes):
     return trainer.override(c, **changes)
 
 
-def test_demo_tiny_runs_end_to_end_and_compares(tmp_path, capsys):
-    c = tiny(tmp_path)
-    results = trainer.run(c)
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The tiny demo's main job, run once: (config, results, what it printed)."""
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)  # as quick_compiles, for the module
+    c, out = tiny(tmp_path_factory.mktemp("demo")), io.StringIO()
+    with contextlib.redirect_stdout(out):
+        results = trainer.run(c)
+    jax.config.update("jax_disable_most_optimizations", before)
+    return c, results, out.getvalue()
+
+
+def test_demo_tiny_runs_end_to_end_and_compares(demo):
+    c, results, out = demo
     assert set(results) == {"teacher_sft", "student_sft", "student", "sft"}
     run = Path(c.run_dir)
     for sub in ("teacher/final", "student_sft/final", "final", "best", "sft/final"):
@@ -41,17 +55,17 @@ def test_demo_tiny_runs_end_to_end_and_compares(tmp_path, capsys):
     assert [r["step"] for r in evals] == [0, 2, 4] and all("rougeL" in r for r in evals)
     assert (run / "curves.png").stat().st_size > 1000
     assert list((run / "tensorboard").iterdir())
-    out = capsys.readouterr().out
     assert "student distillm (srkl)" in out and "student sft (ce)" in out and "teacher" in out
 
 
-def test_export_loads_in_transformers(tmp_path):
+def test_export_loads_in_transformers(demo):
     torch = pytest.importorskip("torch")
     from transformers import T5ForConditionalGeneration
 
-    c = tiny(tmp_path, method="sft", compare_sft=False, optim__steps=2, eval__generate=False)
-    trainer.train(c)
-    export = os.path.join(c.run_dir, "final")
+    c, _, _ = demo
+    sft = trainer.override(c, run_dir=os.path.join(c.run_dir, "sft"), method="sft", compare_sft=False)
+    sft = trainer.override(sft, teacher__train_steps=0, student__train_steps=0)
+    export = os.path.join(sft.run_dir, "final")  # the comparison's SFT student
     ours = models.from_pretrained(export)
     theirs = T5ForConditionalGeneration.from_pretrained(export).eval()
     ids = np.array([[5, 6, 7, 8, 1]])
@@ -61,9 +75,9 @@ def test_export_loads_in_transformers(tmp_path):
         ref = theirs(input_ids=torch.tensor(ids), decoder_input_ids=torch.tensor(dec)).logits.numpy()
     got = np.asarray(ours(jnp.asarray(ids), jnp.asarray(ones), jnp.asarray(dec), jnp.asarray(dones)))
     np.testing.assert_allclose(got, ref, atol=2e-4, rtol=2e-4)
-    scores = trainer.evaluate_model(trainer.override(c, student__path=export), (1, 2))
+    scores = trainer.evaluate_model(trainer.override(sft, student__path=export), (1, 2))
     assert len(scores["scores"]) == 2 and scores["val_ce"] == pytest.approx(
-        reporting.read_rows(os.path.join(c.run_dir, "metrics.jsonl"))[-1]["val_ce"], rel=1e-5
+        reporting.read_rows(os.path.join(sft.run_dir, "metrics.jsonl"))[-1]["val_ce"], rel=1e-5
     )
 
 
