@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
-from distillm_jax import models, offpolicy
+from distillm_jax import lora, models, offpolicy
 from distillm_jax import sharding as shd
 
 GIB = 2**30
@@ -74,6 +74,15 @@ def shard_bytes(hf, dtype, mesh: dict) -> int:
     return total
 
 
+def lora_bytes(hf, spec: ConfigDict, dtype) -> int:
+    """Bytes of a model's LoRA adapters for ``spec`` (a ``lora`` config group), replicated on every
+    device: counted from adapters added to the shape-only model."""
+    model = lora.apply(
+        models.abstract_model(hf, dtype), rank=spec.rank, alpha=spec.alpha, targets=tuple(spec.targets)
+    )
+    return sum(v.get_value().nbytes for _, v in nnx.to_flat_state(nnx.state(model, lora.TRAINABLE)))
+
+
 def _dims(hf) -> dict:
     c = hf.to_dict()
 
@@ -103,8 +112,11 @@ def plan(config: ConfigDict, devices: int) -> dict[str, float]:
     student = hf_config(c.student)
     s_dtype = c.student.param_dtype or "float32"
     out = {"student params": shard_bytes(student, s_dtype, mesh)}
-    out["gradients"] = out["student params"]
-    out["AdamW state"] = 2 * out["student params"] * (1.5 if o.grad_accum > 1 else 1)
+    trained = out["student params"]
+    if c.student.lora.rank:  # only the adapters (replicated) have gradients and optimizer state
+        out["LoRA adapters"] = trained = lora_bytes(student, c.student.lora, s_dtype)
+    out["gradients"] = trained
+    out["AdamW state"] = 2 * trained * (1.5 if o.grad_accum > 1 else 1)
     teacher = None
     if c.method != "sft":
         teacher = hf_config(c.teacher)

@@ -111,7 +111,7 @@ def test_tiny_variant_trains_end_to_end(name, tmp_path, quick_compiles):
 def check_lora_export(c, tmp_path):
     """The LoRA student (the paper's r 16, α 64, dropout 0.1 on q and v) trained only its adapters: its
     merged export is the frozen base plus (α/r)·B·A of the PEFT-layout adapters, every other weight the
-    base's exactly."""
+    base's exactly; exporting its last checkpoint gives the same weights."""
     assert (c.student.lora.rank, c.student.lora.alpha, c.student.lora.dropout) == (16, 64.0, 0.1)
     base = trainer.build_model(c.student, None, trainable=True)  # the same seed: the frozen weights
     models.save_pretrained(lora.merged(base), str(tmp_path / "base"))  # fresh adapters: B = 0
@@ -133,6 +133,10 @@ def check_lora_export(c, tmp_path):
         a, b = adapter[f"{prefix}{module}.lora_A.weight"], adapter[f"{prefix}{module}.lora_B.weight"]
         assert np.abs(b).max() > 0  # the adapters trained
         np.testing.assert_allclose(merged_t[name], w + (64 / 16) * b @ a, atol=1e-6)
+    # launch/export.py's path: the last checkpoint (adapters only) over the base, merged
+    exported = hf_io.open_checkpoint(trainer.export_checkpoint(c, out_dir=str(tmp_path / "export")))
+    for name, w in merged_t.items():
+        np.testing.assert_array_equal(exported[name], w)
 
 
 def test_minillm_and_distillm2_switch_off_the_chunked_loss():

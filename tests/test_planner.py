@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from distillm_jax import config as cfglib
-from distillm_jax import planner, sharding, trainer
+from distillm_jax import lora, planner, sharding, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,3 +73,14 @@ def test_activation_estimate_matches_the_compiled_step():
     compiled = fn.lower(params, opt, nnx.state(teacher), batch).compile()
     measured = compiled.memory_analysis().temp_size_in_bytes
     assert 0.75 < estimate / measured < 1.3, (estimate / 2**20, measured / 2**20)
+
+
+def test_lora_student_plans_adapters_only_for_gradients_and_adamw():
+    c = cfglib.load_file(str(ROOT / "configs" / "openllama_dolly.py"), "tiny")  # LoRA r 16 on q, v
+    parts = planner.plan(c, 8)
+    student = trainer.build_model(c.student, None, trainable=True)
+    adapters = sum(x.nbytes for x in jax.tree.leaves(nnx.state(student, lora.TRAINABLE)))
+    assert parts["LoRA adapters"] == parts["gradients"] == adapters > 0
+    assert parts["AdamW state"] == 2 * adapters
+    c.student.lora.rank = 0
+    assert planner.plan(c, 8)["gradients"] == parts["student params"]

@@ -83,11 +83,16 @@ def _builder(hf_config, param_dtype, dtype, seed: int = 0):
     return family, cfg, build
 
 
+def abstract_model(hf_config, param_dtype=jnp.float32) -> nnx.Module:
+    """The model with shape-only parameters (nothing allocated): what the memory planner reads."""
+    _, _, build = _builder(hf_config, param_dtype, param_dtype)
+    return nnx.eval_shape(build)
+
+
 def abstract_params(hf_config, param_dtype=jnp.float32) -> nnx.State:
     """Shapes, dtypes and logical axes of a model's parameters, without allocating any (the memory
     planner's input)."""
-    _, _, build = _builder(hf_config, param_dtype, param_dtype)
-    return nnx.state(nnx.eval_shape(build), nnx.Param)
+    return nnx.state(abstract_model(hf_config, param_dtype), nnx.Param)
 
 
 def create(hf_config, *, dtype=jnp.float32, param_dtype=None, mesh: Mesh | None = None, seed: int = 0):
