@@ -188,7 +188,8 @@ def _ratios(result: dict, bench: str) -> list[float]:
         from speedup import time_to  # the one definition of "reached the target"
 
         ref_t = next((time_to(r["curve"], target) for r in rows if r["arm"] == ref), None)
-        ours = [time_to(r["curve"], target) for r in rows if r["arm"].startswith("distillm")]
+        # the claim is DistiLLM's (paper and overlap mode), not DistiLLM-2's or a LoRA student's
+        ours = [time_to(r["curve"], target) for r in rows if r["arm"] in ("distillm", "distillm_overlap")]
         return [ref_t / t for t in ours if t] if ref_t else []
     return []
 
