@@ -122,3 +122,30 @@ def test_a_lost_process_stops_the_others(tmp_path):
     # JAX's heartbeat check aborts it ("another task died"), or a collective times out first (our line)
     assert "another task died" in err0 or "another process stopped or lost contact" in err0, err0[-2000:]
     assert time.time() - start < 240
+
+
+def test_minillm_rollouts_cross_hosts_and_resume_mid_round(tmp_path):
+    """MiniLLM on 2 processes gives the losses of 1, resumed from a checkpoint written by 1 process in the
+    middle of a rollout round (each host samples and scores its own rows; the round's rows and scores in
+    the checkpoint are split by data shard)."""
+    flags = (
+        "--config.method=minillm",
+        "--config.loss.name=rkl",
+        "--config.minillm.ppo_epochs=3",  # rounds: steps 0-2, 3-4; the checkpoint of step 1 is inside one
+        "--config.eval.generate=False",
+    )
+    one = tmp_path / "one"
+    [(rc, out)] = launch(1, one, *flags)
+    assert rc == 0, out[-3000:]
+    mixed = tmp_path / "mixed"
+    shutil.copytree(one, mixed)
+    for step in (2, 3, 4):
+        shutil.rmtree(mixed / "checkpoints" / str(step))
+    two = launch(2, mixed, *flags)
+    assert all(rc == 0 for rc, _ in two), [out[-2000:] for _, out in two]
+    assert "at step 1 of 4" in two[0][1]
+    a, b = rows(one), rows(mixed)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        for k in x:
+            np.testing.assert_allclose(y[k], x[k], rtol=1e-5, err_msg=f"step {x['step']} {k}")
