@@ -141,7 +141,7 @@ class Rollouts:
 
     def state(self) -> dict:
         """The round's rows and scores, keyed by data shard (one slice of the rows each) so that every
-        host's states merge into one (``{**a, **b}``) that reshards on load."""
+        host's states merge into one (``merge_states``) that reshards on load."""
         if self.round is None:
             return {"round": None, "shards": {}}
         n = len(self.rows) // len(self.shards)
@@ -156,6 +156,7 @@ class Rollouts:
         return {"round": self.round, "shards": parts}
 
     def load(self, state: dict) -> None:
+        """Take this host's shards of a (merged) state."""
         if state["round"] is None:
             return
         mine = [state["shards"][str(s)] for s in self.shards if str(s) in state["shards"]]
@@ -165,3 +166,8 @@ class Rollouts:
         self.round = state["round"]
         self.rows = [(p, r) for p, r, _, _ in rows]
         self.scores = tuple(np.asarray([x[i] for x in rows], np.float32) for i in (2, 3))
+
+
+def merge_states(states: Sequence[dict]) -> dict:
+    """One rollout state from every host's (``Rollouts.state``), their shards side by side."""
+    return {"round": states[0]["round"], "shards": {k: v for st in states for k, v in st["shards"].items()}}

@@ -6,7 +6,9 @@ Methods (``config.method``): ``sft`` (CE only, no teacher), ``kd`` (``loss.name`
 responses; ``fkl`` is the paper's KD), ``seqkd`` (the teacher's own responses to the training prompts,
 generated once and saved in the run folder, then trained on with ``loss.name``), and the methods on
 student-generated outputs — ``distillm`` (adaptive off-policy), ``imitkd``, ``gkd``, ``onpolicy`` — whose
-per-step choice of rows lives in ``offpolicy.py`` (``Feeder``); every method draws its rows from a feeder.
+per-step choice of rows lives in ``offpolicy.py`` (``Feeder``); every method draws its rows from a feeder,
+except ``minillm``, whose rollout rounds live in ``minillm.py`` (``Rollouts``). ``distillm2`` trains on
+the teacher's and the initial student's responses, both generated once and cached like SeqKD's.
 
 Step counts are optimizer updates; with ``optim.grad_accum > 1`` each update runs that many micro-batches.
 """
@@ -106,7 +108,6 @@ class Run:
         self.student = build_model(c.student, self.mesh, trainable=True)
         self.enc_dec = hasattr(self.student, "encode")
         self.start_id = self.student.hf_config.get("decoder_start_token_id") or 0
-        self.student_lora_dropout = bool(c.student.lora.rank and c.student.lora.dropout)
         self._check_vocab(self.student, "student")
         if c.loss.lm_coef > 0 and self.enc_dec:
             raise cfglib.ConfigError("loss.lm_coef (plain LM loss) needs a decoder-only student; set it to 0")
@@ -461,7 +462,12 @@ def train(config: ConfigDict) -> dict:
     c = config
     lead = jax.process_index() == 0
     loss_cfg = _loss_config(c)
-    rows = {"seqkd": r.seqkd_rows, "distillm2": r.distillm2_rows}.get(c.method, lambda: r.train_rows)()
+    if c.method == "seqkd":
+        rows = r.seqkd_rows()
+    elif c.method == "distillm2":
+        rows = r.distillm2_rows()  # (prompt, teacher response, student response)
+    else:
+        rows = r.train_rows
     updates_per_epoch = len(rows) // c.optim.batch_size
     total = c.optim.epochs * updates_per_epoch if c.optim.epochs else c.optim.steps
     eval_every = c.eval.interval or updates_per_epoch
@@ -487,7 +493,8 @@ def train(config: ConfigDict) -> dict:
     rollouts = None
     if c.method == "minillm":
         rollouts = _rollouts(r, c, lambda: [rows[i] for i in next(batches)], model_of, teacher_state)
-    dropout_key = jax.random.key(c.seed + 0xD0) if r.student_lora_dropout else None
+    lo = c.student.lora
+    dropout_key = jax.random.key(c.seed + 0xD0) if lo.rank and lo.dropout else None
     peft = bool(c.student.lora.peft)
 
     ckpt = Checkpoints(os.path.join(c.run_dir, "checkpoints"), keep=c.checkpoint.keep)
@@ -543,9 +550,7 @@ def train(config: ConfigDict) -> dict:
         feeders = distributed.gather_objects(feeder.state())  # each host's buffer shards
         host.update(step=at, order=list(order.position), feeder=offpolicy.merge_states(feeders))
         if rollouts is not None:
-            parts = distributed.gather_objects(rollouts.state())
-            shards = {k: v for p in parts for k, v in p["shards"].items()}
-            host["rollout"] = {"round": parts[0]["round"], "shards": shards}
+            host["rollout"] = minillm.merge_states(distributed.gather_objects(rollouts.state()))
         if lm_order is not None:
             host["lm_order"] = list(lm_order.position)
         ckpt.save(at, params, opt_state, dict(host))
@@ -581,7 +586,7 @@ def train(config: ConfigDict) -> dict:
             infos.append(info)
             host["sources"][info["source"]] += 1
             host["gen_seconds"] += info["gen_s"]
-            for k, mrows in enumerate(micro_rows):
+            for micro, mrows in enumerate(micro_rows):
                 b = r.training_batch(mrows)
                 if rollouts is not None:
                     b["old_logp"], b["teacher_logp"] = scores
@@ -591,7 +596,7 @@ def train(config: ConfigDict) -> dict:
                     b["lm"] = batching.text_batch(lm, c.data.max_length, r.pad)
                 key = None
                 if dropout_key is not None:  # LoRA dropout: a key per micro-batch, the same on a resume
-                    key = jax.random.fold_in(dropout_key, at * c.optim.grad_accum + k)
+                    key = jax.random.fold_in(dropout_key, at * c.optim.grad_accum + micro)
                 params, opt_state, m = train_step(params, opt_state, teacher_state, r.to_devices(b), key)
                 pending.append(m)
             at += 1

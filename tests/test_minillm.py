@@ -6,6 +6,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from distillm_jax import minillm
 
@@ -98,3 +99,17 @@ def test_rollouts_keep_a_round_for_its_epochs_and_through_a_checkpoint():
     np.testing.assert_array_equal(fresh.scores[1], r.scores[1])
     fresh.for_step(3, None)  # same round: no new sampling
     assert calls == [4, 4]
+    # Two hosts (one data shard each) save their halves; a one-host run loads the merged state, and a
+    # host of other shards is refused.
+    halves = []
+    for shard in (0, 1):
+        prompts = [([shard], [3])] * 2
+        h = minillm.Rollouts(2, sample, score, lambda p=prompts: p, seed=0, shards=(shard,))
+        h.for_step(0, jnp.zeros(()))
+        halves.append(h.state())
+    merged = minillm.merge_states(halves)
+    one = minillm.Rollouts(2, sample, score, lambda: [], seed=0, shards=(0, 1))
+    one.load(merged)
+    assert [p for p, _ in one.rows] == [[0], [0], [1], [1]] and one.scores[0].shape == (4, 3)
+    with pytest.raises(ValueError, match="other data shards"):
+        minillm.Rollouts(2, sample, score, lambda: [], seed=0, shards=(2,)).load(merged)
