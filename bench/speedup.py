@@ -40,7 +40,7 @@ sys.path.insert(0, ROOT)
 
 from configs import paper  # noqa: E402
 from distillm_jax import config as cfglib  # noqa: E402
-from distillm_jax import reporting, trainer  # noqa: E402
+from distillm_jax import pipeline, reporting, trainer  # noqa: E402
 
 # DistiLLM on LoRA adapters: r 16, α 64 on every projection of the (d_model 64) student, at 5× the full
 # fine-tuning rate, as LoRA usually needs (at 1e-3 on q and v only it barely moved: 33.4 -> 34.9).
@@ -115,7 +115,7 @@ def base_config(args: argparse.Namespace):
         c.teacher.train_steps = c.student.train_steps = int(any(a.startswith("trl") for a in args.arms))
     for role in ("teacher", "student"):  # resume=True: made once, then reused
         if c[role].train_steps and not c[role].path:
-            c = trainer.sft_first(c, role, {})
+            c = pipeline.sft_first(c, role, {})
     c.optim.steps, c.eval.interval, c.checkpoint.interval = args.steps, args.eval_every, args.steps
     c.data.max_train_rows = 0 if args.quick else args.rows
     return c

@@ -13,8 +13,13 @@ def model_spec(path: str = "", dtype: str = "float32") -> ConfigDict:
             "seed": 0,  # initialisation seed of a new model
             "dtype": dtype,  # compute dtype: float32 or bfloat16
             "param_dtype": "",  # "" = dtype; the student's params stay float32 for AdamW unless set
-            "train_steps": 0,  # > 0 with no path: train the new model by SFT first (teacher, student init)
-            "train_lr": 0.0,  # its learning rate then; 0 = optim.lr
+            # A first stage of SFT on the task (the paper's fine-tuned teacher and the student's "init"),
+            # from `path` (a pretrained model) or from `config`, in run_dir/teacher or run_dir/student_sft;
+            # the checkpoint with the best validation CE goes on. train_steps, else train_epochs.
+            "train_steps": 0,
+            "train_epochs": 0,
+            "train_lr": 0.0,  # its learning rate; 0 = optim.lr
+            "tuned": False,  # `path` is already fine-tuned on the task (no warning that it is not)
             # LoRA (rank > 0): train adapters on frozen base weights; the optimizer holds adapters only.
             # The paper's OpenLLaMA setting: rank 16, alpha 64, dropout 0.1. Exports are merged HF
             # checkpoints; peft=True also writes the adapters in PEFT's layout to <export>/adapter.
@@ -48,16 +53,21 @@ def get_config() -> ConfigDict:
 
     c.data = ConfigDict()
     c.data.task = "dolly"  # dolly | samsum | iwslt2017 | demo
-    c.data.source = ""  # "" = the task's hub dataset; else local json/jsonl/parquet file or directory
-    c.data.train_split = "train"
+    # "" = the task's hub dataset; else a local .jsonl/.json/.parquet/.csv file or a directory of
+    # <split>.<ext> files, or a hub dataset: org/name[:config][@revision][?data_dir=...&data_files=...]
+    c.data.source = ""
+    c.data.languages = "en-de"  # iwslt2017: the translation direction, src-tgt
+    c.data.train_split = "train"  # splits may be sliced: train[1000:], train[:10%]
     c.data.valid_split = "validation"
+    c.data.test_split = ""  # the pipeline's last stage: every model on it over eval.seeds ("" = none)
     c.data.max_prompt_length = 256
     c.data.max_length = 512
     c.data.max_train_rows = 0  # 0 = all
     c.data.max_valid_rows = 500  # validation CE and generation use this many rows
     c.data.demo_rows = 4000  # training rows drawn from the demo generator
-    c.data.lm_source = ""  # plain text for the LM loss (openwebtext jsonl/parquet, "text" column)
+    c.data.lm_source = ""  # plain text for the LM loss ("text" column), a source as data.source
     c.data.lm_split = "train"
+    c.data.lm_max_rows = 100_000  # documents of it held (streamed from the hub: never all of OpenWebText)
 
     c.loss = ConfigDict()
     c.loss.name = "fkl"  # any divergence of losses.py: fkl rkl sfkl srkl jsd tvd symkl
@@ -88,7 +98,7 @@ def get_config() -> ConfigDict:
     c.eval.top_k = 0
     c.eval.top_p = 1.0
     c.eval.no_repeat_ngram_size = 6
-    c.eval.seeds = (10,)  # launch/evaluate.py: the paper's (10, 20, 30, 40, 50)
+    c.eval.seeds = (10,)  # the test stage and launch/evaluate.py: the paper's (10, 20, 30, 40, 50)
 
     c.offpolicy = ConfigDict()  # student-generated outputs: methods distillm, imitkd, gkd, onpolicy
     c.offpolicy.loss_eps = 0.1  # distillm: φ += 0.1 when validation CE rises this much over prev_loss

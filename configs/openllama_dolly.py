@@ -1,9 +1,9 @@
 """OpenLLaMA2-7B -> OpenLLaMA2-3B on Dolly-15K with DistiLLM's skew reverse KL. As in the paper, the 3B
 student trains as LoRA adapters (r 16, alpha 64, dropout 0.1, on q and v) over its frozen weights; exports
 are merged HF checkpoints with the adapters also in PEFT's layout (``<export>/adapter``). The learning rate
-is the OPT rate 5e-5 for 10 epochs (the paper states neither for LLaMA). The paper's teacher is an SFT'd
-7B; to SFT it as LoRA adapters too, run ``method=sft`` with its spec as the student and
-``student.lora.rank=16``. Check that the hub checkpoints ship safetensors (convert ``.bin`` ones first).
+is the OPT rate 5e-5 for 10 epochs (the paper states neither for LLaMA). The pipeline SFTs the
+7B teacher on Dolly first, as LoRA adapters too (merged into its exported ``best/``). Both hub
+checkpoints ship ``pytorch_model*.bin`` only, which load without torch.
 ``:tiny``: tiny random Llamas (LoRA as well) on a 24-row local sample of Dolly."""
 
 from ml_collections import ConfigDict
@@ -17,4 +17,6 @@ def get_config(arg: str = "") -> ConfigDict:
     paper.dolly(c)
     lo = c.student.lora
     lo.rank, lo.alpha, lo.dropout, lo.targets, lo.peft = 16, 64.0, 0.1, ("q", "v"), True
+    t = c.teacher.lora  # the teacher's SFT stage: adapters as well (a 7B's full AdamW state is 84 GB)
+    t.rank, t.alpha, t.dropout, t.targets = 16, 64.0, 0.1, ("q", "v")
     return tiny.variant(c, arg, "openllama_dolly", teacher=tiny.llama(64, 2, 4), student=tiny.llama(32, 1, 2))

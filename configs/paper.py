@@ -1,9 +1,11 @@
-"""What every paper config shares (PAPER.md §4): DistiLLM's loss, the paper's optimiser and evaluation
-protocol, and Dolly's split; each config file then names its pair, task and learning rate.
+"""What every paper config shares: the paper's pipeline (teacher SFT, student init, DistiLLM, the test
+split over five seeds), DistiLLM's loss, the paper's optimiser and evaluation protocol, and Dolly's split;
+each config file then names its pair, task and learning rate.
 
-The paper distils an SFT'd teacher into an SFT'd student ("init": 3 epochs of SFT, best validation loss):
-point ``teacher.path`` (and ``student.path``) at such checkpoints, e.g. ``best/`` of a ``method="sft"``
-run; the hub ids in the configs are the pretrained models.
+The paper distils a teacher fine-tuned on the task into a student given an SFT "init" (3 epochs, best
+validation loss). The configs name pretrained hub models, so ``launch/train.py`` runs those two SFT stages
+first (``pipeline.py``); a teacher already fine-tuned on the task (``MiniLLM/teacher-gpt2-1.5B`` for GPT-2
+XL on Dolly) is marked ``teacher.tuned`` and used as it is.
 """
 
 from ml_collections import ConfigDict
@@ -39,11 +41,19 @@ def method(c: ConfigDict, name: str) -> ConfigDict:
     return c
 
 
-def distillm(c: ConfigDict, name: str, teacher: str, student: str, *, lr: float, epochs: int) -> ConfigDict:
+def distillm(
+    c: ConfigDict, name: str, teacher: str, student: str, *, lr: float, epochs: int, tuned: bool = False
+) -> ConfigDict:
     c.run_dir = f"runs/{name}"
     c.teacher.path, c.teacher.dtype = teacher, "bfloat16"  # frozen: bf16 weights and compute
     c.student.path, c.student.dtype = student, "bfloat16"  # bf16 compute over float32 params (AdamW)
-    method(c, "distillm")  # adaptive SGOs (offpolicy.*: loss_eps 0.1, buffer 1000, decreasing replay)
+    # Stage 1: the teacher's SFT on the task, as the official GPT-2 XL teacher's (lr 5e-5, 10 epochs);
+    # not for a teacher already fine-tuned on it (tuned=True).
+    c.teacher.tuned = tuned
+    c.teacher.train_epochs, c.teacher.train_lr = (0, 0.0) if tuned else (10, 5e-5)
+    c.student.train_epochs = 3  # stage 2: the student's init, at the pair's rate; best validation CE
+    c.data.test_split = "test"  # stage 4: every model on the test split over eval.seeds
+    method(c, "distillm")  # adaptive SGOs (offpolicy.*: loss_eps 0.1, buffer 4000, decreasing replay)
     c.loss.kd_ratio = 1.0
     # The paper adds lm_coef 1.0 of plain LM loss on OpenWebText: --config.loss.lm_coef=1.0
     # --config.data.lm_source=/path/to/openwebtext (jsonl / parquet with a "text" column).
@@ -53,18 +63,21 @@ def distillm(c: ConfigDict, name: str, teacher: str, student: str, *, lr: float,
     c.eval.interval = 0  # every epoch; best/ keeps the best dev ROUGE-L / BLEU
     c.eval.temperature, c.eval.top_k, c.eval.top_p = 1.0, 0, 1.0  # the paper samples; 0 = greedy
     c.eval.no_repeat_ngram_size = 6
-    c.eval.seeds = (10, 20, 30, 40, 50)  # launch/evaluate.py: mean ± std
+    c.eval.seeds = (10, 20, 30, 40, 50)  # the test stage (and launch/evaluate.py): mean ± std
     # All devices on FSDP. A TPU v4-32 slice (16 chips): data=1, fsdp=16, tensor=1; batch 32 = 2 rows a chip.
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
     return c
 
 
 def dolly(c: ConfigDict) -> ConfigDict:
-    """databricks/databricks-dolly-15k has only a train split: 1000 dev and 500 test rows are held out of
-    it as in the paper (which draws them at random; these are the first ones). Test:
-    ``--config.data.valid_split='train[1000:1500]'`` with launch/evaluate.py. Local files: ``data.source``
-    = a directory with train.jsonl / validation.jsonl, and the splits "train" / "validation"."""
-    c.data.task, c.data.source = "dolly", ""
-    c.data.train_split, c.data.valid_split, c.data.max_valid_rows = "train[1500:]", "train[:1000]", 1000
+    """The paper's Dolly split, exactly: MiniLLM's processed Dolly-15K (``MiniLLM/dolly``), which DistiLLM
+    reuses: ``valid.jsonl`` holds the 500 test rows, ``raw.jsonl`` the rest, shuffled, of which the first
+    1000 are the dev set and the others the training set. The hub's ``databricks/databricks-dolly-15k``
+    has only a train split in its original order: ``--config.data.source=databricks/databricks-dolly-15k``
+    with splits ``train[1500:]`` / ``train[:1000]`` / ``train[1000:1500]`` holds out other rows. Local
+    files: a directory with ``train.jsonl`` / ``validation.jsonl`` / ``test.jsonl`` and those split names."""
+    c.data.task, c.data.source = "dolly", "MiniLLM/dolly?data_files=train:raw.jsonl,test:valid.jsonl"
+    c.data.train_split, c.data.valid_split, c.data.test_split = "train[1000:]", "train[:1000]", "test"
+    c.data.max_valid_rows = 1000
     c.data.max_prompt_length, c.data.max_length = 256, 512
     return c

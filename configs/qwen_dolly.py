@@ -15,5 +15,7 @@ def get_config(arg: str = "") -> ConfigDict:
     c = paper.distillm(base.get_config(), "qwen_dolly", teacher, student, lr=5e-5, epochs=10)
     paper.dolly(c)
     c.loss.chunk_size = 128  # 32 rows x 128 positions x 152k logits at a time, not x 512
+    t = c.teacher.lora  # the 7B teacher's SFT stage on Dolly as LoRA adapters (merged into its best/)
+    t.rank, t.alpha, t.dropout, t.targets = 16, 64.0, 0.1, ("q", "v")
     small = dict(teacher=tiny.qwen2(64, 2, 4, 2, tied=False), student=tiny.qwen2(32, 1, 4, 2, tied=True))
     return tiny.variant(c, arg, "qwen_dolly", **small)  # untied 7B-like teacher, tied 0.5B-like student

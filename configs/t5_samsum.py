@@ -12,7 +12,8 @@ def get_config(arg: str = "") -> ConfigDict:
     c = paper.distillm(
         base.get_config(), "t5_samsum", "google-t5/t5-3b", "google-t5/t5-base", lr=1e-4, epochs=10
     )
-    c.data.task, c.data.source = "samsum", ""  # Samsung/samsum: train 14732 / validation 818 / test 819
-    c.data.max_valid_rows = 0  # all; the test split: --config.data.valid_split=test with launch/evaluate.py
+    # knkarthick/samsum (Samsung/samsum was deleted from the hub): train 14732 / validation 818 / test 819
+    c.data.task, c.data.source = "samsum", ""
+    c.data.max_valid_rows = 0  # all
     c.data.max_prompt_length, c.data.max_length = 512, 640  # the dialogue; + up to 128 summary tokens
     return tiny.variant(c, arg, "t5_samsum", teacher=tiny.t5(64, 2, 4), student=tiny.t5(32, 1, 2))

@@ -1,7 +1,8 @@
 """The ``:tiny`` variant every paper config shares (``--config configs/gpt2_dolly.py:tiny``): the same
 method, loss, task and model families as the full run, but tiny random models (a teacher bigger than the
 student) with the built-in byte tokenizer, a small local sample of the task's data (``samples/<task>/``),
-short sequences and a few steps on any machine: a smoke test of the full config's code path in seconds.
+short sequences and a few steps on any machine: a smoke test of the full config's code path (all four
+stages of the pipeline) in seconds.
 
 The family builders return HF config kwargs (``teacher.config`` / ``student.config``) shaped like the
 real checkpoints of the pair: GPT-2, OPT (pre-norm), Llama (no GQA, untied), Qwen2 (GQA, q/k/v bias, the
@@ -96,13 +97,13 @@ def apply(c: ConfigDict, name: str, teacher: ConfigDict, student: ConfigDict) ->
     HF config kwargs from the builders above."""
     c.run_dir = f"runs/{name}_tiny"
     c.tokenizer = "bytes"
-    for role, hf in (("teacher", teacher), ("student", student)):
+    for role, hf in (("teacher", teacher), ("student", student)):  # both SFT'd first, as the full run's
         c[role].path = ""
         c[role].config = hf
-        c[role].train_steps = 0
+        c[role].train_steps, c[role].train_epochs, c[role].train_lr = 2, 0, 0.0
     c.student.seed = 1
     c.data.source = str(SAMPLES / c.data.task)  # train.jsonl / validation.jsonl in the task's columns
-    c.data.train_split, c.data.valid_split = "train", "validation"
+    c.data.train_split, c.data.valid_split, c.data.test_split = "train", "validation", "test"
     c.data.max_prompt_length = 48
     c.data.max_length = 64
     c.data.max_train_rows = 0
@@ -117,6 +118,7 @@ def apply(c: ConfigDict, name: str, teacher: ConfigDict, student: ConfigDict) ->
     c.eval.interval = 2
     c.eval.batch_size = 8
     c.eval.max_new_tokens = 8
+    c.eval.seeds = (10, 20)
     c.seqkd.batch_size = 8
     c.checkpoint.interval = 0
     c.log_interval = 1

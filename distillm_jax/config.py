@@ -11,7 +11,8 @@ from pathlib import Path
 from ml_collections import ConfigDict
 
 from distillm_jax import losses, offpolicy
-from distillm_jax.data import tasks
+from distillm_jax.data import sources, tasks
+from distillm_jax.models import hub
 
 METHODS = ("sft", "kd", "seqkd", *offpolicy.METHODS, "minillm", "distillm2")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -67,7 +68,13 @@ def check(config: ConfigDict) -> None:
     if config.method not in METHODS:
         raise ConfigError(f"method {config.method!r} is not one of {', '.join(METHODS)}")
     try:
-        tasks.get(config.data.task)
+        tasks.get(config.data.task, config.data.languages)
+        for key in ("train_split", "valid_split", "test_split", "lm_split"):
+            if config.data[key]:
+                sources.parse_split(config.data[key])
+        for key in ("source", "lm_source"):
+            if config.data[key] and not sources.is_local(config.data[key]):
+                sources.parse_hub(config.data[key])
         losses.validate(config.loss.name, **loss_params(config))
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -98,17 +105,15 @@ def check(config: ConfigDict) -> None:
             raise ConfigError(
                 f"{role}.path is empty: give a checkpoint directory or hub id (or {role}.config)"
             )
-        if (
-            spec.path
-            and spec.path.startswith((".", "/", "~"))
-            and not os.path.isdir(os.path.expanduser(spec.path))
-        ):
+        if spec.path and hub.is_local(spec.path) and not os.path.isdir(os.path.expanduser(spec.path)):
             raise ConfigError(f"{role}.path {spec.path} is not a checkpoint directory")
+        if spec.train_steps < 0 or spec.train_epochs < 0:
+            raise ConfigError(f"{role}.train_steps and {role}.train_epochs must be >= 0")
         if not spec.path and "model_type" not in spec.config:
             raise ConfigError(f"{role}.config needs a model_type (e.g. 't5') to build a new model")
     for key in ("source", "lm_source"):
         src = d[key]
-        if src and src.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(src)):
+        if src and sources.is_local(src) and not os.path.exists(os.path.expanduser(src)):
             raise ConfigError(f"data.{key} {src} does not exist")
     if config.loss.lm_coef > 0 and not d.lm_source:
         raise ConfigError("loss.lm_coef > 0 needs data.lm_source (plain text with a 'text' column)")

@@ -23,6 +23,7 @@ from ml_collections import ConfigDict
 
 from distillm_jax import lora, models, offpolicy
 from distillm_jax import sharding as shd
+from distillm_jax.models import hub
 
 GIB = 2**30
 MARGIN = 0.9  # the share of a device's memory a plan may use
@@ -55,7 +56,8 @@ def hf_config(spec: ConfigDict):
     if spec.path:
         if os.path.isdir(os.path.expanduser(spec.path)):
             return models.load_hf_config(os.path.expanduser(spec.path))
-        return AutoConfig.from_pretrained(spec.path)
+        repo, revision = hub.split_revision(spec.path)
+        return AutoConfig.from_pretrained(repo, revision=revision)
     kwargs = spec.config.to_dict()
     return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
 

@@ -1,6 +1,5 @@
 """The training loop: data, the jitted steps, evaluation, checkpoints, logging and export, wired together
-for one run (``train``), and the demo's three runs around it (``run``: a teacher trained first when the
-config asks for one, the distillation, and an SFT student of the same size to compare with).
+for one run (``train``); ``pipeline.py`` chains the runs of the paper's pipeline around it.
 
 Methods (``config.method``): ``sft`` (CE only, no teacher), ``kd`` (``loss.name`` on ground-truth
 responses; ``fkl`` is the paper's KD), ``seqkd`` (the teacher's own responses to the training prompts,
@@ -79,7 +78,7 @@ class Run:
         self.config = c = config
         self.mesh = sharding.make_mesh(**c.mesh)
         self.shards, self.num_shards = sharding.data_shards(self.mesh)
-        self.task = tasks.get(c.data.task)
+        self.task = tasks.get(c.data.task, c.data.languages)
         self.lengths = batching.Lengths(c.data.max_prompt_length, c.data.max_length)
         try:
             self.tokenizer = toklib.load(c.tokenizer, c.student.path)
@@ -94,9 +93,9 @@ class Run:
         raw_valid = self._raw(d.valid_split, d.max_valid_rows, d.max_valid_rows or 500)
         texts = None
         if c.loss.lm_coef > 0 and not evaluate_only:
+            lm_task = tasks.get("openwebtext")
             texts = [
-                r["text"]
-                for r in self._raw(d.lm_split, 0, 0, task=tasks.get("openwebtext"), source=d.lm_source)
+                r["text"] for r in self._raw(d.lm_split, d.lm_max_rows, 0, task=lm_task, source=d.lm_source)
             ]
         if jax.process_count() > 1:
             for name, size in (("the micro-batch", self.micro), ("eval.batch_size", c.eval.batch_size)):
@@ -142,12 +141,15 @@ class Run:
     def _raw(self, split: str, max_rows: int, demo_rows: int, task=None, source=None) -> list[dict]:
         """A split's rows as read (the task's columns checked), at most ``max_rows`` (0: all)."""
         try:
-            rows = tasks.load_rows(
-                task or self.task, source or self.config.data.source or None, split, demo_rows=demo_rows
+            return tasks.load_rows(
+                task or self.task,
+                source or self.config.data.source,
+                split,
+                demo_rows=demo_rows,
+                max_rows=max_rows,
             )
         except (FileNotFoundError, ValueError) as e:
             raise cfglib.ConfigError(str(e)) from None
-        return rows[:max_rows] if max_rows else rows
 
     def _tokenized(self, split: str, rows: list[dict]) -> tuple[list, list[str]]:
         """(prompt, response) token ids of a split's rows, and the reference texts."""
@@ -706,82 +708,6 @@ def override(config: ConfigDict, **changes) -> ConfigDict:
             node = node[p]
         node[leaf] = value
     return out
-
-
-def sft_first(c: ConfigDict, role: str, results: dict) -> ConfigDict:
-    """Train a new ``role`` model (teacher or student) by SFT for its ``train_steps`` into
-    ``run_dir/<role>``; return the config pointing at the result (the paper's teachers are SFT'd, and its
-    students start from an SFT'd "init" checkpoint)."""
-    spec = c[role]
-    out = os.path.join(c.run_dir, role + "_sft" if role == "student" else role)
-    sub = override(
-        c,
-        run_dir=out,
-        method="sft",
-        compare_sft=False,
-        student=ConfigDict(spec.to_dict()),
-        optim__steps=spec.train_steps,
-        optim__epochs=0,
-        optim__lr=spec.train_lr or c.optim.lr,
-    )
-    sub.student.train_steps, sub.student.train_lr = 0, 0.0
-    results[role + "_sft"] = train(sub)
-    return override(c, **{f"{role}__path": os.path.join(out, "final"), f"{role}__train_steps": 0})
-
-
-def run(config: ConfigDict) -> dict:
-    """The main job: trains a new teacher and/or the student's init by SFT first when ``train_steps`` asks
-    for it (the demo), then the configured run, then — with ``compare_sft`` — an SFT-only student from the
-    same start for the same steps; prints teacher / student before / after / SFT side by side."""
-    cfglib.check(config)
-    _warn_if_too_big(config)
-    c, results = config, {}
-    for role in ("teacher", "student"):
-        if c[role].train_steps and not c[role].path:
-            c = sft_first(c, role, results)
-    results["student"] = train(c)
-    if c.compare_sft and c.method != "sft":
-        results["sft"] = train(override(c, run_dir=os.path.join(c.run_dir, "sft"), method="sft"))
-        if "teacher_sft" not in results:  # a given teacher: scored like the students' final evaluation
-            seed = c.seed * 1000 + results["student"]["steps"]
-            teacher = override(c, student=ConfigDict(c.teacher.to_dict()), method="sft")
-            results["teacher"] = {"final": evaluate_model(teacher, (seed,))}
-    if jax.process_index() == 0 and len(results) > 1:
-        print(comparison(results))
-    return results
-
-
-def _warn_if_too_big(c: ConfigDict) -> None:
-    """The memory planner's verdict before anything is loaded, on devices that report their memory
-    (a warning: its activation figures are estimates; ``launch/plan.py`` shows the parts)."""
-    memory = planner.device_memory()
-    if memory is None or jax.process_index() != 0:
-        return
-    try:
-        parts = planner.plan(c, jax.device_count())
-    except (OSError, ValueError):  # e.g. a hub id without the hub: the run itself will say
-        return
-    if not planner.fits(parts, memory):
-        print(f"warning: {planner.advice(parts, memory)} (python launch/plan.py for the parts)")
-
-
-def comparison(results: dict) -> str:
-    """Teacher / student before / distilled / SFT on the task metric and validation CE."""
-    s = results["student"]
-    metric = s["metric"]
-    rows = [("model", metric, "val_ce")]
-
-    def add(name, m):
-        rows.append((name, f"{m.get(metric, float('nan')):.2f}", f"{m.get('val_ce', float('nan')):.4f}"))
-
-    teacher = results.get("teacher_sft", results.get("teacher"))
-    if teacher is not None:
-        add("teacher", teacher["final"])
-    add("student before", s["initial"])
-    add(f"student {s['method']} ({s['loss']})", s["final"])
-    if "sft" in results:
-        add("student sft (ce)", results["sft"]["final"])
-    return reporting.table(rows)
 
 
 def evaluate_model(config: ConfigDict, seeds: tuple[int, ...]) -> dict:

@@ -4,9 +4,9 @@ import _cli
 
 
 def body(config):
-    from distillm_jax import trainer
+    from distillm_jax import pipeline
 
-    trainer.run(config)
+    pipeline.run(config)
 
 
 if __name__ == "__main__":

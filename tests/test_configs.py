@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from distillm_jax import config as cfglib
-from distillm_jax import lora, models, reporting, trainer
+from distillm_jax import lora, models, pipeline, reporting, trainer
 from distillm_jax.models import hf_io
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def test_paper_methods_as_config_arguments(arg, method, loss, params):
 def test_tiny_variant_trains_end_to_end(name, tmp_path, quick_compiles):
     c = load(name, "tiny")
     c.run_dir = str(tmp_path / name)
-    results = trainer.run(c)
+    results = pipeline.run(c)
     s = results["student"]
     assert s["steps"] == c.optim.steps == 3
     run = Path(c.run_dir)

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from distillm_jax import config as cfglib
-from distillm_jax import offpolicy, reporting, step, trainer
+from distillm_jax import offpolicy, pipeline, reporting, step, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,7 +43,7 @@ def test_minillm_lowers_reverse_kl_on_its_own_samples_and_resumes_mid_round(tmp_
     c = tiny(tmp_path, "tiny,gpt2", method="minillm", loss__name="rkl", optim__steps=8, optim__lr=1e-2)
     c.eval.generate, c.eval.interval, c.checkpoint.interval, c.minillm.ppo_epochs = False, 8, 4, 3
     c.teacher.train_steps, c.teacher.train_lr = 6, 3e-2  # a teacher far from the random student
-    summary = trainer.run(c)["student"]
+    summary = pipeline.run(c)["student"]
     assert summary["sources"] == {"data": 0, "sgo": 8, "replay": 0}
     assert summary["final"]["val_rkl"] < summary["initial"]["val_rkl"]
     c = trainer.override(c, teacher__path=c.run_dir + "/teacher/final", teacher__train_steps=0)
@@ -71,7 +71,7 @@ def test_minillm_lowers_reverse_kl_on_its_own_samples_and_resumes_mid_round(tmp_
 
 def test_distillm2_trains_on_cached_teacher_and_student_responses(tmp_path):
     c = tiny(tmp_path, method="distillm2", loss__name="sfkl", optim__steps=2, eval__generate=False)
-    summary = trainer.run(c)["student"]
+    summary = pipeline.run(c)["student"]
     run = Path(c.run_dir)
     teacher = [json.loads(line) for line in (run / "seqkd_train.jsonl").read_text().splitlines()]
     student = [json.loads(line) for line in (run / "distillm2_student.jsonl").read_text().splitlines()]

@@ -179,16 +179,23 @@ def test_bfloat16_params_and_compute():
     assert err.mean() < 0.05 and err.max() < 0.1 * np.abs(ref["logits"]).max()  # bf16: ~3 significant digits
 
 
+def no_hub(self, *args, **kwargs):
+    raise OSError("no network")
+
+
 def test_hub_ids_go_through_huggingface_hub(monkeypatch):
     calls = []
 
-    def fake_snapshot_download(repo_id, allow_patterns):
-        calls.append(repo_id)
+    def fake_snapshot_download(repo_id, revision, allow_patterns):
+        calls.append((repo_id, revision))
         return str(FIXTURES / "qwen2")
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr("huggingface_hub.HfApi.model_info", no_hub)
     model = models.from_pretrained("Qwen/Qwen2.5-0.5B")
-    assert calls == ["Qwen/Qwen2.5-0.5B"] and model.config.qkv_bias
+    models.from_pretrained("Qwen/Qwen2.5-0.5B@refs/pr/24")
+    assert calls == [("Qwen/Qwen2.5-0.5B", None), ("Qwen/Qwen2.5-0.5B", "refs/pr/24")]
+    assert model.config.qkv_bias
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,14 +203,15 @@ def test_hub_ids_go_through_huggingface_hub(monkeypatch):
 
 
 def test_unreachable_hub_id_or_mistyped_relative_path(monkeypatch):
-    def offline(repo_id, allow_patterns):
+    def offline(repo_id, revision, allow_patterns):
         raise OSError("We couldn't connect to the hub\nmore detail")
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
+    monkeypatch.setattr("huggingface_hub.HfApi.model_info", no_hub)
     with pytest.raises(
         models.CheckpointError,
         match=r"runs/x is neither a local checkpoint directory nor a "
-        r"downloadable hub id \(OSError: We couldn't connect to the hub\)$",
+        r"downloadable hub id \(OSError: We couldn't connect to the hub\); without a network",
     ):
         models.from_pretrained("runs/x")
 
@@ -243,7 +251,8 @@ def test_missing_and_corrupt_weight_files(tmp_path):
     d = broken_copy(tmp_path)
     (d / hf_io.WEIGHTS).unlink()
     with pytest.raises(
-        models.CheckpointError, match=r"no model.safetensors or model.safetensors.index.json in"
+        models.CheckpointError,
+        match=r"no model.safetensors, model.safetensors.index.json, pytorch_model.bin or",
     ):
         models.from_pretrained(str(d))
     (d / hf_io.WEIGHTS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")

@@ -67,8 +67,10 @@ def test_parquet_and_demo_sources(tmp_path):
 def test_errors(tmp_path):
     with pytest.raises(ValueError, match=r"unknown task 'dolly15k'; valid tasks: dolly, samsum"):
         tasks.get("dolly15k")
-    with pytest.raises(FileNotFoundError, match=r"no data file for split 'train' at .*nowhere"):
+    with pytest.raises(FileNotFoundError, match=r"data file .*nowhere does not exist"):
         tasks.load_rows(tasks.get("samsum"), str(tmp_path / "nowhere"), "train")
+    with pytest.raises(FileNotFoundError, match=r"no data file for split 'test' in .*expected test.jsonl"):
+        tasks.load_rows(tasks.get("samsum"), str(tmp_path), "test")
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"dialog": "x", "summary": "y"}])
     with pytest.raises(
         ValueError, match=r"lacks column\(s\) dialogue needed by task 'samsum'; it has: dialog, summary"

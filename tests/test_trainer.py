@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from distillm_jax import config as cfglib
-from distillm_jax import models, reporting, trainer
+from distillm_jax import models, pipeline, reporting, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,7 +36,7 @@ def demo(tmp_path_factory):
     jax.config.update("jax_disable_most_optimizations", True)  # as quick_compiles, for the module
     c, out = tiny(tmp_path_factory.mktemp("demo")), io.StringIO()
     with contextlib.redirect_stdout(out):
-        results = trainer.run(c)
+        results = pipeline.run(c)
     jax.config.update("jax_disable_most_optimizations", before)
     return c, results, out.getvalue()
 
@@ -136,7 +136,7 @@ def test_grad_accumulation_averages_micro_batches(tmp_path):
 def test_seqkd_trains_on_the_teachers_cached_responses(tmp_path):
     c = tiny(tmp_path, method="seqkd", compare_sft=False, optim__steps=2, eval__generate=False)
     c.teacher.train_steps, c.student.train_steps = 0, 0  # a random teacher: its outputs are what is checked
-    trainer.run(c)
+    pipeline.run(c)
     path = Path(c.run_dir) / "seqkd_train.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 64 and all(0 < len(r) <= 8 for _, r in rows)  # eval.max_new_tokens = 8
@@ -153,7 +153,7 @@ def test_lm_loss_on_plain_text(tmp_path):
     c = cfglib.load_file(str(ROOT / "configs" / "gpt2_dolly.py"), "tiny")
     c = trainer.override(c, run_dir=str(tmp_path / "run"), optim__steps=2, eval__generate=False)
     c.loss.lm_coef, c.data.lm_source = 0.5, str(text)
-    summary = trainer.run(c)["student"]
+    summary = pipeline.run(c)["student"]
     rows = [r for r in reporting.read_rows(os.path.join(c.run_dir, "metrics.jsonl")) if r["kind"] == "train"]
     assert all(r["lm"] > 0 and r["loss"] == pytest.approx(r["srkl"] + 0.5 * r["lm"], rel=1e-5) for r in rows)
     assert summary["steps"] == 2
@@ -167,7 +167,7 @@ def test_overlap_mode_trains_like_paper_mode(tmp_path):
         c = tiny(tmp_path / name, method="onpolicy", compare_sft=False, optim__steps=5, eval__generate=False)
         c.teacher.train_steps, c.student.train_steps = 0, 0
         c.optim.lr, c.eval.interval = 3e-2, 5
-        return trainer.run(trainer.override(c, **kw))["student"]
+        return pipeline.run(trainer.override(c, **kw))["student"]
 
     paper = run("paper")
     overlap = run("overlap", offpolicy__overlap=True, offpolicy__max_staleness=2)

@@ -1,45 +1,73 @@
 """The tasks of the paper as prompt/response pairs: how each dataset's rows become text (PAPER.md §4),
-where they come from (a hub dataset id, or local json / jsonl / parquet files with the same columns),
-and which metric judges them.
+where they come from by default (a hub dataset in the form of ``sources.py``; any source with the same
+columns works), and which metric judges them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Callable, Sequence
 
-from distillm_jax.data import demo
+from distillm_jax.data import demo, sources
 
 DOLLY_HEAD = "Below is an instruction that describes a task"
 DOLLY_CONTEXT = ", paired with an input that provides further context"
 DOLLY_TAIL = ". Write a response that appropriately completes the request.\n\n"
 
 
+def _text(row: dict, *names: str) -> str:
+    """The first of ``names`` the row has; a missing or empty cell (None in CSV files) is ""."""
+    for name in names:
+        if row.get(name) is not None:
+            return str(row[name])
+    return ""
+
+
 def _dolly(row: dict, encoder_decoder: bool) -> tuple[str, str]:
-    context = (row.get("context") or "").strip()
+    # databricks-dolly-15k columns (instruction, context, response) or MiniLLM's (instruction, input, output)
+    context = _text(row, "context", "input").strip()
     prompt = DOLLY_HEAD + (DOLLY_CONTEXT if context else "") + DOLLY_TAIL
-    prompt += f"### Instruction:\n{row['instruction']}\n\n"
+    prompt += f"### Instruction:\n{_text(row, 'instruction')}\n\n"
     if context:
         prompt += f"### Input:\n{context}\n\n"
-    return prompt + "### Response:\n", row["response"]
+    return prompt + "### Response:\n", _text(row, "response", "output")
 
 
 def _summary(source: str, target: str) -> Callable[[dict, bool], tuple[str, str]]:
     def pair(row: dict, encoder_decoder: bool) -> tuple[str, str]:
+        text = _text(row, source)
         if encoder_decoder:
-            return f"summarize: {row[source]}", row[target]
-        return f"Summarize the dialogue:\n{row[source]}\nSummary:", row[target]
+            return f"summarize: {text}", _text(row, target)
+        return f"Summarize the dialogue:\n{text}\nSummary:", _text(row, target)
 
     return pair
 
 
-def _iwslt(row: dict, encoder_decoder: bool) -> tuple[str, str]:
-    pair = row.get("translation", row)
-    if encoder_decoder:
-        return f"translate English to German: {pair['en']}", pair["de"]
-    return f"Translate English to German:\n{pair['en']}\nGerman:", pair["de"]
+LANGUAGES = {
+    "en": "English",
+    "de": "German",
+    "fr": "French",
+    "it": "Italian",
+    "nl": "Dutch",
+    "ro": "Romanian",
+    "ar": "Arabic",
+    "ja": "Japanese",
+    "ko": "Korean",
+    "zh": "Chinese",
+}
+
+
+def _translation(src: str, tgt: str) -> Callable[[dict, bool], tuple[str, str]]:
+    a, b = LANGUAGES[src], LANGUAGES[tgt]
+
+    def pair(row: dict, encoder_decoder: bool) -> tuple[str, str]:
+        texts = row.get("translation") or row
+        source, target = _text(texts, src), _text(texts, tgt)
+        if encoder_decoder:
+            return f"translate {a} to {b}: {source}", target
+        return f"Translate {a} to {b}:\n{source}\n{b}:", target
+
+    return pair
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,75 +75,83 @@ class Task:
     name: str
     columns: tuple[tuple[str, ...], ...]  # each inner tuple: alternatives, one of which must be present
     metric: str  # "rougeL", "bleu", or "" for language-model data
-    hub_id: str | None
+    hub_id: str | None  # the default source: a hub dataset in sources.py's form (None: built in)
     to_pair: Callable[[dict, bool], tuple[str, str]] | None
 
 
+# The hub forms that load with datasets >= 4 today (sources.py): Samsung/samsum was deleted (a copy in the
+# same columns: knkarthick/samsum); IWSLT 2017 and OpenWebText are loading scripts (their parquet exports).
+# Dolly: MiniLLM's processed copy, the split DistiLLM reports on (raw.jsonl = 1000 dev rows, then train;
+# valid.jsonl = the 500 test rows); configs/paper.py sets the splits.
 TASKS: dict[str, Task] = {
     "dolly": Task(
-        "dolly", (("instruction",), ("response",)), "rougeL", "databricks/databricks-dolly-15k", _dolly
+        "dolly",
+        (("instruction",), ("response", "output")),
+        "rougeL",
+        "MiniLLM/dolly?data_files=train:raw.jsonl,test:valid.jsonl",
+        _dolly,
     ),
     "samsum": Task(
-        "samsum", (("dialogue",), ("summary",)), "rougeL", "Samsung/samsum", _summary("dialogue", "summary")
+        "samsum",
+        (("dialogue",), ("summary",)),
+        "rougeL",
+        "knkarthick/samsum",
+        _summary("dialogue", "summary"),
     ),
     "iwslt2017": Task(
-        "iwslt2017", (("translation", "en"),), "bleu", "IWSLT/iwslt2017:iwslt2017-en-de", _iwslt
+        "iwslt2017",
+        (("translation", "en"),),
+        "bleu",
+        "IWSLT/iwslt2017@refs/convert/parquet?data_dir=iwslt2017-en-de",
+        _translation("en", "de"),
     ),
-    "openwebtext": Task("openwebtext", (("text",),), "", "Skylion007/openwebtext", None),
+    "openwebtext": Task(
+        "openwebtext",
+        (("text",),),
+        "",
+        "Skylion007/openwebtext@refs/convert/parquet?data_dir=plain_text",
+        None,
+    ),
     "demo": Task("demo", (("dialogue",), ("summary",)), "rougeL", None, _summary("dialogue", "summary")),
 }
 
 
-def get(name: str) -> Task:
+def get(name: str, languages: str = "en-de") -> Task:
+    """The task ``name``; for ``iwslt2017``, translating ``languages`` (``src-tgt``, IWSLT 2017's pairs:
+    en with de, fr, it, nl, ro, ar, ja, ko, zh, either way)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
-    return TASKS[name]
-
-
-def load_rows(task: Task, source: str | None, split: str, *, demo_rows: int = 2000) -> list[dict]:
-    """Rows of ``split`` from local files (a .json / .jsonl / .parquet file, or a directory holding
-    ``<split>.<ext>``), a hub dataset id (``org/name`` or ``org/name:config``), or — for ``demo`` —
-    the shipped generator."""
-    if task.name == "demo" and source is None:
-        return demo.examples(split, demo_rows)
-    source = source or task.hub_id
-    path = _local_file(source, split)
-    if path is not None:
-        rows = _read_file(path)
-    elif os.path.exists(source) or source.startswith((".", "/")):
-        raise FileNotFoundError(
-            f"no data file for split {split!r} at {source} (expected a .json, .jsonl or .parquet)"
+    task = TASKS[name]
+    if name != "iwslt2017" or languages == "en-de":
+        return task
+    src, _, tgt = languages.partition("-")
+    if src not in LANGUAGES or tgt not in LANGUAGES or "en" not in (src, tgt) or src == tgt:
+        raise ValueError(
+            f"data.languages {languages!r}: IWSLT 2017 pairs English with one of "
+            f"{', '.join(k for k in LANGUAGES if k != 'en')}, written src-tgt (e.g. en-fr, de-en)"
         )
-    else:
-        from datasets import load_dataset  # hub ids only; not needed offline
+    pair = "-".join(sorted((src, tgt), key=lambda x: x != "en"))  # the hub's config is en-xx
+    return dataclasses.replace(
+        task,
+        columns=(("translation", src),),
+        hub_id=f"IWSLT/iwslt2017@refs/convert/parquet?data_dir=iwslt2017-{pair}",
+        to_pair=_translation(src, tgt),
+    )
 
-        name, _, config = source.partition(":")  # "org/dataset:config"
-        rows = list(load_dataset(name, config or None, split=split))
+
+def load_rows(
+    task: Task, source: str | None, split: str, *, demo_rows: int = 2000, max_rows: int = 0
+) -> list[dict]:
+    """Rows of ``split`` from ``source`` (``sources.py``: local files or a hub dataset; "" / None: the
+    task's default), at most ``max_rows`` (0: all; language-model text is then streamed from the hub),
+    or — for ``demo`` — from the shipped generator."""
+    if task.name == "demo" and not source:
+        rows = demo.examples(split, demo_rows)
+        return rows[:max_rows] if max_rows else rows
+    source = source or task.hub_id
+    rows = sources.read(source, split, max_rows=max_rows, stream=task.to_pair is None)
     check_columns(task, rows, source)
     return rows
-
-
-def _local_file(source: str, split: str) -> str | None:
-    if os.path.isfile(source):
-        return source
-    if os.path.isdir(source):
-        for ext in ("jsonl", "json", "parquet"):
-            path = os.path.join(source, f"{split}.{ext}")
-            if os.path.isfile(path):
-                return path
-    return None
-
-
-def _read_file(path: str) -> list[dict]:
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    with open(path) as f:
-        if path.endswith(".jsonl"):
-            return [json.loads(line) for line in f if line.strip()]
-        data = json.load(f)
-    return data if isinstance(data, list) else data.get("data", [])
 
 
 def check_columns(task: Task, rows: Sequence[dict], source: str) -> None:

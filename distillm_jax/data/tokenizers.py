@@ -1,11 +1,14 @@
 """Which tokenizer a run uses: the student checkpoint's own, a directory, or a built-in one (``demo``:
 the demo task's word-level vocabulary; ``bytes``: 256 byte tokens + pad/eos/unk, for tiny local models of
 any task and language). Teacher and student must share it: distillation compares their distributions
-token by token."""
+token by token. SentencePiece tokenizers (T5, mT5, Llama 1/2, OpenLLaMA) need the ``sentencepiece`` and
+``protobuf`` packages, which requirements.txt installs."""
 
 from __future__ import annotations
 
 import os
+
+from distillm_jax.models import hub
 
 SPECIALS = ("<pad>", "</s>", "<unk>")
 
@@ -41,7 +44,8 @@ def load(spec: str, student_path: str = ""):
     where = spec or student_path
     if not where:
         raise ValueError("no tokenizer: set `tokenizer` (a directory, 'demo' or 'bytes') for a new student")
-    if os.path.isdir(where) and not _has_tokenizer(where):
+    where = hub.local_dir(where)  # a hub id (org/name[@revision]): its snapshot
+    if not _has_tokenizer(where):
         raise ValueError(f"{where} has no tokenizer files; set `tokenizer` to a directory that has them")
     from transformers import AutoTokenizer
 
@@ -53,7 +57,10 @@ def load(spec: str, student_path: str = ""):
 
 def check_same(tokenizer, teacher_path: str) -> None:
     """Error when the teacher checkpoint ships a tokenizer with a different vocabulary."""
-    if not teacher_path or not _has_tokenizer(teacher_path):
+    if not teacher_path:
+        return
+    teacher_path = hub.local_dir(teacher_path)
+    if not _has_tokenizer(teacher_path):
         return
     from transformers import AutoTokenizer
 

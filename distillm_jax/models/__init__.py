@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from distillm_jax import sharding as shd
-from distillm_jax.models import gpt2, hf_io, llama, opt, t5
+from distillm_jax.models import gpt2, hf_io, hub, llama, opt, t5
 from distillm_jax.models.hf_io import CheckpointError
 
 _MODULES: tuple[ModuleType, ...] = (gpt2, llama, opt, t5)
@@ -103,30 +103,14 @@ def create(hf_config, *, dtype=jnp.float32, param_dtype=None, mesh: Mesh | None 
     return nnx.merge(graphdef, jax.jit(lambda: nnx.split(build())[1], out_shardings=out)())
 
 
-def _local_dir(path_or_hub_id: str) -> str:
-    if os.path.isdir(path_or_hub_id):
-        return path_or_hub_id
-    if os.path.exists(path_or_hub_id) or path_or_hub_id.startswith((".", "/")):
-        raise CheckpointError(f"{path_or_hub_id} is not a checkpoint directory")
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
-    try:
-        return snapshot_download(path_or_hub_id, allow_patterns=patterns)
-    except Exception as e:  # offline, a typo in a local path, a private repo: say which, in one line
-        raise CheckpointError(
-            f"{path_or_hub_id} is neither a local checkpoint directory nor a downloadable hub id "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from None
-
-
 def from_pretrained(path_or_hub_id: str, dtype=jnp.float32, mesh: Mesh | None = None, param_dtype=None):
-    """Load an HF checkpoint (local directory or hub id) into our NNX model, torch-free.
+    """Load an HF checkpoint (local directory, or hub id ``org/name[@revision]``) into our NNX model,
+    torch-free (safetensors, or ``pytorch_model.bin`` read by a restricted unpickler).
 
     ``dtype`` is the compute dtype; ``param_dtype`` (default: ``dtype``) the dtype parameters are kept
     in. With a ``mesh`` every tensor goes straight to its sharding.
     """
-    directory = _local_dir(path_or_hub_id)
+    directory = hub.local_dir(path_or_hub_id)
     hf_config = load_hf_config(directory)
     param_dtype = param_dtype or dtype
     family, cfg, build = _builder(hf_config, param_dtype, dtype)

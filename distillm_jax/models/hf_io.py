@@ -25,6 +25,8 @@ from distillm_jax import sharding as shd
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+TORCH_WEIGHTS = "pytorch_model.bin"
+TORCH_INDEX = "pytorch_model.bin.index.json"
 
 _DTYPES = {
     "F64": np.dtype(np.float64),
@@ -161,23 +163,38 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: di
             f.write(np.ascontiguousarray(arr).tobytes())
 
 
+def _read_bin(path: str) -> dict[str, np.ndarray]:
+    from distillm_jax.models.torch_bin import read_torch_bin
+
+    if not os.path.exists(path):
+        raise CheckpointError(f"missing weight file {path}")
+    try:
+        return read_torch_bin(path)
+    except ValueError as e:  # a refused pickle or a corrupt file: its one line
+        raise CheckpointError(str(e)) from None
+
+
 def open_checkpoint(directory: str) -> dict[str, np.ndarray]:
-    """All tensors of a checkpoint directory: one ``model.safetensors`` or a sharded index."""
-    index = os.path.join(directory, INDEX)
-    single = os.path.join(directory, WEIGHTS)
-    if os.path.exists(index):
-        try:
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"corrupt index file {index}: {e}") from None
-        tensors: dict[str, np.ndarray] = {}
-        for name in files:
-            tensors.update(read_safetensors(os.path.join(directory, name)))
-        return tensors
-    if os.path.exists(single):
-        return read_safetensors(single)
-    raise CheckpointError(f"no {WEIGHTS} or {INDEX} in {directory}")
+    """All tensors of a checkpoint directory: ``model.safetensors`` or its sharded index, else (older hub
+    checkpoints) ``pytorch_model.bin`` or its sharded index, read without torch or pickle code."""
+    for single, index, read in (
+        (WEIGHTS, INDEX, read_safetensors),
+        (TORCH_WEIGHTS, TORCH_INDEX, _read_bin),
+    ):
+        if os.path.exists(os.path.join(directory, index)):
+            path = os.path.join(directory, index)
+            try:
+                with open(path) as f:
+                    files = sorted(set(json.load(f)["weight_map"].values()))
+            except (ValueError, KeyError, AttributeError) as e:
+                raise CheckpointError(f"corrupt index file {path}: {e}") from None
+            tensors: dict[str, np.ndarray] = {}
+            for name in files:
+                tensors.update(read(os.path.join(directory, name)))
+            return tensors
+        if os.path.exists(os.path.join(directory, single)):
+            return read(os.path.join(directory, single))
+    raise CheckpointError(f"no {WEIGHTS}, {INDEX}, {TORCH_WEIGHTS} or {TORCH_INDEX} in {directory}")
 
 
 def with_prefix(tensors: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:

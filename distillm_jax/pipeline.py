@@ -1,0 +1,262 @@
+"""The paper's pipeline as one command (``launch/train.py``): every stage is a run of ``trainer.train`` in
+its own folder under ``run_dir``; a stage whose result exists is skipped, a stopped one continues from its
+last checkpoint, so the same command, killed anywhere, picks up where it stopped.
+
+1. ``teacher``: SFT of the teacher on the task (``teacher.train_steps`` / ``train_epochs`` > 0), from its
+   pretrained checkpoint (``teacher.path``) or a new model (``teacher.config``) -> ``run_dir/teacher``.
+2. ``student_sft``: the student's "init", SFT the same way (``student.train_*``) -> ``run_dir/student_sft``.
+   Both keep the checkpoint with the best validation CE (``best/``), as the paper's init.
+3. ``distill``: the configured method from them -> ``run_dir`` (with ``compare_sft``, an SFT student for
+   the same steps from the same init -> ``run_dir/sft``).
+4. ``test``: teacher, init and distilled student (its ``best/``) on ``data.test_split``, sampled with every
+   seed of ``eval.seeds``: one table of mean ± std -> ``run_dir/test.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+from ml_collections import ConfigDict
+
+from distillm_jax import config as cfglib
+from distillm_jax import planner, reporting, trainer
+from distillm_jax.trainer import override
+
+ROLES = ("teacher", "student")
+STAGE_DIRS = {"teacher": "teacher", "student": "student_sft"}
+RESULTS = {"teacher": "teacher_sft", "student_sft": "student_sft", "distill": "student", "sft": "sft"}
+RUN_CONFIG = "run_config.json"  # the config the run folder was started with
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A training stage: its name and the config it runs with (its ``run_dir`` is where it writes)."""
+
+    name: str
+    config: ConfigDict
+
+    @property
+    def done(self) -> bool:
+        return os.path.exists(os.path.join(self.config.run_dir, "summary.json"))
+
+
+def trains_first(spec: ConfigDict) -> bool:
+    return bool(spec.train_steps or spec.train_epochs)
+
+
+def sft_config(c: ConfigDict, role: str) -> ConfigDict:
+    """The SFT stage of ``role``: its spec trained as the student, CE only, checkpoints chosen by the
+    validation CE (no sampling during SFT)."""
+    spec = c[role]
+    sub = override(
+        c,
+        run_dir=os.path.join(c.run_dir, STAGE_DIRS[role]),
+        method="sft",
+        compare_sft=False,
+        student=ConfigDict(spec.to_dict()),
+        optim__steps=spec.train_steps or c.optim.steps,
+        optim__epochs=0 if spec.train_steps else spec.train_epochs,
+        optim__lr=spec.train_lr or c.optim.lr,
+        eval__generate=False,
+        data__test_split="",
+        loss__lm_coef=0.0,
+    )
+    sub.student.train_steps, sub.student.train_epochs, sub.student.train_lr = 0, 0, 0.0
+    return sub
+
+
+def _trained(c: ConfigDict, role: str) -> ConfigDict:
+    """``c`` with ``role`` pointing at its SFT stage's best checkpoint."""
+    path = os.path.join(c.run_dir, STAGE_DIRS[role], "best")
+    changes = {f"{role}__path": path, f"{role}__train_steps": 0, f"{role}__train_epochs": 0}
+    return override(c, **changes, **{f"{role}__tuned": True})
+
+
+def stages(config: ConfigDict) -> list[Stage]:
+    """Every training stage of ``config``, in order, each with the config it runs with."""
+    out, c = [], config
+    for role in ROLES:
+        if trains_first(config[role]):
+            out.append(Stage(STAGE_DIRS[role], sft_config(config, role)))
+            c = _trained(c, role)
+    out.append(Stage("distill", c))
+    if c.compare_sft and c.method != "sft":
+        out.append(Stage("sft", override(c, run_dir=os.path.join(c.run_dir, "sft"), method="sft")))
+    return out
+
+
+def sft_first(c: ConfigDict, role: str, results: dict) -> ConfigDict:
+    """Run (or reuse) the SFT stage of ``role``; return ``c`` pointing at its result."""
+    stage = Stage(STAGE_DIRS[role], sft_config(c, role))
+    results[role + "_sft"] = _run_stage(stage, 1, 1)
+    return _trained(c, role)
+
+
+def _run_stage(stage: Stage, index: int, count: int) -> dict:
+    c, lead = stage.config, jax.process_index() == 0
+    if stage.done:
+        if lead:
+            print(f"stage {index}/{count} {stage.name}: done before, in {c.run_dir}")
+        with open(os.path.join(c.run_dir, "summary.json")) as f:
+            return json.load(f)
+    if lead:
+        what = "SFT" if c.method == "sft" else c.method
+        print(f"stage {index}/{count} {stage.name}: {what} -> {c.run_dir}")
+    resume = os.path.isdir(os.path.join(c.run_dir, "checkpoints"))  # stopped: continue it
+    return trainer.train(override(c, resume=resume or c.resume))
+
+
+def _check_same_run(c: ConfigDict) -> None:
+    """The run folder keeps the config it was started with; the same command continues it, another
+    config is refused (``resume=True`` continues it anyway)."""
+    path = os.path.join(c.run_dir, RUN_CONFIG)
+    mine = json.loads(json.dumps({k: v for k, v in c.to_dict().items() if k != "resume"}, default=list))
+    if os.path.exists(path) and not c.resume:
+        with open(path) as f:
+            theirs = json.load(f)
+        diff = _differences(theirs, mine)
+        if diff:
+            raise cfglib.ConfigError(
+                f"{c.run_dir} holds a run of another config ({diff}); choose another run_dir, or pass "
+                "--config.resume=True to continue it with these settings"
+            )
+    if jax.process_index() == 0:
+        os.makedirs(c.run_dir, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(mine, f, indent=1, sort_keys=True)
+        os.replace(path + ".tmp", path)
+
+
+def _differences(a, b, prefix: str = "") -> str:
+    """The first few keys where two nested dicts differ, as ``key: old -> new``."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            sub = _differences(x, y, f"{prefix}{key}.")
+            out += [sub] if sub else []
+        elif x != y:
+            out.append(f"{prefix}{key}: {x!r} -> {y!r}")
+    return "; ".join(out[:3])
+
+
+def _warn_untuned_teacher(c: ConfigDict) -> None:
+    if c.method == "sft" or c.teacher.tuned or trains_first(c.teacher) or jax.process_index():
+        return
+    print(
+        f"warning: the teacher ({c.teacher.path or 'a new model'}) was not fine-tuned on {c.data.task}: the "
+        "paper distils from a task-tuned teacher; set teacher.train_epochs (an SFT stage first) or point "
+        "teacher.path at a fine-tuned checkpoint with teacher.tuned=True"
+    )
+
+
+def run(config: ConfigDict) -> dict:
+    """The whole pipeline of ``config``; returns each stage's summary (and ``test``: the test table's
+    scores)."""
+    cfglib.check(config)
+    _warn_if_too_big(config)
+    _check_same_run(config)
+    _warn_untuned_teacher(config)
+    todo = stages(config)
+    count = len(todo) + bool(config.data.test_split)
+    results = {}
+    for i, stage in enumerate(todo, 1):
+        results[RESULTS[stage.name]] = _run_stage(stage, i, count)
+        if "stopped_at" in results[RESULTS[stage.name]]:  # SIGTERM: saved; the same command continues
+            return results
+    distilled = next(stage.config for stage in todo if stage.name == "distill")
+    if config.compare_sft and config.method != "sft":  # the teacher beside the students, on the same rows
+        seed = config.seed * 1000 + results["student"]["steps"]  # as the students' final evaluation
+        teacher = override(distilled, student=ConfigDict(distilled.teacher.to_dict()), method="sft")
+        teacher.student.lora.rank = 0
+        results["teacher"] = {"final": trainer.evaluate_model(teacher, (seed,))}
+    if jax.process_index() == 0 and "sft" in results:  # the demo's table, on the validation rows
+        print(comparison(results))
+    if config.data.test_split:
+        results["test"] = test(config, distilled, count)
+    return results
+
+
+def test(config: ConfigDict, distilled: ConfigDict, index: int) -> dict:
+    """Stage 4: each model of the pipeline on the test split, over ``eval.seeds``; cached in test.json."""
+    path = os.path.join(config.run_dir, "test.json")
+    lead = jax.process_index() == 0
+    if os.path.exists(path):
+        if lead:
+            print(f"stage {index}/{index} test: done before ({path})")
+        with open(path) as f:
+            scores = json.load(f)
+    else:
+        seeds = tuple(config.eval.seeds)
+        if lead:
+            print(f"stage {index}/{index} test: {config.data.test_split} over seeds {seeds} -> {path}")
+        scores = {}
+        for name, role, where in _test_models(config, distilled):
+            spec = ConfigDict(distilled[role].to_dict())
+            spec.path, spec.lora.rank = where, 0  # exports are merged checkpoints
+            c = override(distilled, student=spec, method="sft")
+            c.data.valid_split, c.data.max_valid_rows = config.data.test_split, 0
+            scores[name] = trainer.evaluate_model(c, seeds)
+        if lead:
+            with open(path + ".tmp", "w") as f:
+                json.dump(scores, f, indent=1)
+            os.replace(path + ".tmp", path)
+    if lead:
+        print(test_table(scores, config))
+    return scores
+
+
+def _test_models(config: ConfigDict, distilled: ConfigDict) -> list[tuple[str, str, str]]:
+    """(name, spec role, checkpoint) of every model the test stage scores."""
+    out = [("teacher", "teacher", distilled.teacher.path)] if distilled.method != "sft" else []
+    out.append(("student init", "student", distilled.student.path))
+    out.append((f"student {distilled.method}", "student", os.path.join(config.run_dir, "best")))
+    if config.compare_sft and config.method != "sft":
+        out.append(("student sft", "student", os.path.join(config.run_dir, "sft", "best")))
+    return [x for x in out if x[2]]
+
+
+def test_table(scores: dict, config: ConfigDict) -> str:
+    metric = next(k for k in next(iter(scores.values())) if k not in ("val_ce", "scores") and "_std" not in k)
+    seeds = len(tuple(config.eval.seeds))
+    rows = [("model", f"{metric} (mean ± std, {seeds} seeds)", "test CE")]
+    for name, s in scores.items():
+        rows.append((name, f"{s[metric]:.2f} ± {s[metric + '_std']:.2f}", f"{s['val_ce']:.4f}"))
+    return f"test ({config.data.test_split}):\n" + reporting.table(rows)
+
+
+def _warn_if_too_big(c: ConfigDict) -> None:
+    """The memory planner's verdict before anything is loaded, on devices that report their memory
+    (a warning: its activation figures are estimates; ``launch/plan.py`` shows the parts)."""
+    memory = planner.device_memory()
+    if memory is None or jax.process_index() != 0:
+        return
+    for stage in stages(c):
+        try:
+            parts = planner.plan(stage.config, jax.device_count())
+        except (OSError, ValueError):  # e.g. a hub id without the hub: the run itself will say
+            return
+        if not planner.fits(parts, memory):
+            print(f"warning: stage {stage.name}: {planner.advice(parts, memory)} (python launch/plan.py)")
+
+
+def comparison(results: dict) -> str:
+    """Teacher / student before / distilled / SFT on the task metric and validation CE."""
+    s = results["student"]
+    metric = s["metric"]
+    rows = [("model", metric, "val_ce")]
+
+    def add(name, m):
+        rows.append((name, f"{m.get(metric, float('nan')):.2f}", f"{m.get('val_ce', float('nan')):.4f}"))
+
+    teacher = results.get("teacher")
+    if teacher is not None:
+        add("teacher", teacher["final"])
+    add("student before", s["initial"])
+    add(f"student {s['method']} ({s['loss']})", s["final"])
+    if "sft" in results:
+        add("student sft (ce)", results["sft"]["final"])
+    return reporting.table(rows)
