@@ -68,20 +68,23 @@ def sft_config(c: ConfigDict, role: str) -> ConfigDict:
     return sub
 
 
-def _trained(c: ConfigDict, role: str) -> ConfigDict:
-    """``c`` with ``role`` pointing at its SFT stage's best checkpoint."""
-    path = os.path.join(c.run_dir, STAGE_DIRS[role], "best")
-    changes = {f"{role}__path": path, f"{role}__train_steps": 0, f"{role}__train_epochs": 0}
-    return override(c, **changes, **{f"{role}__tuned": True})
+def _trained(c: ConfigDict, role: str, *, planning: bool = False) -> ConfigDict:
+    """``c`` with ``role`` pointing at its SFT stage's best checkpoint (``planning``: at the model it
+    starts from, which has the same shapes, since that checkpoint does not exist yet)."""
+    changes = {f"{role}__train_steps": 0, f"{role}__train_epochs": 0, f"{role}__tuned": True}
+    if not planning:
+        changes[f"{role}__path"] = os.path.join(c.run_dir, STAGE_DIRS[role], "best")
+    return override(c, **changes)
 
 
-def stages(config: ConfigDict) -> list[Stage]:
-    """Every training stage of ``config``, in order, each with the config it runs with."""
+def stages(config: ConfigDict, *, planning: bool = False) -> list[Stage]:
+    """Every training stage of ``config``, in order, each with the config it runs with (``planning``: as
+    the memory planner reads them, before any stage has run)."""
     out, c = [], config
     for role in ROLES:
         if trains_first(config[role]):
             out.append(Stage(STAGE_DIRS[role], sft_config(config, role)))
-            c = _trained(c, role)
+            c = _trained(c, role, planning=planning)
     out.append(Stage("distill", c))
     if c.compare_sft and c.method != "sft":
         out.append(Stage("sft", override(c, run_dir=os.path.join(c.run_dir, "sft"), method="sft")))
@@ -234,7 +237,7 @@ def _warn_if_too_big(c: ConfigDict) -> None:
     memory = planner.device_memory()
     if memory is None or jax.process_index() != 0:
         return
-    for stage in stages(c):
+    for stage in stages(c, planning=True):
         try:
             parts = planner.plan(stage.config, jax.device_count())
         except (OSError, ValueError):  # e.g. a hub id without the hub: the run itself will say

@@ -5,14 +5,18 @@ the OpenLLaMA one as the paper's LoRA student."""
 
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
+import hub_assets
 import numpy as np
 import pytest
+from hub_stub import HubStub, hub_env
 
 from distillm_jax import config as cfglib
-from distillm_jax import lora, models, pipeline, reporting, trainer
+from distillm_jax import pipeline, reporting, trainer
 from distillm_jax.models import hf_io
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,24 +92,78 @@ def test_paper_methods_as_config_arguments(arg, method, loss, params):
     assert ("tiny" in arg) == (c.tokenizer == "bytes")
 
 
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """A stand-in of the hub (127.0.0.1) holding every tiny config's pair as .bin-only checkpoints (the
+    teacher's on refs/pr/1, sharded) with trained-on-the-spot tokenizers, and the tasks' datasets in the
+    forms that load today."""
+    root = tmp_path_factory.mktemp("hub")
+    overrides = {}
+    for name in PAPER:
+        c = load(name, "tiny")
+        overrides[name] = hub_assets.build(root, c.teacher.config.to_dict(), c.student.config.to_dict(), name)
+    hub_assets.build_datasets(root)
+    with HubStub(root) as stub:
+        yield stub, overrides
+
+
 @pytest.mark.parametrize("name", PAPER)
-def test_tiny_variant_trains_end_to_end(name, tmp_path, quick_compiles):
+def test_tiny_variant_runs_the_pipeline_from_the_hub(name, hub, tmp_path):
+    """The user's command on each config's tiny variant, with the models and data named by hub ids as
+    the full config does, through the hub's HTTP API: teacher SFT, student init, distillation and the
+    test split over the seeds, in one command; run again, every stage is skipped."""
+    stub, overrides = hub
     c = load(name, "tiny")
-    c.run_dir = str(tmp_path / name)
-    results = pipeline.run(c)
-    s = results["student"]
-    assert s["steps"] == c.optim.steps == 3
-    run = Path(c.run_dir)
-    assert (run / "final" / "config.json").exists()
-    assert json.loads((run / "final" / "config.json").read_text())["model_type"] == FAMILY[name]
+    run = tmp_path / name
+    args = {**overrides[name], "run_dir": str(run), "data.source": hub_assets.SOURCES[c.data.task]}
+    if c.data.task == "dolly":  # MiniLLM's raw.jsonl: the dev rows first
+        args |= {"data.train_split": "train[8:]", "data.valid_split": "train[:8]"}
+    if name == "gpt2_dolly":  # the paper's LM term on OpenWebText, streamed from its parquet export
+        args |= {"loss.lm_coef": "1.0", "data.lm_source": hub_assets.OPENWEBTEXT, "data.lm_max_rows": "8"}
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", f"configs/{name}.py:tiny"]
+    cmd += [f"--config.{k}={v}" for k, v in args.items()]
+    env = {**os.environ, **hub_env(stub, tmp_path / "hf"), "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for i, stage in enumerate(("teacher", "student_sft", "distill", "test"), 1):
+        assert f"stage {i}/4 {stage}:" in out
+    assert "warning: the teacher" not in out  # it was fine-tuned in stage 1
+    for stage in ("teacher", "student_sft", ""):
+        assert (run / stage / "best" / "config.json").exists(), stage
     rows = reporting.read_rows(str(run / "metrics.jsonl"))
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2, 3]
-    final = s["final"]
-    assert s["metric"] in final and "val_ce" in final and "val_srkl" in final
+    final = json.loads((run / "summary.json").read_text())["final"]
     assert all(math.isfinite(v) for v in final.values()), final
+    if name == "gpt2_dolly":
+        assert all(r["lm"] > 0 for r in rows if r["kind"] == "train")
+    test = json.loads((run / "test.json").read_text())
+    assert set(test) == {"teacher", "student init", "student distillm"}
+    for scores in test.values():
+        assert len(scores["scores"]) == 2 and math.isfinite(scores["val_ce"])
+    assert "test (test):" in out and "± " in out
+    exported = json.loads((run / "best" / "config.json").read_text())
+    assert exported["model_type"] == FAMILY[name] and exported["vocab_size"] == hub_assets.VOCAB
+    downloads = [r for r in stub.requests if "/resolve/" in r]
+    assert any(".bin" in r for r in downloads) and not any(".safetensors" in r for r in downloads)
+    assert not stub.errors
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("done before") == 4, again.stderr[-2000:]
     if name == "openllama_dolly":
-        check_lora_export(c, tmp_path)
+        distill = next(s.config for s in pipeline.stages(trainer_override(c, args)) if s.name == "distill")
+        check_lora_export(distill, tmp_path)
+
+
+def trainer_override(c, args: dict):
+    """``c`` with ``--config.a.b=v`` style overrides (values as strings, typed like the defaults)."""
+    for key, value in args.items():
+        *parents, leaf = key.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
+    return c
 
 
 def check_lora_export(c, tmp_path):
@@ -113,9 +171,7 @@ def check_lora_export(c, tmp_path):
     merged export is the frozen base plus (α/r)·B·A of the PEFT-layout adapters, every other weight the
     base's exactly; exporting its last checkpoint gives the same weights."""
     assert (c.student.lora.rank, c.student.lora.alpha, c.student.lora.dropout) == (16, 64.0, 0.1)
-    base = trainer.build_model(c.student, None, trainable=True)  # the same seed: the frozen weights
-    models.save_pretrained(lora.merged(base), str(tmp_path / "base"))  # fresh adapters: B = 0
-    base_t = hf_io.open_checkpoint(str(tmp_path / "base"))
+    base_t = hf_io.open_checkpoint(c.student.path)  # the student's init: the frozen weights
     final = Path(c.run_dir) / "final"
     merged_t = hf_io.open_checkpoint(str(final))
     adapter = hf_io.read_safetensors(str(final / "adapter" / "adapter_model.safetensors"))

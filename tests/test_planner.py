@@ -38,8 +38,9 @@ def test_a_plan_that_does_not_fit_is_refused_in_one_line():
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: the run needs about")
     assert "teacher params" in proc.stdout and "activations (est.)" in proc.stdout
+    assert "stage student_sft (sft" in proc.stdout and "stage distill (distillm" in proc.stdout
     ok = subprocess.run([*cmd, "16"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
-    assert ok.returncode == 0 and ok.stdout.strip().endswith("fits"), ok.stderr
+    assert ok.returncode == 0 and ok.stdout.strip().endswith("every stage fits"), ok.stderr
 
 
 def test_activation_estimate_matches_the_compiled_step():

@@ -59,7 +59,7 @@ def is_local(source: str) -> bool:
     return (
         os.path.exists(os.path.expanduser(source))
         or source.startswith((".", "/", "~"))
-        or source.rsplit(".", 1)[-1].lower() in LOCAL_FORMATS
+        or ("?" not in source and source.rsplit(".", 1)[-1].lower() in LOCAL_FORMATS)
     )
 
 
