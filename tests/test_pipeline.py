@@ -1,0 +1,80 @@
+"""The pipeline's bookkeeping (``pipeline.py``), without training: which stages a config has and what each
+runs with, a finished stage skipped, a stopped one continued, another config refused in the same folder,
+and the warning for a teacher never fine-tuned on the task. The stages themselves run end to end in
+test_configs.py (every paper config's tiny variant, from a hub stand-in) and test_trainer.py (the demo)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from distillm_jax import config as cfglib
+from distillm_jax import pipeline, trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def load(name: str, arg: str = ""):
+    return cfglib.load_file(str(ROOT / "configs" / f"{name}.py"), arg)
+
+
+def test_stages_of_the_paper_configs():
+    c = load("t5_samsum")
+    todo = pipeline.stages(c)
+    assert [s.name for s in todo] == ["teacher", "student_sft", "distill"]
+    teacher, init, distill = (s.config for s in todo)
+    assert (teacher.method, teacher.student.path, teacher.optim.epochs, teacher.optim.lr) == (
+        "sft",
+        "google-t5/t5-3b",
+        10,
+        5e-5,
+    )
+    assert not teacher.eval.generate and teacher.run_dir == "runs/t5_samsum/teacher"
+    assert (init.student.path, init.optim.epochs, init.optim.lr) == ("google-t5/t5-base", 3, 1e-4)
+    assert distill.teacher.path == "runs/t5_samsum/teacher/best"
+    assert distill.student.path == "runs/t5_samsum/student_sft/best"
+    assert distill.method == "distillm" and distill.teacher.tuned
+    planned = pipeline.stages(c, planning=True)[-1].config  # the planner reads the models they start from
+    assert planned.teacher.path == "google-t5/t5-3b" and planned.teacher.train_epochs == 0
+    gpt2 = pipeline.stages(load("gpt2_dolly"))  # MiniLLM's teacher is already fine-tuned on Dolly
+    assert [s.name for s in gpt2] == ["student_sft", "distill"]
+    assert gpt2[-1].config.teacher.path == "MiniLLM/teacher-gpt2-1.5B"
+    lora = pipeline.stages(load("openllama_dolly"))[0].config  # the 7B teacher's SFT as adapters
+    assert lora.student.lora.rank == 16 and lora.student.path == "openlm-research/open_llama_7b_v2"
+
+
+def test_untuned_teacher_warns(capsys):
+    c = load("t5_samsum")
+    c.teacher.train_epochs = 0
+    pipeline._warn_untuned_teacher(c)
+    assert capsys.readouterr().out.startswith("warning: the teacher (google-t5/t5-3b) was not fine-tuned")
+    c.teacher.tuned = True
+    pipeline._warn_untuned_teacher(c)
+    assert capsys.readouterr().out == ""
+
+
+def test_done_stage_is_skipped_and_stopped_stage_continues(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(trainer, "train", lambda c: calls.append(c.resume) or {"steps": 1})
+    c = load("demo", "tiny")
+    c.run_dir, c.resume = str(tmp_path / "run"), False
+    stage = pipeline.Stage("distill", c)
+    assert pipeline._run_stage(stage, 1, 1) == {"steps": 1} and calls == [False]  # fresh
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    pipeline._run_stage(stage, 1, 1)
+    assert calls == [False, True]  # stopped before its end: continued from its checkpoint
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({"steps": 4}))
+    assert pipeline._run_stage(stage, 1, 1) == {"steps": 4} and calls == [False, True]  # done: skipped
+
+
+def test_another_config_in_the_same_run_folder_is_refused(tmp_path):
+    c = load("demo", "tiny")
+    c.run_dir, c.resume = str(tmp_path / "run"), False
+    pipeline._check_same_run(c)
+    pipeline._check_same_run(c)  # the same command again: continues
+    other = trainer.override(c, optim__lr=0.5)
+    with pytest.raises(cfglib.ConfigError, match=r"holds a run of another config \(optim.lr: 0.001 -> 0.5\)"):
+        pipeline._check_same_run(other)
+    pipeline._check_same_run(trainer.override(other, resume=True))  # said on purpose
