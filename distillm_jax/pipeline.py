@@ -40,7 +40,16 @@ class Stage:
 
     @property
     def done(self) -> bool:
-        return os.path.exists(os.path.join(self.config.run_dir, "summary.json"))
+        """Finished: its summary is written and no checkpoint is older than it says (a folder whose later
+        checkpoints were removed, to go back, is continued from the latest one left)."""
+        path = os.path.join(self.config.run_dir, "summary.json")
+        if not os.path.exists(path):
+            return False
+        with open(path) as f:
+            steps = json.load(f).get("steps", 0)
+        ckpts = os.path.join(self.config.run_dir, "checkpoints")
+        saved = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
+        return not saved or max(saved) >= steps
 
 
 def trains_first(spec: ConfigDict) -> bool:

@@ -66,7 +66,11 @@ def test_done_stage_is_skipped_and_stopped_stage_continues(tmp_path, monkeypatch
     pipeline._run_stage(stage, 1, 1)
     assert calls == [False, True]  # stopped before its end: continued from its checkpoint
     (tmp_path / "run" / "summary.json").write_text(json.dumps({"steps": 4}))
+    (tmp_path / "run" / "checkpoints" / "4").mkdir()
     assert pipeline._run_stage(stage, 1, 1) == {"steps": 4} and calls == [False, True]  # done: skipped
+    (tmp_path / "run" / "checkpoints" / "4").rmdir()  # gone back to an earlier checkpoint: continued
+    (tmp_path / "run" / "checkpoints" / "2").mkdir()
+    assert pipeline._run_stage(stage, 1, 1) == {"steps": 1} and calls == [False, True, True]
 
 
 def test_another_config_in_the_same_run_folder_is_refused(tmp_path):

@@ -36,7 +36,9 @@ def test_a_plan_that_does_not_fit_is_refused_in_one_line():
     cmd = [sys.executable, "launch/plan.py", "--config", "configs/demo.py", "--devices", "1", "--memory_gib"]
     proc = subprocess.run([*cmd, "0.01"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: the run needs about")
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(
+        "error: stage student_sft: the run needs about"
+    )
     assert "teacher params" in proc.stdout and "activations (est.)" in proc.stdout
     assert "stage student_sft (sft" in proc.stdout and "stage distill (distillm" in proc.stdout
     ok = subprocess.run([*cmd, "16"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)

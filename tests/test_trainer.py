@@ -43,7 +43,7 @@ def demo(tmp_path_factory):
 
 def test_demo_tiny_runs_end_to_end_and_compares(demo):
     c, results, out = demo
-    assert set(results) == {"teacher_sft", "student_sft", "student", "sft"}
+    assert set(results) == {"teacher_sft", "student_sft", "student", "sft", "teacher"}
     run = Path(c.run_dir)
     for sub in ("teacher/final", "student_sft/final", "final", "best", "sft/final"):
         assert (run / sub / "config.json").exists(), sub
