@@ -64,6 +64,7 @@ def get_config(arg: str = "") -> ConfigDict:
     c.compare_sft = True
     c.tokenizer = "demo"
     c.teacher.path = str(demo.TEACHER)
+    c.teacher.tuned = True  # the shipped teacher was trained on the demo task
     c.teacher.config = t5(128, 4, 4, 512)  # what the shipped teacher is (used when path is "")
     c.student.config = t5(64, 2, 2, 256)
     c.student.seed = 1
