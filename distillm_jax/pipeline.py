@@ -118,7 +118,7 @@ def _run_stage(stage: Stage, index: int, count: int) -> dict:
         what = "SFT" if c.method == "sft" else c.method
         print(f"stage {index}/{count} {stage.name}: {what} -> {c.run_dir}")
     resume = os.path.isdir(os.path.join(c.run_dir, "checkpoints"))  # stopped: continue it
-    return trainer.train(override(c, resume=resume or c.resume))
+    return trainer.train(override(c, resume=resume or c.resume), stage=f"{index}/{count} {stage.name}")
 
 
 def _check_same_run(c: ConfigDict) -> None:

@@ -458,8 +458,9 @@ def _host_metrics(infos: list[dict], seconds: float, sgo_lengths: list, hosts: f
     return out
 
 
-def train(config: ConfigDict) -> dict:
-    """One run: returns its summary (also written to ``run_dir/summary.json``)."""
+def train(config: ConfigDict, *, stage: str = "") -> dict:
+    """One run: returns its summary (also written to ``run_dir/summary.json``); ``stage`` names it on
+    the progress bar (the pipeline's stage)."""
     r = Run(config)
     c = config
     lead = jax.process_index() == 0
@@ -544,7 +545,9 @@ def train(config: ConfigDict) -> dict:
             metrics[r.task.metric] = r.metric(model_of(p), seed=c.seed * 1000 + at)
         return metrics
 
-    reporter = reporting.Reporter(c.run_dir, total, host["step"], desc=os.path.basename(c.run_dir) or "train")
+    reporter = reporting.Reporter(
+        c.run_dir, total, host["step"], desc=stage or os.path.basename(c.run_dir) or "train"
+    )
     stop = {"signal": None}  # SIGTERM on any host (a preemption notice): save and stop, all together
     previous = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
 

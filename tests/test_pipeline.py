@@ -57,7 +57,7 @@ def test_untuned_teacher_warns(capsys):
 
 def test_done_stage_is_skipped_and_stopped_stage_continues(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(trainer, "train", lambda c: calls.append(c.resume) or {"steps": 1})
+    monkeypatch.setattr(trainer, "train", lambda c, stage: calls.append(c.resume) or {"steps": 1})
     c = load("demo", "tiny")
     c.run_dir, c.resume = str(tmp_path / "run"), False
     stage = pipeline.Stage("distill", c)

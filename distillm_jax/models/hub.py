@@ -57,8 +57,8 @@ def download(hub_id: str) -> str:
         where = f" at revision {revision}" if revision else ""
         raise CheckpointError(
             f"{hub_id} is neither a local checkpoint directory nor a downloadable hub id{where} "
-            f"({type(e).__name__}: {first}); without a network, download it elsewhere and set the path "
-            "to its directory"
+            f"({type(e).__name__}: {first}); without a network, set the path to a local copy of it (or "
+            "HF_HUB_OFFLINE=1 to read the hub cache)"
         ) from None
 
 
