@@ -10,7 +10,7 @@ XL on Dolly) is marked ``teacher.tuned`` and used as it is.
 
 from ml_collections import ConfigDict
 
-# PAPER.md §3: every method of the paper's tables as (data strategy = trainer method, divergence, its
+# Every method of the paper's tables as (data strategy = trainer method, divergence, its
 # parameters). ``onpolicy`` (fresh SGOs every step) keeps DistiLLM's loss to isolate the data strategy.
 METHODS = {
     "distillm": ("srkl", {"alpha": 0.1}),  # adaptive off-policy SGOs + skew reverse KL

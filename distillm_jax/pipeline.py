@@ -125,7 +125,8 @@ def _check_same_run(c: ConfigDict) -> None:
     """The run folder keeps the config it was started with; the same command continues it, another
     config is refused (``resume=True`` continues it anyway)."""
     path = os.path.join(c.run_dir, RUN_CONFIG)
-    mine = json.loads(json.dumps({k: v for k, v in c.to_dict().items() if k != "resume"}, default=list))
+    own = ("resume", "distributed")  # how this process was started, not what the run is
+    mine = json.loads(json.dumps({k: v for k, v in c.to_dict().items() if k not in own}, default=list))
     if os.path.exists(path) and not c.resume:
         with open(path) as f:
             theirs = json.load(f)

@@ -78,6 +78,7 @@ def test_another_config_in_the_same_run_folder_is_refused(tmp_path):
     c.run_dir, c.resume = str(tmp_path / "run"), False
     pipeline._check_same_run(c)
     pipeline._check_same_run(c)  # the same command again: continues
+    pipeline._check_same_run(trainer.override(c, distributed__process_id=1))  # another host of the run
     other = trainer.override(c, optim__lr=0.5)
     with pytest.raises(cfglib.ConfigError, match=r"holds a run of another config \(optim.lr: 0.001 -> 0.5\)"):
         pipeline._check_same_run(other)
