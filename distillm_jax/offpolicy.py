@@ -198,7 +198,8 @@ class Pending:
 
     def __init__(self, size: int, future: Future | None = None, rows: list[Row] | None = None):
         self.size, self._future, self._rows = size, future, rows
-        self.wait_seconds = 0.0
+        self.wait_seconds = 0.0  # how long the loop was blocked on them
+        self.ready_seconds = 0.0  # from dispatch to rows on the host (overlap: mostly behind training)
 
     def __len__(self) -> int:
         return self.size
@@ -225,16 +226,21 @@ class GenerationWorker:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="sgo") if threaded else None
 
     def submit(self, params, prompts: Sequence[list[int]], key) -> Pending:
+        start = time.perf_counter()
         tokens, mask = self.sample(params, prompts, key)
         prompts = [list(p) for p in prompts]
 
         def finish() -> list[Row]:
             responses = cut_at_eos(local_rows(tokens), local_rows(mask))  # this host's rows
+            pending.ready_seconds = time.perf_counter() - start
             return list(zip(prompts, responses, strict=True))
 
+        pending = Pending(len(prompts))
         if self.pool is None:
-            return Pending(len(prompts), rows=finish())
-        return Pending(len(prompts), future=self.pool.submit(finish))
+            pending._rows = finish()
+        else:
+            pending._future = self.pool.submit(finish)
+        return pending
 
     def close(self) -> None:
         if self.pool is not None:
@@ -297,7 +303,8 @@ class Feeder:
 
     def rows_for(self, step: int, params) -> tuple[list[list[Row]], dict]:
         """The micro-batches of rows step ``step`` trains on, and its metrics (``phi``, ``source``,
-        ``buffer``, ``gen_s``, ``sgo_len``). ``params``: the student's, for SGOs decided now."""
+        ``buffer``, ``gen_s``: seconds blocked on generation, ``gen_total_s``: the sampler's seconds,
+        ``sgo_len``). ``params``: the student's, for SGOs decided now."""
         while self.decided <= min(step + self.lookahead, self.total - 1):
             self._decide(self.decided, params)
         q = self.queue.popleft()
@@ -308,6 +315,10 @@ class Feeder:
         if p.generate:
             fresh = [m.rows() if isinstance(m, Pending) else m for m in micro]
             info["gen_s"] += sum(m.wait_seconds for m in micro if isinstance(m, Pending))
+            # the sampler's own time; in overlap mode most of it ran while earlier steps trained
+            info["gen_total_s"] = max(
+                info["gen_s"], sum(m.ready_seconds for m in micro if isinstance(m, Pending))
+            )
             info["sgo_len"] = float(np.mean([len(r) for m in fresh for _, r in m]))
             if p.store:
                 for m in fresh:

@@ -509,7 +509,9 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
         "best_step": None,
         "initial": None,
         "train_seconds": 0.0,
-        "gen_seconds": 0.0,
+        "gen_seconds": 0.0,  # the loop blocked on generation
+        "gen_total_seconds": 0.0,  # the sampler's own time (overlap mode: the rest ran behind training)
+        "phi_path": [],  # [step, φ] at each evaluation that changed φ
         "sources": {"data": 0, "sgo": 0, "replay": 0},
         "feeder": None,
     }
@@ -563,7 +565,10 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
     def after_eval(at: int, metrics: dict) -> None:
         extra = {"train_s": host["train_seconds"]}
         if c.method == "distillm":  # the adaptive scheduler reads every evaluation's validation CE
+            before = feeder.scheduler.phi
             feeder.scheduler.update(metrics["val_ce"])
+            if feeder.scheduler.phi != before:
+                host["phi_path"] = [*host["phi_path"], [at, feeder.scheduler.phi]]
             extra["phi"] = feeder.scheduler.phi
         reporter.log(at, "eval", {**metrics, **extra})
         host["last_eval"] = metrics
@@ -591,6 +596,7 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
             infos.append(info)
             host["sources"][info["source"]] += 1
             host["gen_seconds"] += info["gen_s"]
+            host["gen_total_seconds"] += info.get("gen_total_s", info["gen_s"])
             for micro, mrows in enumerate(micro_rows):
                 b = r.training_batch(mrows)
                 if rollouts is not None:
@@ -681,12 +687,33 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
     }
     if sgo:
         summary["phi"] = feeder.scheduler.phi
+        summary["phi_path"] = host["phi_path"]
+        summary["buffer"] = [len(feeder.buffer) * r.num_shards // len(r.shards), c.offpolicy.capacity]
+        summary["gen_total_seconds"] = host["gen_total_seconds"]
     if lead:
         with open(os.path.join(c.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         reporting.plot_curves(c.run_dir)
         print(_summary_table(summary))
+        if sgo:
+            print(scheduler_line(summary))
     return summary
+
+
+def scheduler_line(s: dict) -> str:
+    """One line that says whether student-generated outputs were used, and how: φ's path, steps per
+    batch source, the replay buffer's fill, and the generation time hidden behind training."""
+    src = s["sources"]
+    hidden = s["gen_total_seconds"] - s["gen_seconds"]
+    phi = ""
+    if s["method"] == "distillm":  # the adaptive scheduler's path
+        path = " → ".join(["0"] + [f"{phi:g} at step {at}" for at, phi in s["phi_path"]])
+        phi = f"φ {path} (final {s['phi']:g}); "
+    return (
+        f"{s['method']} SGOs: {phi}steps on data {src['data']}, fresh SGOs "
+        f"{src['sgo']}, replayed {src['replay']}; buffer {s['buffer'][0]} of {s['buffer'][1]} rows; "
+        f"generation {s['gen_total_seconds']:.1f} s, {max(hidden, 0.0):.1f} s of it hidden behind training"
+    )
 
 
 def _summary_table(s: dict) -> str:

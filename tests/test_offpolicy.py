@@ -271,3 +271,47 @@ def test_sampled_sgos_stop_at_their_first_eos_when_pad_is_eos(quick_compiles):
     )
     for i, r in enumerate(responses):
         assert b["labels"][i][b["loss_mask"][i] != 0].tolist() == r
+
+
+def test_scheduler_engages_when_validation_ce_rises(tmp_path, quick_compiles, capsys):
+    """A tiny DistiLLM run whose validation CE rises at every evaluation (a rate that diverges): φ climbs,
+    steps train on fresh and replayed SGOs, and the end-of-run line says so, with the generation time the
+    overlap mode hid behind training."""
+    import sys
+    from pathlib import Path
+
+    from distillm_jax import config as cfglib
+    from distillm_jax import reporting, trainer
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    c = cfglib.load_file(str(root / "configs" / "demo.py"), "tiny")
+    c = trainer.override(
+        c,
+        run_dir=str(tmp_path / "run"),
+        resume=False,
+        teacher__train_steps=0,
+        student__train_steps=0,
+        optim__lr=3.0,  # diverges: the validation CE rises
+        optim__steps=12,
+        eval__interval=1,
+        eval__generate=False,
+        offpolicy__loss_eps=0.0,
+        offpolicy__capacity=8,  # one micro-batch: full after the first SGO step, then replay
+        offpolicy__overlap=True,
+        data__demo_rows=16,
+        checkpoint__interval=100,
+        log_interval=4,
+    )
+    s = trainer.train(c)
+    assert s["phi"] > 0.5 and s["phi_path"][0] == [1, 0.1]
+    assert [phi for _, phi in s["phi_path"]] == sorted({phi for _, phi in s["phi_path"]})  # changes only
+    assert s["sources"]["sgo"] > 0 and s["sources"]["replay"] > 0
+    assert sum(s["sources"].values()) == 12 and s["buffer"] == [8, 8]
+    assert s["gen_total_seconds"] > s["gen_seconds"]  # overlap: the sampler ran behind training
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("distillm SGOs: φ 0 → 0.1 at step 1 → 0.2 at step 2")
+    assert f"fresh SGOs {s['sources']['sgo']}, replayed {s['sources']['replay']}" in line
+    assert "buffer 8 of 8 rows" in line and "hidden behind training" in line
+    rows = [r for r in reporting.read_rows(str(tmp_path / "run" / "metrics.jsonl")) if r["kind"] == "train"]
+    assert max(r["src_sgo"] + r["src_replay"] for r in rows) > 0
