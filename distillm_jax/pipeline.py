@@ -103,7 +103,7 @@ def stages(config: ConfigDict, *, planning: bool = False) -> list[Stage]:
 def sft_first(c: ConfigDict, role: str, results: dict) -> ConfigDict:
     """Run (or reuse) the SFT stage of ``role``; return ``c`` pointing at its result."""
     stage = Stage(STAGE_DIRS[role], sft_config(c, role))
-    results[role + "_sft"] = _run_stage(stage, 1, 1)
+    results[RESULTS[stage.name]] = _run_stage(stage, 1, 1)
     return _trained(c, role)
 
 

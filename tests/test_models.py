@@ -202,6 +202,28 @@ def test_hub_ids_go_through_huggingface_hub(monkeypatch):
 # Bad checkpoints: one clear line each.
 
 
+def test_hub_download_takes_one_weight_format(monkeypatch):
+    """Safetensors where the revision has them (never both formats: a 7B would download twice), else the
+    .bin files; offline, whatever the cache holds."""
+    from types import SimpleNamespace
+
+    from distillm_jax.models import hub
+
+    def info(files):
+        siblings = [SimpleNamespace(rfilename=f) for f in files]
+        return lambda self, repo, revision=None: SimpleNamespace(siblings=siblings)
+
+    monkeypatch.setattr(
+        "huggingface_hub.HfApi.model_info", info(["config.json", "model.safetensors", "a.bin"])
+    )
+    assert hub._weight_patterns("o/n", None) == hub.SAFETENSORS
+    monkeypatch.setattr("huggingface_hub.HfApi.model_info", info(["config.json", "pytorch_model.bin"]))
+    assert hub._weight_patterns("o/n", "refs/pr/1") == hub.TORCH_BIN
+    monkeypatch.setattr("huggingface_hub.HfApi.model_info", no_hub)
+    assert hub._weight_patterns("o/n", None) == hub.SAFETENSORS + hub.TORCH_BIN
+    assert hub.split_revision("o/n@refs/pr/24") == ("o/n", "refs/pr/24")
+
+
 def test_unreachable_hub_id_or_mistyped_relative_path(monkeypatch):
     def offline(repo_id, revision, allow_patterns):
         raise OSError("We couldn't connect to the hub\nmore detail")

@@ -27,6 +27,8 @@ import os
 import re
 from urllib.parse import parse_qsl
 
+from distillm_jax.models import hub
+
 LOCAL_FORMATS = ("jsonl", "json", "parquet", "csv")
 # Datasets that moved or that only a loading script serves: the form that loads today.
 REPLACEMENTS = {
@@ -56,11 +58,7 @@ class HubSource:
 
 def is_local(source: str) -> bool:
     """A path on disk, or written as one (``./x``, ``/x``, ``~/x``, ``x.jsonl``): never a hub id."""
-    return (
-        os.path.exists(os.path.expanduser(source))
-        or source.startswith((".", "/", "~"))
-        or ("?" not in source and source.rsplit(".", 1)[-1].lower() in LOCAL_FORMATS)
-    )
+    return hub.is_local(source) or ("?" not in source and source.rsplit(".", 1)[-1].lower() in LOCAL_FORMATS)
 
 
 def parse_hub(source: str) -> HubSource:
@@ -172,7 +170,13 @@ def read_file(path: str) -> list[dict]:
 def _read_hub(hub: HubSource, split: str, max_rows: int, source: str) -> list[dict]:
     """Through ``datasets.load_dataset``; streamed when only ``max_rows`` rows are wanted (a slice with
     percentages or negative bounds needs the split's length: not streamed)."""
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(
+            f"data source {source} is a hub dataset: install the `datasets` package (pip install datasets), "
+            "or set data.source to local files"
+        ) from None
 
     name, piece, percent = parse_split(split)
     bounds = (0, None) if piece is None else (piece.start or 0, piece.stop)

@@ -1,4 +1,4 @@
-"""The tasks of the paper as prompt/response pairs: how each dataset's rows become text (PAPER.md §4),
+"""The tasks of the paper as prompt/response pairs: how each dataset's rows become text (its templates),
 where they come from by default (a hub dataset in the form of ``sources.py``; any source with the same
 columns works), and which metric judges them.
 """
