@@ -1,27 +1,27 @@
-"""DistiLLM's efficiency claim on the demo task: wall-clock to reach a target student ROUGE-L, and the final
-ROUGE-L, for DistiLLM's adaptive off-policy (paper mode and overlap mode) against the SGO baselines — GKD
-(λ = 0.5 on-policy, JSD β = 0.1), ImitKD (fresh SGOs into the buffer every step, FKL) and on-policy
-SGOs every step (SRKL) — and the paper's other baselines and settings: MiniLLM (policy gradient on the
-reverse KL), DistiLLM-2 (contrastive skew KLs on teacher and student responses generated once) and
-DistiLLM training LoRA adapters (r 16, α 64, every projection, lr 5e-3) instead of the whole student —
-with the same step budget, the same SFT'd student init and the same teacher.
+"""DistiLLM's efficiency claim on the demo task: wall-clock to reach the best ROUGE-L of on-policy GKD (the
+paper's slow baseline: fresh student samples every step), and ROUGE-L at equal wall-clock, for DistiLLM's
+adaptive off-policy (paper mode and overlap mode) against on-policy GKD (ours, λ 1, and TRL's
+``GKDTrainer`` on the decoder-only pair), GKD at λ 0.5, ImitKD (fresh SGOs into the buffer every step, FKL)
+and SRKL on ground truth only (``kd``: DistiLLM with φ held at 0) — the same step budget, SFT'd student
+init, teacher and data. More arms by ``--arms``: on-policy SRKL, MiniLLM, DistiLLM-2, DistiLLM on LoRA.
 
-The student distils on 500 training rows for 300 steps of 32 (19 epochs, as the paper's 20 on Dolly):
-long enough to overfit, which is when DistiLLM's scheduler turns to SGOs. The target is the best ROUGE-L
-the GKD run reaches (the paper's on-policy baseline). Wall-clock is
-training only (steps and generation; evaluation and checkpoints are left out) and is read from each run's
-``metrics.jsonl``. Each evaluation samples the validation responses (temperature 1, the paper's protocol)
-with one seed. Run from the repository root:
+The setting is the demo's (``configs/demo.py``: 32 training rows, 300 steps of 32 at a constant 5e-3,
+buffer 128 rows), chosen there because it is where DistiLLM's scheduler turns to SGOs: each table shows
+every arm's steps on ground truth / fresh SGOs / replayed SGOs, and the headline ratio counts only
+DistiLLM runs whose sources include SGO and replay steps. Every evaluation point is the mean ± std of
+``--draws`` sampled generations of the validation rows (temperature 1, the paper's protocol; the seeds
+differ per draw and step and are the same for every arm). Wall-clock is training only (steps and
+generation; evaluation and checkpoints are left out), read from each run's ``metrics.jsonl``. Run from
+the repository root:
 
-    python bench/speedup.py                      # the demo: 300 steps per method, evaluated every 30
+    python bench/speedup.py                      # the T5 demo pair
+    python bench/speedup.py --family gpt2        # decoder-only demo pair, with TRL's GKDTrainer
     python bench/speedup.py --quick              # the tiny demo, seconds: checks the script itself
     python bench/speedup.py --json out.json --plot out.png
-    python bench/speedup.py --family gpt2        # decoder-only demo pair, against TRL's GKDTrainer too
 
-``--family gpt2`` runs the demo task with a GPT-2-shaped pair (``configs/demo.py:gpt2``, teacher trained
-on the spot the first time) and adds two on-policy GKD arms, ours (``gkd`` with lmbda 1) and TRL's
-``GKDTrainer`` with lmbda 1 (``bench/trl_gkd.py``) as shipped and with its position ids fixed; the best
-ROUGE-L of the latter is then the target.
+``--family gpt2`` uses ``configs/demo.py:gpt2`` (its teacher trained on the spot the first time, on the
+4000 rows) and TRL's ``GKDTrainer`` with lmbda 1 and position ids from the attention mask
+(``bench/trl_gkd.py``; ``trl_gkd`` is TRL as shipped, which does not learn on left-padded GPT-2 rows).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ LORA = {
 }
 ARMS = {  # name: (paper method, overrides)
     "distillm": ("distillm", {}),
+    "kd": ("kd", {"loss__name": "srkl"}),  # DistiLLM's loss with φ held at 0: ground truth only
     "distillm_overlap": ("distillm", {"offpolicy__overlap": True}),
     "gkd": ("gkd", {}),
     "imitkd": ("imitkd", {}),
@@ -65,19 +66,10 @@ ARMS = {  # name: (paper method, overrides)
     "distillm_lora": ("distillm", LORA),
 }
 FAMILY_ARMS = {
-    "t5": [
-        "distillm",
-        "distillm_overlap",
-        "gkd",
-        "imitkd",
-        "onpolicy",
-        "onpolicy_overlap",
-        "minillm",
-        "distillm2",
-        "distillm_lora",
-    ],
-    "gpt2": ["distillm", "gkd", "gkd_onpolicy", "trl_gkd", "trl_gkd_positions"],
+    "t5": ["distillm", "distillm_overlap", "kd", "gkd_onpolicy", "gkd", "imitkd"],
+    "gpt2": ["distillm", "kd", "gkd_onpolicy", "imitkd", "trl_gkd_positions"],
 }
+TARGETS = {"t5": "gkd_onpolicy", "gpt2": "trl_gkd_positions"}  # on-policy GKD: the paper's slow baseline
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -85,46 +77,54 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="the tiny demo config, a few steps")
     p.add_argument("--family", choices=list(FAMILY_ARMS), default="t5", help="the demo pair's architecture")
     p.add_argument("--arms", nargs="+", choices=list(ARMS), help="default: the family's arms")
-    p.add_argument(
-        "--target", help="the arm whose best ROUGE-L is the target (default: the last TRL arm, else gkd)"
-    )
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--rows", type=int, default=500, help="training rows: 300 steps of 32 = 19 epochs")
-    p.add_argument("--eval-every", type=int, default=30)
+    p.add_argument("--target", help="the arm whose best ROUGE-L is the target (default: on-policy GKD)")
+    p.add_argument("--steps", type=int, default=0, help="default: the demo's distillation steps")
+    p.add_argument("--rows", type=int, default=0, help="training rows (default: the demo's)")
+    p.add_argument("--eval-every", type=int, default=0, help="default: the demo's eval.interval")
+    p.add_argument("--draws", type=int, default=3, help="sampled generations (seeds) per evaluation point")
     p.add_argument("--out", help="run folders (default: runs/bench_speedup[_gpt2])")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--plot", help="ROUGE-L against training wall-clock, PNG")
     args = p.parse_args(argv)
     args.arms = args.arms or FAMILY_ARMS[args.family]
-    trl = [a for a in args.arms if a.startswith("trl_gkd")]
-    if trl and args.family != "gpt2":
+    if any(a.startswith("trl_gkd") for a in args.arms) and args.family != "gpt2":
         p.error("the trl_gkd arms need --family gpt2 (TRL's GKDTrainer is decoder-only)")
-    args.target = args.target or (trl[-1] if trl else "gkd")
+    default = TARGETS[args.family]
+    args.target = args.target or (default if default in args.arms else args.arms[-1])
     args.out = args.out or "runs/bench_speedup" + ("_gpt2" if args.family == "gpt2" else "")
     return args
 
 
 def base_config(args: argparse.Namespace):
-    """The demo config with the student's SFT init made once (and reused by every arm)."""
+    """The demo config (its data, steps, rate and scheduler settings) with the student's SFT init made
+    once and reused by every arm."""
     variant = ",".join(v for v, on in (("tiny", args.quick), ("gpt2", args.family == "gpt2")) if on)
     c = cfglib.load_file(os.path.join(ROOT, "configs", "demo.py"), variant)
-    c.run_dir, c.resume, c.compare_sft = args.out, True, False
+    c.run_dir, c.resume, c.compare, c.compare_sft = args.out, True, (), False
+    args.steps = args.steps or c.optim.steps
+    args.eval_every = args.eval_every or c.eval.interval
+    args.rows = args.rows or c.data.demo_rows
     if args.quick:  # near-random tiny teacher and student: the script's path is what is checked
-        args.steps, args.eval_every = min(args.steps, 4), min(args.eval_every, 2)
+        args.steps, args.eval_every, args.draws = (
+            min(args.steps, 4),
+            min(args.eval_every, 2),
+            min(args.draws, 2),
+        )
         # TRL loads both from HF checkpoints: one SFT step writes them
         c.teacher.train_steps = c.student.train_steps = int(any(a.startswith("trl") for a in args.arms))
+    c.data.demo_rows = args.rows
     for role in ("teacher", "student"):  # resume=True: made once, then reused
         if c[role].train_steps and not c[role].path:
             c = pipeline.sft_first(c, role, {})
     c.optim.steps, c.eval.interval, c.checkpoint.interval = args.steps, args.eval_every, args.steps
-    c.data.max_train_rows = 0 if args.quick else args.rows
+    c.eval.draws = args.draws
     return c
 
 
 def run_arm(c, name: str, out: str) -> dict:
     """One method from the shared start, in a fresh ``out/name``."""
     method, changes = ARMS[name]
-    c = paper.method(trainer.override(c, **changes), method)
+    c = trainer.override(paper.method(trainer.override(c), method), **changes)
     if name.startswith("trl_gkd"):
         import trl_gkd
 
@@ -133,6 +133,7 @@ def run_arm(c, name: str, out: str) -> dict:
     shutil.rmtree(c.run_dir, ignore_errors=True)
     summary = trainer.train(c)
     evals = [r for r in reporting.read_rows(os.path.join(c.run_dir, "metrics.jsonl")) if r["kind"] == "eval"]
+    curve = [(r["step"], r["train_s"], r["rougeL"], r.get("rougeL_std", 0.0)) for r in evals]
     return {
         "arm": name,
         "method": method,
@@ -142,43 +143,52 @@ def run_arm(c, name: str, out: str) -> dict:
         "gen_seconds": summary["gen_seconds"],
         "sources": summary["sources"],
         "phi": summary.get("phi"),
-        "curve": [(r["step"], r["train_s"], r["rougeL"]) for r in evals],
-        "final_rougeL": evals[-1]["rougeL"],
-        "best_rougeL": max(r["rougeL"] for r in evals),
+        "phi_path": summary.get("phi_path"),
+        "curve": curve,
+        "final_rougeL": curve[-1][2],
+        "best_rougeL": max(p[2] for p in curve),
     }
 
 
 def time_to(curve: list, target: float) -> float | None:
-    """Training seconds at the first evaluation reaching ``target`` (None: never)."""
-    return next((s for _, s, v in curve if v >= target), None)
+    """Training seconds at the first evaluation whose mean ROUGE-L reaches ``target`` (None: never)."""
+    return next((p[1] for p in curve if p[2] >= target), None)
 
 
-def at_time(curve: list, seconds: float) -> float:
-    """ROUGE-L at the last evaluation within ``seconds`` of training."""
-    return [v for _, s, v in curve if s <= seconds + 1e-9][-1]
+def at_time(curve: list, seconds: float) -> tuple[float, float]:
+    """(mean, std) ROUGE-L at the last evaluation within ``seconds`` of training."""
+    point = [p for p in curve if p[1] <= seconds + 1e-9][-1]
+    return point[2], point[3] if len(point) > 3 else 0.0
 
 
-def table(rows: list[dict], target: float, target_arm: str = "gkd") -> str:
+def _pm(point: tuple) -> str:
+    return f"{point[2]:.2f} ± {point[3]:.2f}" if len(point) > 3 else f"{point[2]:.2f}"
+
+
+def table(rows: list[dict], target: float, target_arm: str = "gkd", draws: int = 1) -> str:
     ref = next((r for r in rows if r["arm"] == target_arm), None)
     base = time_to(ref["curve"], target) if ref else None
     budget = min(r["train_seconds"] for r in rows)  # equal wall-clock: what every arm had by then
     out = [
-        f"target ROUGE-L {target:.2f} ({target_arm}'s best)",
+        f"target ROUGE-L {target:.2f} ({target_arm}'s best; each point the mean ± std of {draws} sampled "
+        "generations of the validation rows)",
         f"| method | loss | steps | train s | s / 100 steps | blocked on generation s | to target s "
         f"| speed-up vs {target_arm} | ROUGE-L at {budget:.0f} s | final ROUGE-L | best "
-        "| sources data/sgo/replay |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| steps data / SGO / replay | final φ |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         t = time_to(r["curve"], target)
         ratio = f"{base / t:.2f}x" if t and base else "—"
-        src = r["sources"]
+        src, best = r["sources"], max(r["curve"], key=lambda p: p[2])
+        equal = at_time(r["curve"], budget)
+        phi = r.get("phi") if r["method"] == "distillm" else None  # the adaptive scheduler's
         out.append(
             f"| {r['arm']} | {r['loss']} | {r['steps']} | {r['train_seconds']:.0f} "
             f"| {100 * r['train_seconds'] / r['steps']:.1f} | {r['gen_seconds']:.0f} "
-            f"| {'never' if t is None else f'{t:.0f}'} | {ratio} | {at_time(r['curve'], budget):.2f} "
-            f"| {r['final_rougeL']:.2f} | "
-            f"{r['best_rougeL']:.2f} | {src['data']}/{src['sgo']}/{src['replay']} |"
+            f"| {'never' if t is None else f'{t:.0f}'} | {ratio} | {_pm((0, 0, *equal))} "
+            f"| {_pm(r['curve'][-1])} | {_pm(best)} | {src['data']} / {src['sgo']} / {src['replay']} "
+            f"| {'' if phi is None else f'{phi:g}'} |"
         )
     return "\n".join(out)
 
@@ -191,11 +201,13 @@ def plot(rows: list[dict], target: float, path: str, target_arm: str = "gkd") ->
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
-        _, secs, vals = zip(*r["curve"], strict=True)
-        ax.plot(secs, vals, marker="o", label=r["arm"])
+        secs = [p[1] for p in r["curve"]]
+        vals = [p[2] for p in r["curve"]]
+        errs = [p[3] if len(p) > 3 else 0.0 for p in r["curve"]]
+        ax.errorbar(secs, vals, yerr=errs, marker="o", capsize=2, label=r["arm"])
     ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target ({target_arm}'s best)")
     ax.set_xlabel("training wall-clock (s)")
-    ax.set_ylabel("validation ROUGE-L (sampled)")
+    ax.set_ylabel("validation ROUGE-L (sampled, mean ± std)")
     ax.set_title("demo task: student ROUGE-L against wall-clock")
     ax.legend()
     fig.tight_layout()
@@ -209,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ref = next((r for r in rows if r["arm"] == args.target), None)
     target = ref["best_rougeL"] if ref else float(np.max([r["best_rougeL"] for r in rows]))
     print(machine_note())
-    print(table(rows, target, args.target))
+    print(table(rows, target, args.target, args.draws))
     write_rows(args.json, args, rows, target=target)
     if args.plot:
         plot(rows, target, args.plot, args.target)

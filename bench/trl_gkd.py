@@ -155,8 +155,9 @@ def run_arm(c, out: str, name: str = "trl_gkd", fix_positions: bool = False) -> 
     curve = []
     for step, secs, path in saves:  # scored as our arms are at the same step
         scored = trainer.override(c, method="sft", student__path=path, student__train_steps=0)
-        score = trainer.evaluate_model(scored, (c.seed * 1000 + step,))
-        curve.append((step, secs, score["rougeL"]))
+        seeds = tuple(c.seed * 1000 + step + trainer.DRAW_SEED_STRIDE * k for k in range(c.eval.draws))
+        score = trainer.evaluate_model(scored, seeds)  # the draws our arms' evaluations use at that step
+        curve.append((step, secs, score["rougeL"], score["rougeL_std"]))
     return {
         "arm": name,
         "method": "gkd (TRL, lmbda 1" + (", position ids from the mask)" if fix_positions else ")"),
@@ -168,5 +169,5 @@ def run_arm(c, out: str, name: str = "trl_gkd", fix_positions: bool = False) -> 
         "phi": None,
         "curve": curve,
         "final_rougeL": curve[-1][2],
-        "best_rougeL": max(v for _, _, v in curve),
+        "best_rougeL": max(p[2] for p in curve),
     }

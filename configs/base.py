@@ -19,6 +19,7 @@ def model_spec(path: str = "", dtype: str = "float32") -> ConfigDict:
             "train_steps": 0,
             "train_epochs": 0,
             "train_lr": 0.0,  # its learning rate; 0 = optim.lr
+            "train_rows": 0,  # training rows it reads; 0 = data.max_train_rows
             "tuned": False,  # `path` is already fine-tuned on the task (no warning that it is not)
             # LoRA (rank > 0): train adapters on frozen base weights; the optimizer holds adapters only.
             # The paper's OpenLLaMA setting: rank 16, alpha 64, dropout 0.1. Exports are merged HF
@@ -45,7 +46,11 @@ def get_config() -> ConfigDict:
     # SGOs + replay) | imitkd | gkd | onpolicy (SGO baselines; configs/paper.py sets each one's loss) |
     # minillm (policy gradient on reverse KL) | distillm2 (contrastive, on teacher and student outputs)
     c.method = "kd"
-    c.compare_sft = False  # also train an SFT student of the same size and steps, and compare
+    # more students beside `method`, each from the same init for the same steps, in run_dir/<method>,
+    # scored in one table: e.g. ("kd", "sft") = the loss on ground truth only (DistiLLM with φ held at 0),
+    # and plain SFT. compare_sft=True is short for "sft" in it.
+    c.compare = ()
+    c.compare_sft = False
 
     c.teacher = model_spec(dtype="float32")
     c.student = model_spec()
@@ -98,6 +103,8 @@ def get_config() -> ConfigDict:
     c.eval.top_k = 0
     c.eval.top_p = 1.0
     c.eval.no_repeat_ngram_size = 6
+    c.eval.draws = 1  # evaluations during training: the metric is the mean over this many sampled
+    # generations of the validation rows (> 1: less noise in best/ and the curves; also logs <metric>_std)
     c.eval.seeds = (10,)  # the test stage and launch/evaluate.py: the paper's (10, 20, 30, 40, 50)
 
     c.offpolicy = ConfigDict()  # student-generated outputs: methods distillm, imitkd, gkd, onpolicy

@@ -65,8 +65,9 @@ def _compare(config: ConfigDict, base: ConfigDict, prefix: str = "") -> None:
 def check(config: ConfigDict) -> None:
     """Raise ``ConfigError`` for the first problem found."""
     _compare(config, defaults())
-    if config.method not in METHODS:
-        raise ConfigError(f"method {config.method!r} is not one of {', '.join(METHODS)}")
+    for method in (config.method, *config.compare):
+        if method not in METHODS:
+            raise ConfigError(f"method {method!r} is not one of {', '.join(METHODS)}")
     try:
         tasks.get(config.data.task, config.data.languages)
         for key in ("train_split", "valid_split", "test_split", "lm_split"):
@@ -100,15 +101,15 @@ def check(config: ConfigDict) -> None:
         if spec.dtype not in DTYPES or spec.param_dtype not in ("", *DTYPES):
             raise ConfigError(f"{role}.dtype / {role}.param_dtype must be one of {', '.join(DTYPES)}")
         if not spec.path and not spec.config:
-            if role == "teacher" and config.method == "sft" and not config.compare_sft:
+            if role == "teacher" and compared(config) == ["sft"]:
                 continue
             raise ConfigError(
                 f"{role}.path is empty: give a checkpoint directory or hub id (or {role}.config)"
             )
         if spec.path and hub.is_local(spec.path) and not os.path.isdir(os.path.expanduser(spec.path)):
             raise ConfigError(f"{role}.path {spec.path} is not a checkpoint directory")
-        if spec.train_steps < 0 or spec.train_epochs < 0:
-            raise ConfigError(f"{role}.train_steps and {role}.train_epochs must be >= 0")
+        if spec.train_steps < 0 or spec.train_epochs < 0 or spec.train_rows < 0:
+            raise ConfigError(f"{role}.train_steps, train_epochs and train_rows must be >= 0")
         if not spec.path and "model_type" not in spec.config:
             raise ConfigError(f"{role}.config needs a model_type (e.g. 't5') to build a new model")
     for key in ("source", "lm_source"):
@@ -119,6 +120,10 @@ def check(config: ConfigDict) -> None:
         raise ConfigError("loss.lm_coef > 0 needs data.lm_source (plain text with a 'text' column)")
     if config.eval.temperature < 0 or not 0 < config.eval.top_p <= 1:
         raise ConfigError("eval.temperature must be >= 0 and eval.top_p in (0, 1]")
+    if config.eval.draws < 1:
+        raise ConfigError(
+            f"eval.draws must be >= 1 (sampled generations per evaluation), got {config.eval.draws}"
+        )
     _check_offpolicy(config)
     _check_methods(config)
     d = config.distributed
@@ -178,6 +183,16 @@ def _check_methods(config: ConfigDict) -> None:
                 f"{', '.join(LORA_TARGETS)}; got rank {lo.rank}, alpha {lo.alpha}, dropout {lo.dropout}, "
                 f"targets {tuple(lo.targets)}"
             )
+
+
+def compared(config: ConfigDict) -> list[str]:
+    """Every method the run trains from the same init: ``method`` first, then ``compare`` (and ``sft``
+    for ``compare_sft``), each once."""
+    out = [config.method]
+    for method in (*config.compare, *(["sft"] if config.compare_sft else [])):
+        if method not in out:
+            out.append(method)
+    return out
 
 
 def loss_params(config: ConfigDict) -> dict[str, float]:

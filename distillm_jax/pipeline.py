@@ -6,10 +6,12 @@ last checkpoint, so the same command, killed anywhere, picks up where it stopped
    pretrained checkpoint (``teacher.path``) or a new model (``teacher.config``) -> ``run_dir/teacher``.
 2. ``student_sft``: the student's "init", SFT the same way (``student.train_*``) -> ``run_dir/student_sft``.
    Both keep the checkpoint with the best validation CE (``best/``), as the paper's init.
-3. ``distill``: the configured method from them -> ``run_dir`` (with ``compare_sft``, an SFT student for
-   the same steps from the same init -> ``run_dir/sft``).
-4. ``test``: teacher, init and distilled student (its ``best/``) on ``data.test_split``, sampled with every
-   seed of ``eval.seeds``: one table of mean ± std -> ``run_dir/test.json``.
+3. ``distill``: the configured method from them -> ``run_dir``; then each method of ``compare`` (e.g.
+   ``kd``: the same loss on ground truth only; ``sft``) for the same steps from the same init ->
+   ``run_dir/<method>``.
+4. ``test``: teacher, init and every trained student (its ``best/``) on ``data.test_split``, sampled with
+   every seed of ``eval.seeds``: one table of mean ± std, with each student's batch sources and final φ
+   -> ``run_dir/test.json``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from distillm_jax.trainer import override
 
 ROLES = ("teacher", "student")
 STAGE_DIRS = {"teacher": "teacher", "student": "student_sft"}
-RESULTS = {"teacher": "teacher_sft", "student_sft": "student_sft", "distill": "student", "sft": "sft"}
+RESULTS = {"teacher": "teacher_sft", "student_sft": "student_sft", "distill": "student"}  # else: the method
 RUN_CONFIG = "run_config.json"  # the config the run folder was started with
 
 
@@ -64,16 +66,20 @@ def sft_config(c: ConfigDict, role: str) -> ConfigDict:
         c,
         run_dir=os.path.join(c.run_dir, STAGE_DIRS[role]),
         method="sft",
+        compare=(),
         compare_sft=False,
         student=ConfigDict(spec.to_dict()),
         optim__steps=spec.train_steps or c.optim.steps,
         optim__epochs=0 if spec.train_steps else spec.train_epochs,
         optim__lr=spec.train_lr or c.optim.lr,
+        optim__end_lr=min(c.optim.end_lr, spec.train_lr or c.optim.lr),  # a constant rate stays constant
+        data__max_train_rows=spec.train_rows or c.data.max_train_rows,
         eval__generate=False,
         data__test_split="",
         loss__lm_coef=0.0,
     )
     sub.student.train_steps, sub.student.train_epochs, sub.student.train_lr = 0, 0, 0.0
+    sub.student.train_rows = 0
     return sub
 
 
@@ -95,15 +101,22 @@ def stages(config: ConfigDict, *, planning: bool = False) -> list[Stage]:
             out.append(Stage(STAGE_DIRS[role], sft_config(config, role)))
             c = _trained(c, role, planning=planning)
     out.append(Stage("distill", c))
-    if c.compare_sft and c.method != "sft":
-        out.append(Stage("sft", override(c, run_dir=os.path.join(c.run_dir, "sft"), method="sft")))
+    for method in cfglib.compared(c)[1:]:
+        arm = override(
+            c, run_dir=os.path.join(c.run_dir, method), method=method, compare=(), compare_sft=False
+        )
+        out.append(Stage(method, arm))
     return out
+
+
+def result_key(stage: str) -> str:
+    return RESULTS.get(stage, stage)
 
 
 def sft_first(c: ConfigDict, role: str, results: dict) -> ConfigDict:
     """Run (or reuse) the SFT stage of ``role``; return ``c`` pointing at its result."""
     stage = Stage(STAGE_DIRS[role], sft_config(c, role))
-    results[RESULTS[stage.name]] = _run_stage(stage, 1, 1)
+    results[result_key(stage.name)] = _run_stage(stage, 1, 1)
     return _trained(c, role)
 
 
@@ -177,23 +190,24 @@ def run(config: ConfigDict) -> dict:
     count = len(todo) + bool(config.data.test_split)
     results = {}
     for i, stage in enumerate(todo, 1):
-        results[RESULTS[stage.name]] = _run_stage(stage, i, count)
-        if "stopped_at" in results[RESULTS[stage.name]]:  # SIGTERM: saved; the same command continues
+        results[result_key(stage.name)] = _run_stage(stage, i, count)
+        if "stopped_at" in results[result_key(stage.name)]:  # SIGTERM: saved; the same command continues
             return results
     distilled = next(stage.config for stage in todo if stage.name == "distill")
-    if config.compare_sft and config.method != "sft":  # the teacher beside the students, on the same rows
+    arms = cfglib.compared(config)
+    if len(arms) > 1:  # the teacher beside the students, on the same rows
         seed = config.seed * 1000 + results["student"]["steps"]  # as the students' final evaluation
         teacher = override(distilled, student=ConfigDict(distilled.teacher.to_dict()), method="sft")
         teacher.student.lora.rank = 0
         results["teacher"] = {"final": trainer.evaluate_model(teacher, (seed,))}
-    if jax.process_index() == 0 and "sft" in results:  # the demo's table, on the validation rows
-        print(comparison(results))
+    if jax.process_index() == 0 and len(arms) > 1:  # the demo's table, on the validation rows
+        print(comparison(results, arms[1:]))
     if config.data.test_split:
-        results["test"] = test(config, distilled, count)
+        results["test"] = test(config, distilled, count, results)
     return results
 
 
-def test(config: ConfigDict, distilled: ConfigDict, index: int) -> dict:
+def test(config: ConfigDict, distilled: ConfigDict, index: int, results: dict | None = None) -> dict:
     """Stage 4: each model of the pipeline on the test split, over ``eval.seeds``; cached in test.json."""
     path = os.path.join(config.run_dir, "test.json")
     lead = jax.process_index() == 0
@@ -218,27 +232,44 @@ def test(config: ConfigDict, distilled: ConfigDict, index: int) -> dict:
                 json.dump(scores, f, indent=1)
             os.replace(path + ".tmp", path)
     if lead:
-        print(test_table(scores, config))
+        print(test_table(scores, config, results or {}))
     return scores
 
 
 def _test_models(config: ConfigDict, distilled: ConfigDict) -> list[tuple[str, str, str]]:
     """(name, spec role, checkpoint) of every model the test stage scores."""
-    out = [("teacher", "teacher", distilled.teacher.path)] if distilled.method != "sft" else []
+    arms = cfglib.compared(config)
+    out = [("teacher", "teacher", distilled.teacher.path)] if arms != ["sft"] else []
     out.append(("student init", "student", distilled.student.path))
     out.append((f"student {distilled.method}", "student", os.path.join(config.run_dir, "best")))
-    if config.compare_sft and config.method != "sft":
-        out.append(("student sft", "student", os.path.join(config.run_dir, "sft", "best")))
+    out += [(f"student {m}", "student", os.path.join(config.run_dir, m, "best")) for m in arms[1:]]
     return [x for x in out if x[2]]
 
 
-def test_table(scores: dict, config: ConfigDict) -> str:
+def test_table(scores: dict, config: ConfigDict, results: dict) -> str:
+    """The test scores, and for each trained student how its steps were fed (``results``: the stages'
+    summaries)."""
     metric = next(k for k in next(iter(scores.values())) if k not in ("val_ce", "scores") and "_std" not in k)
     seeds = len(tuple(config.eval.seeds))
-    rows = [("model", f"{metric} (mean ± std, {seeds} seeds)", "test CE")]
+    rows = [("model", f"{metric} (mean ± std, {seeds} seeds)", "test CE", *FED)]
+    trained = {f"student {m}": "student" if m == config.method else m for m in cfglib.compared(config)}
     for name, s in scores.items():
-        rows.append((name, f"{s[metric]:.2f} ± {s[metric + '_std']:.2f}", f"{s['val_ce']:.4f}"))
+        fed = fed_by(results.get(trained.get(name, ""), {}))
+        rows.append((name, f"{s[metric]:.2f} ± {s[metric + '_std']:.2f}", f"{s['val_ce']:.4f}", *fed))
     return f"test ({config.data.test_split}):\n" + reporting.table(rows)
+
+
+FED = ("steps data / SGO / replay", "final φ")
+
+
+def fed_by(summary: dict) -> tuple[str, str]:
+    """A student's batch sources (steps on ground truth, fresh SGOs, replayed SGOs) and final φ, for the
+    tables ("" for a model that was not trained here)."""
+    src = summary.get("sources")
+    if not src:
+        return "", ""
+    phi = summary.get("phi") if summary.get("method") == "distillm" else None  # the adaptive scheduler's
+    return f"{src['data']} / {src['sgo']} / {src['replay']}", "" if phi is None else f"{phi:g}"
 
 
 def _warn_if_too_big(c: ConfigDict) -> None:
@@ -256,20 +287,21 @@ def _warn_if_too_big(c: ConfigDict) -> None:
             print(f"warning: stage {stage.name}: {planner.advice(parts, memory)} (python launch/plan.py)")
 
 
-def comparison(results: dict) -> str:
-    """Teacher / student before / distilled / SFT on the task metric and validation CE."""
+def comparison(results: dict, arms: list[str]) -> str:
+    """Teacher / student before / distilled / each compared method on the task metric and validation CE
+    (the final evaluation's seed), with each student's batch sources and final φ."""
     s = results["student"]
     metric = s["metric"]
-    rows = [("model", metric, "val_ce")]
+    rows = [("model", metric, "val_ce", *FED)]
 
-    def add(name, m):
-        rows.append((name, f"{m.get(metric, float('nan')):.2f}", f"{m.get('val_ce', float('nan')):.4f}"))
+    def add(name, m, summary=None):
+        value = lambda k: f"{m.get(k, float('nan')):.{2 if k == metric else 4}f}"  # noqa: E731
+        rows.append((name, value(metric), value("val_ce"), *fed_by(summary or {})))
 
     teacher = results.get("teacher")
     if teacher is not None:
         add("teacher", teacher["final"])
     add("student before", s["initial"])
-    add(f"student {s['method']} ({s['loss']})", s["final"])
-    if "sft" in results:
-        add("student sft (ce)", results["sft"]["final"])
-    return reporting.table(rows)
+    for summary in [s] + [results[m] for m in arms]:
+        add(f"student {summary['method']} ({summary['loss']})", summary["final"], summary)
+    return "validation (the run's seed):\n" + reporting.table(rows)

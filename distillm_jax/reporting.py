@@ -86,7 +86,7 @@ def plot_curves(run_dir: str) -> str | None:
     rows = read_rows(path)
     train = [r for r in rows if r["kind"] == "train"]
     evals = [r for r in rows if r["kind"] == "eval"]
-    eval_keys = sorted({k for r in evals for k in r} - {"step", "kind", "train_s"})
+    eval_keys = sorted({k for r in evals for k in r if not k.endswith("_std")} - {"step", "kind", "train_s"})
     fig, axes = plt.subplots(1, 1 + len(eval_keys), figsize=(4.5 * (1 + len(eval_keys)), 3.5), squeeze=False)
     for key in ("loss", "ce"):
         if train and key in train[0]:
@@ -94,15 +94,34 @@ def plot_curves(run_dir: str) -> str | None:
     axes[0, 0].set_xlabel("step")
     axes[0, 0].legend()
     for ax, key in zip(axes[0, 1:], eval_keys, strict=True):
-        pts = [(r["step"], r[key]) for r in evals if key in r and math.isfinite(r[key])]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
-        ax.set_title("φ (share of steps on SGOs)" if key == "phi" else f"validation {key}")
+        pts = [
+            (r["step"], r[key], r.get(key + "_std", 0.0)) for r in evals if key in r and math.isfinite(r[key])
+        ]
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", label=key)
+        ax.set_title(f"validation {key}")
+        if key == "phi":  # the scheduler's probability beside what the steps actually trained on
+            _plot_sources(ax, train)
         ax.set_xlabel("step")
     fig.tight_layout()
     out = os.path.join(run_dir, "curves.png")
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def _plot_sources(ax, train: list[dict]) -> None:
+    """φ's panel: the share of steps on fresh and on replayed SGOs in each logging interval (stepped, as
+    φ is; an interval's share is a count of its steps)."""
+    ax.set_title("φ and the steps' batch sources")
+    steps = [r["step"] for r in train if "src_sgo" in r]
+    if steps:
+        fresh = [r["src_sgo"] for r in train if "src_sgo" in r]
+        replay = [r["src_replay"] for r in train if "src_sgo" in r]
+        ax.stackplot(
+            steps, fresh, replay, labels=["fresh SGO share", "replayed SGO share"], alpha=0.4, step="pre"
+        )
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize="small")
 
 
 def table(rows: list[tuple[str, ...]]) -> str:

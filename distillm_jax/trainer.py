@@ -377,6 +377,9 @@ def optimizer(c: ConfigDict, total: int):
     )
 
 
+DRAW_SEED_STRIDE = 1_000_003  # a prime past any step count: no two evaluations' draws share a seed
+
+
 def _killed_here(at: int) -> bool:
     """``DISTILLM_KILL_AT_STEP`` (and, with several processes, ``DISTILLM_KILL_PROCESS``): the tests'
     way to kill a run at a step, as a preemption without notice would."""
@@ -543,8 +546,12 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
 
     def evaluate(p, at: int) -> dict:
         metrics = r.validation_losses(eval_step, p, teacher_state)
-        if c.eval.generate:
-            metrics[r.task.metric] = r.metric(model_of(p), seed=c.seed * 1000 + at)
+        if c.eval.generate:  # eval.draws sampled generations of the validation rows, each its own seed
+            seeds = [c.seed * 1000 + at + DRAW_SEED_STRIDE * k for k in range(c.eval.draws)]
+            scores = [r.metric(model_of(p), seed=s) for s in seeds]
+            metrics[r.task.metric] = float(np.mean(scores))
+            if len(scores) > 1:
+                metrics[r.task.metric + "_std"] = float(np.std(scores))
         return metrics
 
     reporter = reporting.Reporter(

@@ -108,6 +108,8 @@ def test_bad_offpolicy_settings_are_one_line(tmp_path, key, value, message):
         ({"distillm2__beta": 3.0}, r"distillm2.beta must be in \[0, 2\]"),
         ({"student__lora__targets": ("q", "wq")}, r"student.lora: need .* targets among q, k, v, o"),
         ({"teacher__lora__dropout": 1.0}, r"teacher.lora: need .* dropout in \[0, 1\)"),
+        ({"eval__draws": 0}, r"eval.draws must be >= 1"),
+        ({"compare": ("kd", "sfft")}, r"method 'sfft' is not one of"),
     ],
 )
 def test_bad_method_settings_are_one_line(tmp_path, changes, message):

@@ -86,8 +86,9 @@ def test_speedup_runs_trl_gkd_beside_ours(quick):
     assert (distillm["arm"], trl["arm"]) == ("distillm", "trl_gkd_positions")
     assert result["target"] == trl["best_rougeL"]
     # TRL's saves are scored at the same steps as our evaluations, from the same init (step 0).
-    assert [s for s, _, _ in trl["curve"]] == [s for s, _, _ in distillm["curve"]] == [0, 2, 4]
-    assert trl["curve"][0][2] == distillm["curve"][0][2]  # same student init, same eval seed
+    assert [p[0] for p in trl["curve"]] == [p[0] for p in distillm["curve"]] == [0, 2, 4]
+    assert trl["curve"][0][2:] == distillm["curve"][0][2:]  # same student init, same draws (mean, std)
+    assert result["args"]["draws"] == 2 and trl["curve"][0][3] > 0  # two seeds per point: a spread
     assert trl["gen_seconds"] > 0 and trl["sources"]["sgo"] == 4 and trl["loss"] == "jsd"
     assert 0 < trl["curve"][1][1] <= trl["train_seconds"]
     assert (quick / "results" / "speedup_cpu_gpt2.png").stat().st_size > 1000

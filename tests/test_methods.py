@@ -22,7 +22,15 @@ pytestmark = pytest.mark.usefixtures("quick_compiles")
 
 def tiny(tmp_path, variant="tiny", **changes):
     c = cfglib.load_file(str(ROOT / "configs" / "demo.py"), variant)
-    c = trainer.override(c, run_dir=str(tmp_path / "run"), resume=False, compare_sft=False, **changes)
+    c = trainer.override(
+        c,
+        run_dir=str(tmp_path / "run"),
+        resume=False,
+        compare=(),
+        compare_sft=False,
+        data__test_split="",
+        **changes,
+    )
     c.teacher.train_steps, c.student.train_steps = 0, 0  # random models: the methods' effect is checked
     return c
 

@@ -80,6 +80,68 @@ def test_another_config_in_the_same_run_folder_is_refused(tmp_path):
     pipeline._check_same_run(c)  # the same command again: continues
     pipeline._check_same_run(trainer.override(c, distributed__process_id=1))  # another host of the run
     other = trainer.override(c, optim__lr=0.5)
-    with pytest.raises(cfglib.ConfigError, match=r"holds a run of another config \(optim.lr: 0.001 -> 0.5\)"):
+    with pytest.raises(cfglib.ConfigError, match=r"holds a run of another config \(optim.lr: 0.005 -> 0.5\)"):
         pipeline._check_same_run(other)
     pipeline._check_same_run(trainer.override(other, resume=True))  # said on purpose
+
+
+def test_compared_methods_are_stages_of_their_own():
+    c = load("t5_samsum")
+    c.compare, c.compare_sft = ("kd", "distillm"), True  # the run's own method is not trained twice
+    assert cfglib.compared(c) == ["distillm", "kd", "sft"]
+    todo = pipeline.stages(c)
+    assert [s.name for s in todo] == ["teacher", "student_sft", "distill", "kd", "sft"]
+    distill, kd, sft = (s.config for s in todo[2:])
+    assert (kd.method, kd.run_dir, kd.loss.name, kd.compare) == ("kd", "runs/t5_samsum/kd", "srkl", ())
+    assert (sft.method, sft.run_dir) == ("sft", "runs/t5_samsum/sft")
+    assert kd.student.path == sft.student.path == distill.student.path  # the same init
+    assert [name for name, _, _ in pipeline._test_models(c, distill)] == [
+        "teacher",
+        "student init",
+        "student distillm",
+        "student kd",
+        "student sft",
+    ]
+    with pytest.raises(cfglib.ConfigError, match="method 'kdd' is not one of"):
+        cfglib.check(trainer.override(c, compare=("kdd",)))
+
+
+def test_tables_say_how_each_student_was_fed():
+    def summary(method, sources, phi=None):
+        s = {"method": method, "loss": "srkl", "metric": "rougeL", "sources": sources}
+        s.update(initial={"rougeL": 10.0, "val_ce": 3.0}, final={"rougeL": 20.0, "val_ce": 2.5})
+        return s if phi is None else {**s, "phi": phi}
+
+    results = {
+        "student": summary("distillm", {"data": 70, "sgo": 10, "replay": 20}, 0.3),
+        "kd": summary("kd", {"data": 100, "sgo": 0, "replay": 0}),
+    }
+    lines = pipeline.comparison(results, ["kd"]).splitlines()
+    assert "steps data / SGO / replay" in lines[1] and "final φ" in lines[1]
+    assert lines[4].split() == [
+        "student",
+        "distillm",
+        "(srkl)",
+        "20.00",
+        "2.5000",
+        "70",
+        "/",
+        "10",
+        "/",
+        "20",
+        "0.3",
+    ]
+    assert lines[5].split() == ["student", "kd", "(srkl)", "20.00", "2.5000", "100", "/", "0", "/", "0"]
+    c = load("demo", "tiny")
+    c.compare = ("kd",)
+    scores = {
+        n: {"rougeL": 20.0, "rougeL_std": 1.0, "val_ce": 2.0} for n in ("student distillm", "student kd")
+    }
+    table = pipeline.test_table(scores, c, results).splitlines()
+    assert table[3].split()[-4:] == ["10", "/", "20", "0.3"] and table[4].split()[-5:] == [
+        "100",
+        "/",
+        "0",
+        "/",
+        "0",
+    ]

@@ -19,7 +19,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = [
     "--config=configs/demo.py:tiny",
-    "--config.compare_sft=False",
+    "--config.compare=()",
+    "--config.data.test_split=",
     "--config.teacher.train_steps=0",  # random tiny models: the path is what is tested
     "--config.student.train_steps=0",
     "--config.method=imitkd",

@@ -43,9 +43,9 @@ def demo(tmp_path_factory):
 
 def test_demo_tiny_runs_end_to_end_and_compares(demo):
     c, results, out = demo
-    assert set(results) == {"teacher_sft", "student_sft", "student", "sft", "teacher"}
+    assert set(results) == {"teacher_sft", "student_sft", "student", "kd", "sft", "teacher", "test"}
     run = Path(c.run_dir)
-    for sub in ("teacher/final", "student_sft/final", "final", "best", "sft/final"):
+    for sub in ("teacher/final", "student_sft/final", "final", "best", "kd/final", "sft/final"):
         assert (run / sub / "config.json").exists(), sub
     rows = reporting.read_rows(str(run / "metrics.jsonl"))
     train = [r for r in rows if r["kind"] == "train"]
@@ -56,6 +56,13 @@ def test_demo_tiny_runs_end_to_end_and_compares(demo):
     assert (run / "curves.png").stat().st_size > 1000
     assert list((run / "tensorboard").iterdir())
     assert "student distillm (srkl)" in out and "student sft (ce)" in out and "teacher" in out
+    assert "student kd (srkl)" in out and "steps data / SGO / replay" in out  # the ablation, how each was fed
+    assert results["kd"]["sources"] == {"data": 4, "sgo": 0, "replay": 0}  # φ held at 0
+    assert "phi" in evals[0] and "phi" not in reporting.read_rows(str(run / "kd" / "metrics.jsonl"))[0]
+    test = results["test"]  # every model on the test split, over both seeds
+    assert set(test) == {"teacher", "student init", "student distillm", "student kd", "student sft"}
+    assert all(len(s["scores"]) == 2 for s in test.values())
+    assert json.loads((run / "test.json").read_text()) == test
 
 
 def test_export_loads_in_transformers(demo):
@@ -63,7 +70,14 @@ def test_export_loads_in_transformers(demo):
     from transformers import T5ForConditionalGeneration
 
     c, _, _ = demo
-    sft = trainer.override(c, run_dir=os.path.join(c.run_dir, "sft"), method="sft", compare_sft=False)
+    sft = trainer.override(
+        c,
+        run_dir=os.path.join(c.run_dir, "sft"),
+        method="sft",
+        compare=(),
+        compare_sft=False,
+        data__test_split="",
+    )
     sft = trainer.override(sft, teacher__train_steps=0, student__train_steps=0)
     export = os.path.join(sft.run_dir, "final")  # the comparison's SFT student
     ours = models.from_pretrained(export)
@@ -82,7 +96,15 @@ def test_export_loads_in_transformers(demo):
 
 
 def test_half_written_checkpoint_is_never_picked(tmp_path):
-    c = tiny(tmp_path, method="sft", compare_sft=False, optim__steps=2, eval__generate=False)
+    c = tiny(
+        tmp_path,
+        method="sft",
+        compare=(),
+        compare_sft=False,
+        data__test_split="",
+        optim__steps=2,
+        eval__generate=False,
+    )
     c.checkpoint.interval = 1
     trainer.train(c)
     with pytest.raises(cfglib.ConfigError, match=r"already holds a run .* --config.resume=True"):
@@ -108,7 +130,15 @@ def test_half_written_checkpoint_is_never_picked(tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_checkpoint(tmp_path):
-    c = tiny(tmp_path, method="sft", compare_sft=False, optim__steps=6, eval__generate=False)
+    c = tiny(
+        tmp_path,
+        method="sft",
+        compare=(),
+        compare_sft=False,
+        data__test_split="",
+        optim__steps=6,
+        eval__generate=False,
+    )
     c.optim.lr, c.optim.clip, c.checkpoint.interval = 1e30, 0.0, 1
     with pytest.raises(
         trainer.TrainingError, match=r"non-finite loss at step (\d+) .*last good checkpoint: .*step"
@@ -118,7 +148,16 @@ def test_nan_loss_stops_with_step_and_checkpoint(tmp_path):
 
 def test_grad_accumulation_averages_micro_batches(tmp_path):
     def run(name, **kw):
-        c = tiny(tmp_path / name, method="sft", compare_sft=False, optim__steps=3, eval__generate=False, **kw)
+        c = tiny(
+            tmp_path / name,
+            method="sft",
+            compare=(),
+            compare_sft=False,
+            data__test_split="",
+            optim__steps=3,
+            eval__generate=False,
+            **kw,
+        )
         c.optim.lr = 3e-2  # large enough that a different batch shows in the validation loss
         return trainer.train(c)
 
@@ -134,7 +173,15 @@ def test_grad_accumulation_averages_micro_batches(tmp_path):
 
 
 def test_seqkd_trains_on_the_teachers_cached_responses(tmp_path):
-    c = tiny(tmp_path, method="seqkd", compare_sft=False, optim__steps=2, eval__generate=False)
+    c = tiny(
+        tmp_path,
+        method="seqkd",
+        compare=(),
+        compare_sft=False,
+        data__test_split="",
+        optim__steps=2,
+        eval__generate=False,
+    )
     c.teacher.train_steps, c.student.train_steps = 0, 0  # a random teacher: its outputs are what is checked
     pipeline.run(c)
     path = Path(c.run_dir) / "seqkd_train.jsonl"
@@ -164,7 +211,15 @@ def test_overlap_mode_trains_like_paper_mode(tmp_path):
     stale while training goes on (overlap mode): both finish and land on a comparable loss."""
 
     def run(name, **kw):
-        c = tiny(tmp_path / name, method="onpolicy", compare_sft=False, optim__steps=5, eval__generate=False)
+        c = tiny(
+            tmp_path / name,
+            method="onpolicy",
+            compare=(),
+            compare_sft=False,
+            data__test_split="",
+            optim__steps=5,
+            eval__generate=False,
+        )
         c.teacher.train_steps, c.student.train_steps = 0, 0
         c.optim.lr, c.eval.interval = 3e-2, 5
         return pipeline.run(trainer.override(c, **kw))["student"]

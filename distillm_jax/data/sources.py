@@ -91,7 +91,8 @@ def parse_split(split: str) -> tuple[str, slice | None, bool]:
     return name, slice(int(start) if start else None, int(stop) if stop else None), bool(pct1 or pct2)
 
 
-def _sliced(rows: list, piece: slice | None, percent: bool) -> list:
+def sliced(rows: list, piece: slice | None, percent: bool) -> list:
+    """``rows[piece]``, the bounds as percentages of ``len(rows)`` when ``percent``."""
     if piece is None:
         return rows
     if percent:
@@ -127,7 +128,7 @@ def _read_local(source: str, split: str) -> list[dict]:
         path = found[0]
     elif not os.path.isfile(path):
         raise FileNotFoundError(f"data file {source} does not exist")
-    return _sliced(read_file(path), piece, percent)
+    return sliced(read_file(path), piece, percent)
 
 
 def read_file(path: str) -> list[dict]:

@@ -145,8 +145,9 @@ def load_rows(
     """Rows of ``split`` from ``source`` (``sources.py``: local files or a hub dataset; "" / None: the
     task's default), at most ``max_rows`` (0: all; language-model text is then streamed from the hub),
     or — for ``demo`` — from the shipped generator."""
-    if task.name == "demo" and not source:
-        rows = demo.examples(split, demo_rows)
+    if task.name == "demo" and not source:  # sliced as a hub split is: test[:100]
+        name, piece, percent = sources.parse_split(split)
+        rows = sources.sliced(demo.examples(name, demo_rows), piece, percent)
         return rows[:max_rows] if max_rows else rows
     source = source or task.hub_id
     rows = sources.read(source, split, max_rows=max_rows, stream=task.to_pair is None)
