@@ -227,12 +227,27 @@ def verdict(bench: Bench, results: list[tuple[str, dict]]) -> str:
                 lines.append(f"- {name}: memory {_span(mem)}{t}: **{'met' if ok else 'not met'}**")
             continue
         ratios = _ratios(result, bench.name)
+        if bench.name == "speedup" and not ratios:  # never reached, or the scheduler never engaged
+            lines.append(f"- {name} ({machine}): {_speedup_shortfall(result)}: **not met**")
+            continue
         if not ratios or not bench.need:
             continue
         need = bench.need
         ok = "met" if min(ratios) >= need * 0.995 else "not met"
         lines.append(f"- {name} ({machine}): {_span(ratios)}: **{ok}**")
     return "\n".join(lines)
+
+
+def _speedup_shortfall(result: dict) -> str:
+    """Why a speed-up run has no ratio: which DistiLLM arm never left ground truth or never reached."""
+    parts = []
+    for r in result["rows"]:
+        if r["arm"] not in ("distillm", "distillm_overlap"):
+            continue
+        src = r["sources"]
+        engaged = src["sgo"] > 0 and src["replay"] > 0
+        parts.append(f"{r['arm']} {'never reached the target' if engaged else 'never turned to SGOs'}")
+    return "; ".join(parts) or "no DistiLLM arm"
 
 
 def _description(script: str) -> str:

@@ -103,7 +103,7 @@ def base_config(args: argparse.Namespace):
     c.run_dir, c.resume, c.compare, c.compare_sft = args.out, True, (), False
     args.steps = args.steps or c.optim.steps
     args.eval_every = args.eval_every or c.eval.interval
-    args.rows = args.rows or c.data.demo_rows
+    args.rows = args.rows or c.data.max_train_rows or c.data.demo_rows
     if args.quick:  # near-random tiny teacher and student: the script's path is what is checked
         args.steps, args.eval_every, args.draws = (
             min(args.steps, 4),
@@ -112,7 +112,8 @@ def base_config(args: argparse.Namespace):
         )
         # TRL loads both from HF checkpoints: one SFT step writes them
         c.teacher.train_steps = c.student.train_steps = int(any(a.startswith("trl") for a in args.arms))
-    c.data.demo_rows = args.rows
+    c.data.demo_rows = max(c.data.demo_rows, args.rows)
+    c.data.max_train_rows = args.rows  # the first rows of the generator's: the demo's student's
     for role in ("teacher", "student"):  # resume=True: made once, then reused
         if c[role].train_steps and not c[role].path:
             c = pipeline.sft_first(c, role, {})

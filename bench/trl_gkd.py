@@ -130,7 +130,7 @@ def run_arm(c, out: str, name: str = "trl_gkd", fix_positions: bool = False) -> 
         per_device_train_batch_size=c.optim.batch_size,
         max_steps=c.optim.steps,
         learning_rate=c.optim.lr,
-        lr_scheduler_type="cosine",
+        lr_scheduler_type="constant" if c.optim.end_lr >= c.optim.lr else "cosine",  # as our arms
         weight_decay=c.optim.weight_decay,
         max_grad_norm=c.optim.clip,
         logging_steps=c.log_interval,

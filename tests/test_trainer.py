@@ -29,6 +29,11 @@ def tiny(tmp_path, **changes):
     return trainer.override(c, **changes)
 
 
+def alone(tmp_path, **changes):
+    """The tiny demo's configured method only: no compared students, no test stage."""
+    return tiny(tmp_path, compare=(), compare_sft=False, data__test_split="", **changes)
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """The tiny demo's main job, run once: (config, results, what it printed)."""
@@ -96,12 +101,9 @@ def test_export_loads_in_transformers(demo):
 
 
 def test_half_written_checkpoint_is_never_picked(tmp_path):
-    c = tiny(
+    c = alone(
         tmp_path,
         method="sft",
-        compare=(),
-        compare_sft=False,
-        data__test_split="",
         optim__steps=2,
         eval__generate=False,
     )
@@ -130,12 +132,9 @@ def test_half_written_checkpoint_is_never_picked(tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_checkpoint(tmp_path):
-    c = tiny(
+    c = alone(
         tmp_path,
         method="sft",
-        compare=(),
-        compare_sft=False,
-        data__test_split="",
         optim__steps=6,
         eval__generate=False,
     )
@@ -148,12 +147,9 @@ def test_nan_loss_stops_with_step_and_checkpoint(tmp_path):
 
 def test_grad_accumulation_averages_micro_batches(tmp_path):
     def run(name, **kw):
-        c = tiny(
+        c = alone(
             tmp_path / name,
             method="sft",
-            compare=(),
-            compare_sft=False,
-            data__test_split="",
             optim__steps=3,
             eval__generate=False,
             **kw,
@@ -173,12 +169,9 @@ def test_grad_accumulation_averages_micro_batches(tmp_path):
 
 
 def test_seqkd_trains_on_the_teachers_cached_responses(tmp_path):
-    c = tiny(
+    c = alone(
         tmp_path,
         method="seqkd",
-        compare=(),
-        compare_sft=False,
-        data__test_split="",
         optim__steps=2,
         eval__generate=False,
     )
@@ -211,12 +204,9 @@ def test_overlap_mode_trains_like_paper_mode(tmp_path):
     stale while training goes on (overlap mode): both finish and land on a comparable loss."""
 
     def run(name, **kw):
-        c = tiny(
+        c = alone(
             tmp_path / name,
             method="onpolicy",
-            compare=(),
-            compare_sft=False,
-            data__test_split="",
             optim__steps=5,
             eval__generate=False,
         )
