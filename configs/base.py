@@ -41,7 +41,8 @@ def get_config() -> ConfigDict:
     c = ConfigDict()
     c.run_dir = "runs/default"  # checkpoints, metrics.jsonl, tensorboard/, curves.png, best/, final/
     c.seed = 0
-    c.resume = False  # continue the run in run_dir from its latest complete checkpoint
+    c.resume = False  # continue the run in run_dir from its latest complete checkpoint (none there: an error)
+    c.start_if_empty = False  # with resume=True: start from step 0 when run_dir has no checkpoint yet
     # sft (CE only) | kd (loss.name on ground truth) | seqkd (on teacher outputs) | distillm (adaptive
     # SGOs + replay) | imitkd | gkd | onpolicy (SGO baselines; configs/paper.py sets each one's loss) |
     # minillm (policy gradient on reverse KL) | distillm2 (contrastive, on teacher and student outputs)

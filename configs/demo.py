@@ -71,7 +71,6 @@ def gpt2(width: int, layers: int, heads: int) -> ConfigDict:
 def get_config(arg: str = "") -> ConfigDict:
     c = base.get_config()
     c.run_dir = "runs/demo"
-    c.resume = True  # re-running the command continues (or just reprints) the same run
     c.method = "distillm"  # SRKL + adaptive SGOs (offpolicy.*: the paper's, but for capacity)
     c.compare = ("kd", "sft")  # the ablation: SRKL on ground truth only (φ held at 0), and SFT
     c.tokenizer = "demo"

@@ -12,6 +12,9 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from distillm_jax.models import CheckpointError
 
 
 class Checkpoints:
@@ -36,9 +39,35 @@ class Checkpoints:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
             {"params": params, "opt_state": opt_state},
         )
+        self._check_shapes(step, abstract)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore())
-        out = self.manager.restore(step, args=args)
+        try:
+            out = self.manager.restore(step, args=args)
+        except (ValueError, KeyError, TypeError) as e:  # orbax: another tree, shape or dtype than saved
+            lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+            why = (lines[0] if lines else type(e).__name__)[:200]
+            raise CheckpointError(
+                f"checkpoint {self.path(step)} does not match this config's student ({why}); continue it "
+                "with the config it was made with (run_config.json), or choose another run_dir"
+            ) from None
         return out.state["params"], out.state["opt_state"], dict(out.host)
+
+    def _check_shapes(self, step: int, abstract) -> None:
+        """Refuse a checkpoint of another model in one line, before orbax reads it (its own error is
+        a page of asyncio output)."""
+        try:
+            saved = ocp.StandardCheckpointHandler().metadata(epath.Path(self.path(step)) / "state")
+        except Exception:  # no metadata to compare (another orbax layout): restore will say
+            return
+        shapes = lambda tree: sorted(tuple(x.shape) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))  # noqa: E731
+        have, want = shapes(getattr(saved, "tree", saved)), shapes(abstract)
+        if have and have != want:
+            diff = next(((h, w) for h, w in zip(have, want, strict=False) if h != w), (len(have), len(want)))
+            raise CheckpointError(
+                f"checkpoint {self.path(step)} does not match this config's student (saved {diff[0]}, here "
+                f"{diff[1]}); continue it with the config it was made with (run_config.json), or choose "
+                "another run_dir"
+            )
 
     def path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))

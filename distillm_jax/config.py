@@ -116,6 +116,7 @@ def check(config: ConfigDict) -> None:
         src = d[key]
         if src and sources.is_local(src) and not os.path.exists(os.path.expanduser(src)):
             raise ConfigError(f"data.{key} {src} does not exist")
+    _check_one_file(d)
     if config.loss.lm_coef > 0 and not d.lm_source:
         raise ConfigError("loss.lm_coef > 0 needs data.lm_source (plain text with a 'text' column)")
     if config.eval.temperature < 0 or not 0 < config.eval.top_p <= 1:
@@ -131,6 +132,22 @@ def check(config: ConfigDict) -> None:
         raise ConfigError(
             "distributed: coordinator must be host:port and 0 <= process_id < num_processes, got "
             f"{d.coordinator!r}, process {d.process_id} of {d.num_processes}"
+        )
+
+
+def _check_one_file(d: ConfigDict) -> None:
+    """A single data file holds one split: two splits of it must both be slices (else the validation
+    rows would be the training rows, and ``best/`` chosen on them)."""
+    if not (d.source and sources.is_local(d.source) and os.path.isfile(os.path.expanduser(d.source))):
+        return
+    keys = [k for k in ("train_split", "valid_split", "test_split") if d[k]]
+    whole = [k for k in keys if sources.parse_split(d[k])[1] is None]
+    if len(keys) > 1 and whole:
+        raise ConfigError(
+            f"data.source {d.source} is one file, so data.{whole[0]} ({d[whole[0]]!r}) would be all of its "
+            "rows for every split; slice it (e.g. --config.data.train_split='train[100:]' "
+            "--config.data.valid_split='train[:100]' --config.data.test_split='') or give a folder with "
+            "train.jsonl and validation.jsonl"
         )
 
 

@@ -24,7 +24,7 @@ import jax
 from ml_collections import ConfigDict
 
 from distillm_jax import config as cfglib
-from distillm_jax import planner, reporting, trainer
+from distillm_jax import planner, preflight, reporting, trainer
 from distillm_jax.trainer import override
 
 ROLES = ("teacher", "student")
@@ -130,16 +130,32 @@ def _run_stage(stage: Stage, index: int, count: int) -> dict:
     if lead:
         what = "SFT" if c.method == "sft" else c.method
         print(f"stage {index}/{count} {stage.name}: {what} -> {c.run_dir}")
-    resume = os.path.isdir(os.path.join(c.run_dir, "checkpoints"))  # stopped: continue it
-    return trainer.train(override(c, resume=resume or c.resume), stage=f"{index}/{count} {stage.name}")
+    # The run folder's config was checked (run_config.json): a stage continues what it finds, or starts.
+    staged = override(c, resume=True, start_if_empty=True)
+    return trainer.train(staged, stage=f"{index}/{count} {stage.name}")
 
 
 def _check_same_run(c: ConfigDict) -> None:
     """The run folder keeps the config it was started with; the same command continues it, another
-    config is refused (``resume=True`` continues it anyway)."""
+    config is refused (``resume=True`` continues it anyway), and so is a folder holding a run that was
+    not started by this command; ``resume=True`` where there is nothing to continue is refused too
+    (``start_if_empty`` starts)."""
     path = os.path.join(c.run_dir, RUN_CONFIG)
-    own = ("resume", "distributed")  # how this process was started, not what the run is
+    own = ("resume", "start_if_empty", "distributed")  # how this process was started, not what the run is
     mine = json.loads(json.dumps({k: v for k, v in c.to_dict().items() if k not in own}, default=list))
+    preflight.writable(c.run_dir)
+    folders = dict.fromkeys([c.run_dir, *(stage.config.run_dir for stage in stages(c))])
+    found = [part for folder in folders for part in _held_in(folder, c.run_dir)]
+    if not os.path.exists(path) and found and not c.resume:
+        raise cfglib.ConfigError(
+            f"{c.run_dir} already holds a run ({', '.join(found[:3])}); pass --config.resume=True to "
+            "continue it, or choose another run_dir"
+        )
+    if c.resume and not os.path.exists(path) and not found and not c.start_if_empty:
+        raise cfglib.ConfigError(
+            f"--config.resume=True but {c.run_dir} holds no run to continue; check run_dir, or pass "
+            "--config.start_if_empty=True to start there"
+        )
     if os.path.exists(path) and not c.resume:
         with open(path) as f:
             theirs = json.load(f)
@@ -154,6 +170,12 @@ def _check_same_run(c: ConfigDict) -> None:
         with open(path + ".tmp", "w") as f:
             json.dump(mine, f, indent=1, sort_keys=True)
         os.replace(path + ".tmp", path)
+
+
+def _held_in(stage_dir: str, run_dir: str) -> list[str]:
+    """What of a run ``stage_dir`` holds, named from ``run_dir``."""
+    rel = os.path.relpath(stage_dir, run_dir)
+    return [name if rel == "." else os.path.join(rel, name) for name in preflight.held(stage_dir)]
 
 
 def _differences(a, b, prefix: str = "") -> str:
@@ -183,6 +205,7 @@ def run(config: ConfigDict) -> dict:
     """The whole pipeline of ``config``; returns each stage's summary (and ``test``: the test table's
     scores)."""
     cfglib.check(config)
+    preflight.mesh_and_batch(config)
     _warn_if_too_big(config)
     _check_same_run(config)
     _warn_untuned_teacher(config)
@@ -205,6 +228,11 @@ def run(config: ConfigDict) -> dict:
     if config.data.test_split:
         results["test"] = test(config, distilled, count, results)
     return results
+
+
+def stopped(results: dict) -> bool:
+    """The pipeline stopped on a signal (its stage saved): the same command continues it."""
+    return any(isinstance(v, dict) and "stopped_at" in v for v in results.values())
 
 
 def test(config: ConfigDict, distilled: ConfigDict, index: int, results: dict | None = None) -> dict:

@@ -33,16 +33,28 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
+def mesh_sizes(data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices: int) -> list[int]:
+    """The (data, fsdp, tensor) sizes over ``devices``: -1 takes the devices the others leave; a 0, two
+    -1s or a product other than ``devices`` is a ``ValueError`` that says so."""
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(
+            f"mesh: each of data, fsdp, tensor must be >= 1 (at most one -1: the devices left), got "
+            f"data={data} fsdp={fsdp} tensor={tensor}"
+        )
+    known = int(np.prod([s for s in sizes if s != -1]))
+    sizes = [devices // known if s == -1 else s for s in sizes]
+    if int(np.prod(sizes)) != devices:
+        raise ValueError(
+            f"mesh: data×fsdp×tensor = {'×'.join(map(str, sizes))} does not multiply to the {devices} "
+            "devices present; set mesh.data / fsdp / tensor so it does (one of them -1 takes the rest)"
+        )
+    return sizes
+
+
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1) -> Mesh:
     """A ('data', 'fsdp', 'tensor') mesh over all devices; -1 takes the devices the others leave."""
-    n = jax.device_count()
-    sizes = [data, fsdp, tensor]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
-    known = int(np.prod([s for s in sizes if s != -1]))
-    sizes = [n // known if s == -1 else s for s in sizes]
-    if int(np.prod(sizes)) != n:
-        raise ValueError(f"mesh: data×fsdp×tensor = {sizes} does not multiply to the {n} devices present")
+    sizes = mesh_sizes(data, fsdp, tensor, devices=jax.device_count())
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 

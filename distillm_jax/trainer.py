@@ -38,6 +38,7 @@ from distillm_jax import (
     models,
     offpolicy,
     planner,
+    preflight,
     reporting,
     sharding,
     step,
@@ -380,13 +381,16 @@ def optimizer(c: ConfigDict, total: int):
 DRAW_SEED_STRIDE = 1_000_003  # a prime past any step count: no two evaluations' draws share a seed
 
 
-def _killed_here(at: int) -> bool:
+def _signal_here(at: int) -> signal.Signals | None:
     """``DISTILLM_KILL_AT_STEP`` (and, with several processes, ``DISTILLM_KILL_PROCESS``): the tests'
-    way to kill a run at a step, as a preemption without notice would."""
+    way to signal a run at a step — ``DISTILLM_KILL_SIGNAL`` KILL (the default: a preemption without
+    notice), TERM (a preemption notice) or INT (Ctrl-C)."""
     if os.environ.get("DISTILLM_KILL_AT_STEP") != str(at):
-        return False
+        return None
     only = os.environ.get("DISTILLM_KILL_PROCESS")
-    return only is None or only == str(jax.process_index())
+    if only is not None and only != str(jax.process_index()):
+        return None
+    return signal.Signals["SIG" + os.environ.get("DISTILLM_KILL_SIGNAL", "KILL")]
 
 
 def _finite(rows: list[dict]) -> int | None:
@@ -464,6 +468,8 @@ def _host_metrics(infos: list[dict], seconds: float, sgo_lengths: list, hosts: f
 def train(config: ConfigDict, *, stage: str = "") -> dict:
     """One run: returns its summary (also written to ``run_dir/summary.json``); ``stage`` names it on
     the progress bar (the pipeline's stage)."""
+    preflight.mesh_and_batch(config)  # before any model loads: a mistake costs seconds
+    preflight.run_dir(config)
     r = Run(config)
     c = config
     lead = jax.process_index() == 0
@@ -518,13 +524,7 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
         "sources": {"data": 0, "sgo": 0, "replay": 0},
         "feeder": None,
     }
-    latest = ckpt.latest_step()
-    if latest is not None and not c.resume:
-        ckpt.close()
-        raise cfglib.ConfigError(
-            f"{c.run_dir} already holds a run (checkpoint at step {latest}); pass --config.resume=True to "
-            "continue it, or choose another run_dir"
-        )
+    latest = ckpt.latest_step() if c.resume else None  # preflight.run_dir: none there unless resume
     if latest is not None:
         params, opt_state, saved = ckpt.restore(latest, params, opt_state)
         host.update(saved)  # a checkpoint from before a key existed keeps its default
@@ -557,8 +557,16 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
     reporter = reporting.Reporter(
         c.run_dir, total, host["step"], desc=stage or os.path.basename(c.run_dir) or "train"
     )
-    stop = {"signal": None}  # SIGTERM on any host (a preemption notice): save and stop, all together
-    previous = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
+    stop = {"signal": None}  # SIGTERM (a preemption notice) or Ctrl-C on any host: save and stop, together
+
+    def on_signal(sig, frame):
+        if stop["signal"] is not None and sig == signal.SIGINT:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        stop["signal"] = sig
+        if lead and sig == signal.SIGINT:
+            reporter.bar.write("Ctrl-C: saving at the end of this step, then stopping (again: stop at once)")
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def save(at: int) -> None:
         feeders = distributed.gather_objects(feeder.state())  # each host's buffer shards
@@ -619,9 +627,11 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
                 pending.append(m)
             at += 1
             reporter.advance()
-            if _killed_here(at):  # fault injection for the resume and lost-process tests
-                ckpt.manager.wait_until_finished()
-                os.kill(os.getpid(), signal.SIGKILL)
+            sig = _signal_here(at)  # fault injection for the resume, stop and lost-process tests
+            if sig is not None:
+                if sig == signal.SIGKILL:
+                    ckpt.manager.wait_until_finished()
+                os.kill(os.getpid(), sig)
             due_eval, due_save = at % eval_every == 0 or at == total, at % save_every == 0 or at == total
             stopping = False
             if (
@@ -643,15 +653,19 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
                     bad_step = at - len(pending) // c.optim.grad_accum + bad // c.optim.grad_accum + 1
                     last = ckpt.latest_step()
                     where = f"{ckpt.path(last)} (step {last})" if last is not None else "none yet"
-                    values = ", ".join(f"{k} {float(v):.4g}" for k, v in rows_m[bad].items())
+                    bad_row = rows_m[bad].items()
+                    values = ", ".join(f"{k} {float(v)}" for k, v in bad_row if not np.isfinite(v))
                     raise TrainingError(
-                        f"non-finite loss at step {bad_step} ({values}); last good checkpoint: {where}"
+                        f"non-finite training metrics at step {bad_step} ({values}): lower optim.lr or "
+                        f"check the data; last good checkpoint: {where}"
                     )
                 mean = {k: float(np.mean([row[k] for row in rows_m])) for k in rows_m[0]}
                 mean["tokens_per_s"] = sum(h["tokens"] for h in hosts) / max(time.time() - t0, 1e-9)
                 if sgo:
                     lengths = [x for h in hosts for x in h["sgo_len"]]
                     mean.update(_host_metrics(infos, time.time() - t0, lengths, r.num_shards / len(r.shards)))
+                    if c.method != "distillm":  # φ is the adaptive scheduler's: the others have none
+                        mean.pop("phi")
                 reporter.log(at, "train", mean)
                 pending, infos, tokens, t0 = [], [], 0, time.time()
             if due_eval or due_save or stopping:  # training wall-clock, evaluation and saving left out
@@ -664,15 +678,16 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
                 clock = time.perf_counter()
             if stopping:
                 if lead:
-                    print(f"stopped by SIGTERM at step {at}; saved; resume with --config.resume=True")
+                    why = signal.Signals(stop["signal"]).name if stop["signal"] else "another process"
+                    print(f"stopped by {why} at step {at}; saved; the same command continues it")
                 break
     finally:
         ckpt.close()
         reporter.close()
         if feeder.worker is not None:
             feeder.worker.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if stopping:
         return {"stopped_at": at}
     _export(model_of(params), r.tokenizer, os.path.join(c.run_dir, "final"), peft=peft)

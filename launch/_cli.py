@@ -37,8 +37,14 @@ def _config_file(argv: list[str]) -> str | None:
     return None
 
 
+EXIT_MISTAKE = 2  # a bad flag, config, file or checkpoint: one `error:` line, nothing written over
+EXIT_STOPPED = 75  # stopped by SIGTERM or Ctrl-C and saved: the same command continues (EX_TEMPFAIL)
+EXIT_INTERRUPTED = 130  # a second Ctrl-C (or one before training began): stopped at once
+
+
 def main(body) -> None:
-    """Run ``body(config)``; a bad flag or config, a bad checkpoint or a stopped run is one line."""
+    """Run ``body(config)`` (True from it: the run stopped on a signal and saved); a bad flag or config,
+    a bad checkpoint, a stopped or interrupted run is one line and an exit code of its own."""
     from absl import logging
 
     from distillm_jax.config import ConfigError
@@ -48,16 +54,16 @@ def main(body) -> None:
     path = (_config_file(sys.argv) or "").split(":")[0]
     if path and not os.path.isfile(path):
         print(f"error: config file {path} does not exist", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_MISTAKE)
     try:  # an unknown --config.key, a value of the wrong type, a config file that fails
         argv = flags.FLAGS(sys.argv)
         config = CONFIG.value
     except Exception as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_MISTAKE)
     if len(argv) > 1:
         print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_MISTAKE)
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     try:
         from distillm_jax import config as cfglib
@@ -65,10 +71,17 @@ def main(body) -> None:
 
         cfglib.check(config)
         distributed.initialize(config)  # before any device is touched
-        body(config)
+        stopped = body(config)
     except (ConfigError, CheckpointError, TrainingError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_MISTAKE)
+    except KeyboardInterrupt:
+        print(
+            "error: interrupted at once; what was saved is kept (the same command continues from the last "
+            "checkpoint)",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as e:  # a collective that failed because another process died or hung
         import jax
 
@@ -81,3 +94,5 @@ def main(body) -> None:
             file=sys.stderr,
         )
         sys.exit(1)
+    if stopped:
+        sys.exit(EXIT_STOPPED)

@@ -3,10 +3,10 @@
 import _cli
 
 
-def body(config):
+def body(config) -> bool:
     from distillm_jax import pipeline
 
-    pipeline.run(config)
+    return pipeline.stopped(pipeline.run(config))
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ def tiny(tmp_path):
     return c
 
 
-def cli(*args):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+def cli(*args, env: dict | None = None):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", **(env or {})}
     cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", "configs/demo.py:tiny", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
 
@@ -130,6 +130,18 @@ def test_dataset_without_the_task_columns(tmp_path):
         trainer.Run(c)
 
 
+@pytest.mark.parametrize("bad_row", [{"dialogue": "a"}, {"dialogue": "a", "summary": None}])
+def test_a_row_without_its_response_is_named(tmp_path, bad_row):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"dialogue": "a", "summary": "b"}] * 3 + [bad_row]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = tiny(tmp_path)
+    c.data.source = str(data)
+    with pytest.raises(cfglib.ConfigError, match=r"row 4 has no summary \(missing or null\); fix or drop"):
+        trainer.Run(c)
+
+
 def test_missing_split_file(tmp_path):
     c = tiny(tmp_path)
     c.data.source = str(tmp_path)
@@ -179,3 +191,137 @@ def test_bad_distributed_settings_are_one_line(tmp_path):
         cfglib.ConfigError, match=r"0 <= process_id < num_processes, got '127.0.0.1:9', process 2 of 2"
     ):
         cfglib.check(c)
+
+
+def _leftover(path: Path, name: str) -> dict:
+    """A part of an earlier run left in ``path`` (its checkpoints deleted, say)."""
+    target = path / name
+    if name.endswith(".json") or name.endswith(".jsonl"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text('{"step": 1}\n')
+    else:
+        (target / "config.json").parent.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+    return {}
+
+
+def _one_file(path: Path) -> dict:
+    path.write_text(json.dumps({"dialogue": "a", "summary": "b"}) + "\n")
+    return {"data__source": str(path)}
+
+
+def _file_in_the_way(path: Path) -> dict:
+    (path / "a_file").write_text("not a folder")
+    return {"run_dir": str(path / "a_file" / "run")}
+
+
+# case: (what is set up in the tmp folder -> config changes, the line the pipeline / the trainer says)
+BEFORE_LOADING = {
+    "checkpoints deleted, metrics left": (
+        lambda t: _leftover(t / "run", "metrics.jsonl"),
+        r"run already holds a run \(metrics.jsonl\); pass --config.resume=True",
+        r"run already holds a run \(metrics.jsonl\); pass --config.resume=True",
+    ),
+    "a compared student's export left": (
+        lambda t: _leftover(t / "run" / "sft", "best"),
+        r"run already holds a run \(sft/best\)",
+        None,  # the trainer alone writes only its own run_dir
+    ),
+    "resume with nothing to resume": (
+        lambda t: {"resume": True},
+        r"--config.resume=True but .*run holds no run to continue; .*--config.start_if_empty=True",
+        r"--config.resume=True but .*run has no checkpoint to continue; .*--config.start_if_empty=True",
+    ),
+    "run_dir under a regular file": (
+        _file_in_the_way,
+        r"cannot write run_dir .*a_file/run \(.*\); choose another run_dir",
+        r"cannot write run_dir .*a_file/run \(.*\); choose another run_dir",
+    ),
+    "one data file for every split": (
+        lambda t: _one_file(t / "rows.jsonl"),
+        r"data.source .*rows.jsonl is one file, so data.train_split \('train'\) would be all of its rows",
+        r"data.source .*rows.jsonl is one file",
+    ),
+    "mesh that does not multiply": (
+        lambda t: {"mesh__data": 3},
+        r"mesh: data×fsdp×tensor = 3×2×1 does not multiply to the 8 devices present",
+        r"does not multiply to the 8 devices present",
+    ),
+    "a 0 in the mesh": (
+        lambda t: {"mesh__fsdp": 0},
+        r"mesh: each of data, fsdp, tensor must be >= 1",
+        r"mesh: each of data, fsdp, tensor must be >= 1",
+    ),
+    "a batch the data shards do not divide": (
+        lambda t: {"optim__batch_size": 12},
+        r"the micro-batch \(optim.batch_size / grad_accum\) \(12\) must split over the mesh's 8 data shards",
+        r"must split over the mesh's 8 data shards",
+    ),
+    "an eval batch the data shards do not divide": (
+        lambda t: {"eval__batch_size": 6},
+        r"eval.batch_size \(6\) must split over the mesh's 8 data shards",
+        r"eval.batch_size \(6\) must split",
+    ),
+}
+
+
+ENTRIES = [
+    (case, entry)
+    for case, (_, *says) in BEFORE_LOADING.items()
+    for entry, said in zip(("pipeline", "trainer"), says, strict=True)
+    if said is not None
+]
+
+
+@pytest.mark.parametrize("case, entry", ENTRIES)
+def test_mistakes_found_before_any_model_loads(tmp_path, monkeypatch, case, entry):
+    """Each case is one line, raised before a model is built, and nothing already there is changed."""
+    from distillm_jax import pipeline
+
+    prepare, pipeline_says, trainer_says = BEFORE_LOADING[case]
+    says = pipeline_says if entry == "pipeline" else trainer_says
+    changes = prepare(tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the mistake was found")
+
+    monkeypatch.setattr(trainer, "build_model", no_loading)
+    c = trainer.override(tiny(tmp_path), **changes)
+    with pytest.raises(cfglib.ConfigError, match=says):
+        pipeline.run(c) if entry == "pipeline" else trainer.train(c)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("sig", ["INT", "TERM"])
+def test_ctrl_c_and_sigterm_save_stop_with_their_own_code_and_the_command_continues(tmp_path, sig):
+    args = [
+        f"--config.run_dir={tmp_path / 'run'}",
+        "--config.compare=()",
+        "--config.data.test_split=",
+        "--config.teacher.train_steps=0",
+        "--config.student.train_steps=0",
+        "--config.eval.generate=False",
+        "--config.checkpoint.interval=100",  # only the stop saves step 2
+    ]
+    stopped = cli(*args, env={"DISTILLM_KILL_AT_STEP": "2", "DISTILLM_KILL_SIGNAL": sig})
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
+    assert f"stopped by SIG{sig} at step 2; saved; the same command continues it" in stopped.stdout
+    assert "Traceback" not in stopped.stderr and (tmp_path / "run" / "checkpoints" / "2").is_dir()
+    if sig == "INT":
+        again = cli(*args)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert "resumed" in again.stdout and "at step 2 of 4" in again.stdout
+
+
+def test_resuming_with_another_student_shape_is_one_line(tmp_path):
+    c = trainer.override(
+        tiny(tmp_path), method="sft", compare=(), data__test_split="", optim__steps=2, eval__generate=False
+    )
+    c.teacher.train_steps = c.student.train_steps = 0
+    trainer.train(c)
+    wider = trainer.override(c, resume=True, optim__steps=3)
+    wider.student.config.d_model, wider.student.config.d_ff = 24, 48
+    says = r"checkpoint .*/2 does not match this config's student \("
+    with pytest.raises(models.CheckpointError, match=says):
+        trainer.train(wider)

@@ -56,21 +56,25 @@ def test_untuned_teacher_warns(capsys):
 
 
 def test_done_stage_is_skipped_and_stopped_stage_continues(tmp_path, monkeypatch):
+    """A stage continues what its folder holds, or starts (the run folder's config was checked first:
+    ``resume`` and ``start_if_empty``), and is skipped once its summary is as late as its checkpoints."""
     calls = []
-    monkeypatch.setattr(trainer, "train", lambda c, stage: calls.append(c.resume) or {"steps": 1})
+    monkeypatch.setattr(
+        trainer, "train", lambda c, stage: calls.append((c.resume, c.start_if_empty)) or {"steps": 1}
+    )
     c = load("demo", "tiny")
     c.run_dir, c.resume = str(tmp_path / "run"), False
     stage = pipeline.Stage("distill", c)
-    assert pipeline._run_stage(stage, 1, 1) == {"steps": 1} and calls == [False]  # fresh
+    assert pipeline._run_stage(stage, 1, 1) == {"steps": 1} and calls == [(True, True)]  # fresh
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     pipeline._run_stage(stage, 1, 1)
-    assert calls == [False, True]  # stopped before its end: continued from its checkpoint
+    assert len(calls) == 2  # stopped before its end: continued from its checkpoint
     (tmp_path / "run" / "summary.json").write_text(json.dumps({"steps": 4}))
     (tmp_path / "run" / "checkpoints" / "4").mkdir()
-    assert pipeline._run_stage(stage, 1, 1) == {"steps": 4} and calls == [False, True]  # done: skipped
+    assert pipeline._run_stage(stage, 1, 1) == {"steps": 4} and len(calls) == 2  # done: skipped
     (tmp_path / "run" / "checkpoints" / "4").rmdir()  # gone back to an earlier checkpoint: continued
     (tmp_path / "run" / "checkpoints" / "2").mkdir()
-    assert pipeline._run_stage(stage, 1, 1) == {"steps": 1} and calls == [False, True, True]
+    assert pipeline._run_stage(stage, 1, 1) == {"steps": 1} and len(calls) == 3
 
 
 def test_another_config_in_the_same_run_folder_is_refused(tmp_path):

@@ -32,6 +32,7 @@ COMMON = [
     "--config.checkpoint.interval=1",
     "--config.checkpoint.keep=4",
     "--config.resume=True",
+    "--config.start_if_empty=True",  # the first launch starts; a relaunch continues
 ]
 HOST_ONLY = ("tokens_per_s", "gen_s", "interval_s", "train_s", "kind")
 

@@ -1,0 +1,77 @@
+"""What can be checked before any model loads, checked before: the run folder (writable, not holding
+another run unless ``resume``, holding something when ``resume`` says it does) and the device mesh and
+batch against the devices present. A paper-size model takes minutes to load; a mistake here costs
+seconds and one ``error:`` line."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from ml_collections import ConfigDict
+
+from distillm_jax import sharding
+from distillm_jax.config import ConfigError
+
+RUN_FILES = ("checkpoints", "summary.json", "metrics.jsonl", "best", "final")  # what a run writes
+
+
+def held(run_dir: str) -> list[str]:
+    """The parts of a run ``run_dir`` holds (an empty ``checkpoints/`` counts: a run was started there)."""
+    return [name for name in RUN_FILES if os.path.exists(os.path.join(run_dir, name))]
+
+
+def has_checkpoint(run_dir: str) -> bool:
+    ckpts = os.path.join(run_dir, "checkpoints")
+    return os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))
+
+
+def writable(run_dir: str) -> None:
+    """Create ``run_dir`` and write a file in it, or say in one line why it cannot be."""
+    probe = os.path.join(run_dir, f".write_test.{jax.process_index()}")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ConfigError(f"cannot write run_dir {run_dir} ({reason}); choose another run_dir") from None
+
+
+def run_dir(c: ConfigDict) -> None:
+    """A new run needs an unused folder; ``resume=True`` needs a checkpoint there, unless
+    ``start_if_empty`` (a job scheduler's "continue if you can") says to start."""
+    writable(c.run_dir)
+    found = held(c.run_dir)
+    if found and not c.resume:
+        raise ConfigError(
+            f"{c.run_dir} already holds a run ({', '.join(found)}); pass --config.resume=True to continue "
+            "it, or choose another run_dir"
+        )
+    if c.resume and not has_checkpoint(c.run_dir) and not c.start_if_empty:
+        raise ConfigError(
+            f"--config.resume=True but {c.run_dir} has no checkpoint to continue; check run_dir, or pass "
+            "--config.start_if_empty=True to start there"
+        )
+
+
+def mesh_and_batch(c: ConfigDict) -> None:
+    """The mesh multiplies to the devices present and every batch splits over its data shards (a batch
+    that does not would be copied whole to every device)."""
+    try:
+        sizes = sharding.mesh_sizes(**c.mesh, devices=jax.device_count())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    shards = sizes[0] * sizes[1]  # data x fsdp
+    micro = c.optim.batch_size // c.optim.grad_accum
+    batches = (
+        ("the micro-batch (optim.batch_size / grad_accum)", micro),
+        ("eval.batch_size", c.eval.batch_size),
+    )
+    for name, size in batches:
+        if size % shards:
+            raise ConfigError(
+                f"{name} ({size}) must split over the mesh's {shards} data shards (mesh.data x mesh.fsdp); "
+                "make it a multiple, or use a mesh with fewer data shards (e.g. --config.mesh.tensor)"
+            )
