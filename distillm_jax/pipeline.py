@@ -207,7 +207,9 @@ def run(config: ConfigDict) -> dict:
     cfglib.check(config)
     preflight.mesh_and_batch(config)
     _warn_if_too_big(config)
-    _check_same_run(config)
+    planned = next(stage.config for stage in stages(config, planning=True) if stage.name == "distill")
+    preflight.tokenizers(planned)  # of the models the stages start from: files only, before any weights
+    _check_same_run(config)  # last: it records the run's config in its folder
     _warn_untuned_teacher(config)
     todo = stages(config)
     count = len(todo) + bool(config.data.test_split)

@@ -49,11 +49,31 @@ def run_dir(c: ConfigDict) -> None:
             f"{c.run_dir} already holds a run ({', '.join(found)}); pass --config.resume=True to continue "
             "it, or choose another run_dir"
         )
-    if c.resume and not has_checkpoint(c.run_dir) and not c.start_if_empty:
-        raise ConfigError(
-            f"--config.resume=True but {c.run_dir} has no checkpoint to continue; check run_dir, or pass "
-            "--config.start_if_empty=True to start there"
-        )
+    if c.resume and not has_checkpoint(c.run_dir):
+        if not c.start_if_empty:
+            raise ConfigError(
+                f"--config.resume=True but {c.run_dir} has no checkpoint to continue; check run_dir, or pass "
+                "--config.start_if_empty=True to start there"
+            )
+        finished = [name for name in ("summary.json", "final") if name in found]
+        if finished:  # a run killed before its first checkpoint holds only metrics and best/ of step 0
+            raise ConfigError(
+                f"{c.run_dir} holds a finished run ({', '.join(finished)}) whose checkpoints are gone: "
+                "nothing to continue, and starting would overwrite it; move it away or choose another run_dir"
+            )
+
+
+def tokenizers(c: ConfigDict) -> None:
+    """The student's tokenizer loads and the teacher's (if it ships one) has the same vocabulary: files
+    only, no weights."""
+    from distillm_jax.data import tokenizers as toklib
+
+    try:
+        tokenizer = toklib.load(c.tokenizer, c.student.path)
+        if c.method != "sft":
+            toklib.check_same(tokenizer, c.teacher.path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def mesh_and_batch(c: ConfigDict) -> None:

@@ -167,7 +167,7 @@ class Run:
         if any(skipped.values()) and me == 0:
             print(
                 f"{split}: {len(tokenized)} rows; "
-                f"skipped {skipped['empty_response']} with an empty response; "
+                f"skipped {skipped['empty_response']} with an empty or missing response; "
                 f"cut {skipped['prompt_truncated']} prompts longer than {c.data.max_prompt_length} tokens"
             )
         refs = [r for _, r in pairs if r.strip()]

@@ -7,7 +7,8 @@
 #
 # run_dir must be on a file system every node sees. Check the memory first:
 #   python launch/plan.py --config configs/openllama_dolly.py --devices 16 --memory_gib 80
-# A job that was stopped: submit the same command again with --config.resume=True.
+# A job that was stopped (exit 75: SIGTERM or Ctrl-C, saved) or killed: submit the same command again;
+# it continues from the last checkpoint (--config.resume=True is needed only for a config changed on purpose).
 #SBATCH --job-name=distillm
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8

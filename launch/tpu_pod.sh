@@ -7,7 +7,8 @@
 #       --config.run_dir=/mnt/shared/runs/openllama  # run_dir: a file system every worker sees (NFS, gcsfuse)
 #
 # Check the memory first: python launch/plan.py --config configs/openllama_dolly.py --devices 16 --memory_gib 32
-# A preempted slice: run the same train command again with --config.resume=True.
+# A preempted slice (exit 75 after a notice: saved): run the same train command again; it continues from
+# the last checkpoint (--config.resume=True is needed only for a config changed on purpose).
 set -euo pipefail
 cmd=${1:?usage: tpu_pod.sh setup|train NAME ZONE [flags...]}
 name=${2:?TPU name}

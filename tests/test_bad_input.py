@@ -130,16 +130,21 @@ def test_dataset_without_the_task_columns(tmp_path):
         trainer.Run(c)
 
 
-@pytest.mark.parametrize("bad_row", [{"dialogue": "a"}, {"dialogue": "a", "summary": None}])
-def test_a_row_without_its_response_is_named(tmp_path, bad_row):
+def test_rows_whose_response_stops_or_is_null_are_skipped_and_counted(tmp_path, capsys):
+    from distillm_jax.data import demo
+
+    rows = demo.examples("train", 12)
+    rows[10] = {"dialogue": rows[10]["dialogue"]}  # the column stops
+    rows[11]["summary"] = None
     data = tmp_path / "data"
     data.mkdir()
-    rows = [{"dialogue": "a", "summary": "b"}] * 3 + [bad_row]
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for split in ("train", "validation"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     c = tiny(tmp_path)
     c.data.source = str(data)
-    with pytest.raises(cfglib.ConfigError, match=r"row 4 has no summary \(missing or null\); fix or drop"):
-        trainer.Run(c)
+    run = trainer.Run(c)
+    assert len(run.train_rows) == 10 and len(run.valid_refs) == 10
+    assert "train: 10 rows; skipped 2 with an empty or missing response" in capsys.readouterr().out
 
 
 def test_missing_split_file(tmp_path):
@@ -181,7 +186,8 @@ def test_empty_responses_and_long_prompts_are_counted(tmp_path, capsys):
     run = trainer.Run(c)
     assert len(run.train_rows) == 11 and len(run.valid_refs) == 11
     out = capsys.readouterr().out
-    assert "train: 11 rows; skipped 1 with an empty response; cut 1 prompts longer than 80 tokens" in out
+    said = "train: 11 rows; skipped 1 with an empty or missing response; cut 1 prompts longer than 80 tokens"
+    assert said in out
 
 
 def test_bad_distributed_settings_are_one_line(tmp_path):
@@ -210,6 +216,14 @@ def _one_file(path: Path) -> dict:
     return {"data__source": str(path)}
 
 
+def _broken_teacher(path: Path) -> dict:
+    c = cfglib.load_file(str(ROOT / "configs" / "demo.py"), "tiny")
+    teacher = trainer.build_model(c.teacher, None, trainable=False)
+    models.save_pretrained(teacher, str(path), tokenizer=tokenizers.byte_level())
+    (path / "config.json").write_text('{"model_type": "t5", ')
+    return {"teacher__path": str(path), "teacher__train_steps": 0}
+
+
 def _file_in_the_way(path: Path) -> dict:
     (path / "a_file").write_text("not a folder")
     return {"run_dir": str(path / "a_file" / "run")}
@@ -232,6 +246,11 @@ BEFORE_LOADING = {
         r"--config.resume=True but .*run holds no run to continue; .*--config.start_if_empty=True",
         r"--config.resume=True but .*run has no checkpoint to continue; .*--config.start_if_empty=True",
     ),
+    "a finished run's checkpoints deleted, start_if_empty": (
+        lambda t: _leftover(t / "run", "final") or {"resume": True, "start_if_empty": True},
+        None,  # the pipeline skips a finished stage (its summary.json) instead
+        r"run holds a finished run \(final\) whose checkpoints are gone: nothing to continue",
+    ),
     "run_dir under a regular file": (
         _file_in_the_way,
         r"cannot write run_dir .*a_file/run \(.*\); choose another run_dir",
@@ -241,6 +260,11 @@ BEFORE_LOADING = {
         lambda t: _one_file(t / "rows.jsonl"),
         r"data.source .*rows.jsonl is one file, so data.train_split \('train'\) would be all of its rows",
         r"data.source .*rows.jsonl is one file",
+    ),
+    "a teacher whose config.json is broken": (
+        lambda t: _broken_teacher(t / "teacher"),
+        r"corrupt .*teacher/config.json",
+        r"corrupt .*teacher/config.json",
     ),
     "mesh that does not multiply": (
         lambda t: {"mesh__data": 3},

@@ -151,6 +151,8 @@ def test_grad_accumulation_averages_micro_batches(tmp_path):
             method="sft",
             optim__steps=3,
             eval__generate=False,
+            mesh__fsdp=4,  # 4 data shards: a micro-batch of 4 splits over them
+            mesh__tensor=2,
             **kw,
         )
         c.optim.lr = 3e-2  # large enough that a different batch shows in the validation loss

@@ -166,13 +166,6 @@ def check_columns(task: Task, rows: Sequence[dict], source: str) -> None:
             f"dataset {source} lacks column(s) {', '.join(missing)} needed by task {task.name!r}; "
             f"it has: {', '.join(sorted(have))}"
         )
-    for i, row in enumerate(rows):  # a column that stops, or a null, some rows on
-        gap = next((alts for alts in task.columns if all(row.get(a) is None for a in alts)), None)
-        if gap is not None:
-            raise ValueError(
-                f"dataset {source}: row {i + 1} has no {' or '.join(gap)} (missing or null); fix or drop "
-                "that row"
-            )
 
 
 def to_pairs(task: Task, rows: Sequence[dict], *, encoder_decoder: bool) -> list[tuple[str, str]]:

@@ -47,12 +47,32 @@ def load(spec: str, student_path: str = ""):
     where = hub.local_dir(where)  # a hub id (org/name[@revision]): its snapshot
     if not _has_tokenizer(where):
         raise ValueError(f"{where} has no tokenizer files; set `tokenizer` to a directory that has them")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(where)
+    tok = _auto(where)
     if tok.pad_token_id is None:  # GPT-2 / OPT / Llama convention: pad with EOS, masked out anyway
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _auto(where: str):
+    """``AutoTokenizer`` of a checkpoint directory; a corrupt file there is a one-line ValueError naming
+    it (transformers would raise a traceback of its own)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    for name in ("config.json", "tokenizer_config.json", "tokenizer.json"):
+        path = os.path.join(where, name)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    json.load(f)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ValueError(f"corrupt {path}: {e}") from None
+    try:
+        return AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError) as e:
+        first = next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
+        raise ValueError(f"cannot read the tokenizer in {where} ({first})") from None
 
 
 def check_same(tokenizer, teacher_path: str) -> None:
@@ -62,9 +82,7 @@ def check_same(tokenizer, teacher_path: str) -> None:
     teacher_path = hub.local_dir(teacher_path)
     if not _has_tokenizer(teacher_path):
         return
-    from transformers import AutoTokenizer
-
-    theirs = AutoTokenizer.from_pretrained(teacher_path)
+    theirs = _auto(teacher_path)
     if theirs.get_vocab() != tokenizer.get_vocab():
         raise ValueError(
             f"teacher tokenizer ({teacher_path}, {len(theirs)} tokens) differs from the student's "
