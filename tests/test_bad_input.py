@@ -256,6 +256,11 @@ BEFORE_LOADING = {
         r"cannot write run_dir .*a_file/run \(.*\); choose another run_dir",
         r"cannot write run_dir .*a_file/run \(.*\); choose another run_dir",
     ),
+    "a relative data path without ./ that does not exist": (
+        lambda t: {"data__source": "no_such_folder/train.jsonl"},  # a path, not a hub id: no network
+        r"data.source no_such_folder/train.jsonl does not exist",
+        r"data.source no_such_folder/train.jsonl does not exist",
+    ),
     "one data file for every split": (
         lambda t: _one_file(t / "rows.jsonl"),
         r"data.source .*rows.jsonl is one file, so data.train_split \('train'\) would be all of its rows",
