@@ -109,6 +109,7 @@ def get_config() -> ConfigDict:
     c.eval.seeds = (10,)  # the test stage and launch/evaluate.py: the paper's (10, 20, 30, 40, 50)
 
     c.offpolicy = ConfigDict()  # student-generated outputs: methods distillm, imitkd, gkd, onpolicy
+    c.offpolicy.init_phi = 0.0  # distillm: φ at the start (the official code's --init-threshold)
     c.offpolicy.loss_eps = 0.1  # distillm: φ += 0.1 when validation CE rises this much over prev_loss
     c.offpolicy.replay_ratio = (
         "decreasing"  # distillm: fresh vs replayed share: decreasing|constant|increasing

@@ -158,6 +158,8 @@ def _check_offpolicy(config: ConfigDict) -> None:
         raise ConfigError(f"offpolicy.replay_ratio must be one of {ratios}, got {o.replay_ratio!r}")
     if o.loss_eps < 0:
         raise ConfigError(f"offpolicy.loss_eps must be >= 0, got {o.loss_eps}")
+    if not 0.0 <= o.init_phi <= 1.0:
+        raise ConfigError(f"offpolicy.init_phi must be in [0, 1], got {o.init_phi}")
     if not 0.0 <= o.gkd_lambda <= 1.0:
         raise ConfigError(f"offpolicy.gkd_lambda must be in [0, 1], got {o.gkd_lambda}")
     if o.temperature < 0 or o.top_k < 0 or not 0 < o.top_p <= 1:

@@ -415,7 +415,7 @@ def _feeder(r: Run, c: ConfigDict, total: int, next_rows: Callable, model_of: Ca
         worker = offpolicy.GenerationWorker(sample, threaded=o.overlap)
     return offpolicy.Feeder(
         c.method,
-        offpolicy.AdaptiveScheduler(o.loss_eps, o.replay_ratio),
+        offpolicy.AdaptiveScheduler(o.loss_eps, o.replay_ratio, phi=o.init_phi),
         offpolicy.ReplayBuffer(max(o.capacity // r.num_shards, 1), r.shards),
         worker,
         next_rows,

@@ -84,6 +84,7 @@ def test_unknown_key_or_type_in_a_config_file(tmp_path):
             r"offpolicy.replay_ratio must be one of decreasing, constant, increasing",
         ),
         ("loss_eps", -0.1, r"offpolicy.loss_eps must be >= 0"),
+        ("init_phi", 1.5, r"offpolicy.init_phi must be in \[0, 1\]"),
         ("gkd_lambda", 1.5, r"offpolicy.gkd_lambda must be in \[0, 1\]"),
         ("top_p", 0.0, r"offpolicy.top_p in \(0, 1\]"),
         ("max_new_tokens", 40, r"offpolicy.max_new_tokens must be in \[0, 32\]"),

@@ -315,3 +315,33 @@ def test_scheduler_engages_when_validation_ce_rises(tmp_path, quick_compiles, ca
     assert "buffer 8 of 8 rows" in line and "hidden behind training" in line
     rows = [r for r in reporting.read_rows(str(tmp_path / "run" / "metrics.jsonl")) if r["kind"] == "train"]
     assert max(r["src_sgo"] + r["src_replay"] for r in rows) > 0
+
+
+def test_init_phi_starts_the_scheduler_on_sgos(tmp_path, quick_compiles):
+    """``offpolicy.init_phi`` (the official --init-threshold): with φ 1 from the start and a validation
+    CE that never rises by loss_eps, every step trains on SGOs (fresh, then replayed) and φ stays."""
+    import sys
+    from pathlib import Path
+
+    from distillm_jax import config as cfglib
+    from distillm_jax import trainer
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    c = cfglib.load_file(str(root / "configs" / "demo.py"), "tiny")
+    c = trainer.override(
+        c,
+        run_dir=str(tmp_path / "run"),
+        teacher__train_steps=0,
+        student__train_steps=0,
+        optim__steps=4,
+        eval__interval=4,
+        eval__generate=False,
+        offpolicy__init_phi=1.0,
+        offpolicy__loss_eps=100.0,
+        offpolicy__capacity=8,
+        checkpoint__interval=100,
+    )
+    s = trainer.train(c)
+    assert s["phi"] == 1.0 and s["phi_path"] == [] and s["sources"]["data"] == 0
+    assert s["sources"]["sgo"] >= 1 and s["sources"]["sgo"] + s["sources"]["replay"] == 4
