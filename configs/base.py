@@ -128,11 +128,15 @@ def get_config() -> ConfigDict:
     c.minillm.ppo_epochs = 4  # optimizer steps on each rollout batch
     c.minillm.clip = 0.2  # PPO ratio clipping
 
-    c.distillm2 = ConfigDict()  # method distillm2 (PAPER.md §5): teacher outputs as seqkd.*, student
-    c.distillm2.beta = 1.0  # outputs sampled once by the initial student as offpolicy.*; (2−β)·SKL + β·SRKL
+    c.distillm2 = ConfigDict()  # method distillm2: responses of the teacher and the initial student to the
+    c.distillm2.beta = 1.0  # training prompts, sampled once and cached; (2−β)·SKL + β·SRKL
+    c.distillm2.temperature = 0.8  # their sampling, as DistiLLM-2's official generation (no n-gram ban)
+    c.distillm2.top_p = 0.95
 
     c.seqkd = ConfigDict()
-    c.seqkd.temperature = 1.0  # teacher sampling for SeqKD's responses; 0 = greedy
+    c.seqkd.temperature = 1.0  # teacher sampling for SeqKD's responses (0 = greedy); no n-gram ban
+    c.seqkd.top_k = 0
+    c.seqkd.top_p = 1.0
     c.seqkd.batch_size = 32
 
     c.checkpoint = ConfigDict()

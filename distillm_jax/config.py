@@ -189,6 +189,10 @@ def _check_methods(config: ConfigDict) -> None:
         )
     if not 0.0 <= config.distillm2.beta <= 2.0:
         raise ConfigError(f"distillm2.beta must be in [0, 2], got {config.distillm2.beta}")
+    for group in ("seqkd", "distillm2"):
+        g = config[group]
+        if g.temperature < 0 or not 0 < g.top_p <= 1 or g.get("top_k", 0) < 0:
+            raise ConfigError(f"{group}: need temperature >= 0, top_p in (0, 1] and top_k >= 0")
     if method in ("minillm", "distillm2") and config.loss.chunk_size:
         raise ConfigError(f"method {method} has no chunked loss; set loss.chunk_size=0")
     if method == "minillm" and config.optim.grad_accum != 1:

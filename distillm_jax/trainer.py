@@ -247,10 +247,12 @@ class Run:
             mix_alpha=0.0 if mix is None else mix[1],
         )
 
-    def generate_texts(self, model: nnx.Module, rows: list, *, temperature: float, seed: int) -> list:
-        """Token ids of ``model``'s response to every row's prompt (EOS kept when produced)."""
+    def generate_texts(
+        self, model: nnx.Module, rows: list, settings: ConfigDict, *, seed: int, ngram: int = 0
+    ) -> list:
+        """Token ids of ``model``'s response to every row's prompt (EOS kept when produced), sampled with
+        ``settings`` (temperature, top_k, top_p) and, when ``ngram`` > 0, no repeated ``ngram``-gram."""
         e, out, size = self.config.eval, [], self.config.eval.batch_size
-        settings = ConfigDict({"temperature": temperature, "top_k": e.top_k, "top_p": e.top_p})
         new = e.max_new_tokens or self.lengths.max_response
         key = jax.random.key(seed)
         for i in range(0, len(rows), size):
@@ -263,7 +265,7 @@ class Run:
                 new,
                 settings,
                 jax.random.fold_in(key, i // size),
-                e.no_repeat_ngram_size,
+                ngram,
             )
             done = offpolicy.cut_at_eos(distributed.local_rows(tokens), distributed.local_rows(mask))
             out += [(j, o) for (j, _), o in zip(mine, done, strict=True) if j < len(rows)]
@@ -283,8 +285,8 @@ class Run:
 
     def metric(self, model: nnx.Module, seed: int) -> float:
         """The task's metric (ROUGE-L or BLEU) of ``model``'s generations on the validation rows."""
-        temperature = self.config.eval.temperature
-        outs = self.generate_texts(model, self.valid_rows, temperature=temperature, seed=seed)
+        e = self.config.eval  # the paper's protocol: sampled, with its n-gram ban
+        outs = self.generate_texts(model, self.valid_rows, e, seed=seed, ngram=e.no_repeat_ngram_size)
         preds = self.tokenizer.batch_decode(outs, skip_special_tokens=True)
         return evaluation.METRICS[self.task.metric](preds, self.valid_refs)
 
@@ -293,14 +295,15 @@ class Run:
 
     def seqkd_rows(self) -> list:
         """The teacher's responses to the training prompts, generated once and cached in the run folder."""
-        return self.responses(self.teacher, "seqkd_train.jsonl", self.config.seqkd.temperature)
+        return self.responses(self.teacher, "seqkd_train.jsonl", self.config.seqkd)
 
     def distillm2_rows(self) -> list:
         """(prompt, teacher's response, initial student's response) for every training prompt: DistiLLM-2's
-        data, both responses generated once (teacher as SeqKD's, the student with ``offpolicy.*``
-        temperature) and cached in the run folder."""
-        teacher = self.seqkd_rows()
-        student = self.responses(self.student, "distillm2_student.jsonl", self.config.offpolicy.temperature)
+        data, both responses generated once with DistiLLM-2's own sampling (``distillm2.temperature`` /
+        ``top_p``, as its official generation: 0.8 / 0.95, no n-gram ban) and cached in the run folder."""
+        settings = ConfigDict({**self.config.distillm2.to_dict(), "top_k": 0})
+        teacher = self.responses(self.teacher, "distillm2_teacher.jsonl", settings)
+        student = self.responses(self.student, "distillm2_student.jsonl", settings)
         return [(p, t, s) for (p, t), (_, s) in zip(teacher, student, strict=True)]
 
     def training_batch(self, rows: list) -> dict:
@@ -312,14 +315,15 @@ class Run:
             return b
         return self.batch(rows)
 
-    def responses(self, model: nnx.Module, name: str, temperature: float) -> list:
-        """``model``'s responses to the training prompts as (prompt, response) rows, generated once and
-        cached in ``run_dir/name``."""
+    def responses(self, model: nnx.Module, name: str, settings: ConfigDict) -> list:
+        """``model``'s responses to the training prompts as (prompt, response) rows, sampled with
+        ``settings`` (temperature, top_k, top_p; the model's own samples: no n-gram ban, which belongs to
+        the evaluation protocol only), generated once and cached in ``run_dir/name``."""
         path = os.path.join(self.config.run_dir, name)
         if os.path.exists(path):
             with open(path) as f:
                 return [tuple(json.loads(line)) for line in f]
-        outs = self.generate_texts(model, self.train_rows, temperature=temperature, seed=self.config.seed)
+        outs = self.generate_texts(model, self.train_rows, settings, seed=self.config.seed)
         eos = self.tokenizer.eos_token_id
         rows = [(p, [int(t) for t in o] or [eos]) for (p, _), o in zip(self.train_rows, outs, strict=True)]
         if jax.process_index() == 0:

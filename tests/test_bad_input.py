@@ -110,6 +110,8 @@ def test_bad_offpolicy_settings_are_one_line(tmp_path, key, value, message):
         ({"student__lora__targets": ("q", "wq")}, r"student.lora: need .* targets among q, k, v, o"),
         ({"teacher__lora__dropout": 1.0}, r"teacher.lora: need .* dropout in \[0, 1\)"),
         ({"eval__draws": 0}, r"eval.draws must be >= 1"),
+        ({"seqkd__top_p": 0.0}, r"seqkd: need temperature >= 0, top_p in \(0, 1\]"),
+        ({"distillm2__temperature": -1.0}, r"distillm2: need temperature >= 0"),
         ({"compare": ("kd", "sfft")}, r"method 'sfft' is not one of"),
     ],
 )

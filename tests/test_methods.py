@@ -81,7 +81,7 @@ def test_distillm2_trains_on_cached_teacher_and_student_responses(tmp_path):
     c = tiny(tmp_path, method="distillm2", loss__name="sfkl", optim__steps=2, eval__generate=False)
     summary = pipeline.run(c)["student"]
     run = Path(c.run_dir)
-    teacher = [json.loads(line) for line in (run / "seqkd_train.jsonl").read_text().splitlines()]
+    teacher = [json.loads(line) for line in (run / "distillm2_teacher.jsonl").read_text().splitlines()]
     student = [json.loads(line) for line in (run / "distillm2_student.jsonl").read_text().splitlines()]
     assert len(teacher) == len(student) == 64
     assert [p for p, _ in teacher] == [p for p, _ in student]  # both answer the same prompts, in order
@@ -90,3 +90,25 @@ def test_distillm2_trains_on_cached_teacher_and_student_responses(tmp_path):
     for r in rows:  # β = 1: the loss is SKL on teacher outputs + SRKL on student outputs
         assert r["loss"] == pytest.approx(r["skl_tgo"] + r["srkl_sgo"], rel=1e-5)
     assert summary["final"]["val_sfkl"] < summary["initial"]["val_sfkl"]
+
+
+def test_seqkd_and_distillm2_sample_with_their_own_settings_and_no_ngram_ban(tmp_path, monkeypatch):
+    """The responses a method trains on are the models' own samples (SeqKD: seqkd.*; DistiLLM-2: its
+    official 0.8 / 0.95), never the evaluation protocol's n-gram ban, which only the metric uses."""
+    calls = []
+
+    def sample(self, model, prompts, new, settings, key, ngram=0, mix=None):
+        calls.append((settings.temperature, settings.top_k, settings.top_p, ngram))
+        return np.ones((len(prompts), new), np.int32), np.ones((len(prompts), new), bool)
+
+    monkeypatch.setattr(trainer.Run, "sample", sample)
+    c = tiny(tmp_path, method="distillm2", seqkd__temperature=0.7, seqkd__top_k=5)
+    r = trainer.Run(c)
+    r.seqkd_rows()
+    assert set(calls) == {(0.7, 5, 1.0, 0)}
+    calls.clear()
+    r.distillm2_rows()
+    assert set(calls) == {(0.8, 0, 0.95, 0)}
+    calls.clear()
+    r.metric(r.student, seed=1)
+    assert set(calls) == {(c.eval.temperature, c.eval.top_k, c.eval.top_p, 6)}
