@@ -133,23 +133,6 @@ def test_dataset_without_the_task_columns(tmp_path):
         trainer.Run(c)
 
 
-def test_rows_whose_response_stops_or_is_null_are_skipped_and_counted(tmp_path, capsys):
-    from distillm_jax.data import demo
-
-    rows = demo.examples("train", 12)
-    rows[10] = {"dialogue": rows[10]["dialogue"]}  # the column stops
-    rows[11]["summary"] = None
-    data = tmp_path / "data"
-    data.mkdir()
-    for split in ("train", "validation"):
-        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    c = tiny(tmp_path)
-    c.data.source = str(data)
-    run = trainer.Run(c)
-    assert len(run.train_rows) == 10 and len(run.valid_refs) == 10
-    assert "train: 10 rows; skipped 2 with an empty or missing response" in capsys.readouterr().out
-
-
 def test_missing_split_file(tmp_path):
     c = tiny(tmp_path)
     c.data.source = str(tmp_path)
@@ -174,12 +157,14 @@ def test_teacher_and_student_tokenizers_differ(tmp_path):
         trainer.Run(c)
 
 
-def test_empty_responses_and_long_prompts_are_counted(tmp_path, capsys):
+def test_empty_missing_or_null_responses_and_long_prompts_are_counted(tmp_path, capsys):
     from distillm_jax.data import demo
 
     rows = demo.examples("train", 12)
     rows[0]["summary"] = "  "
     rows[1]["dialogue"] = " ".join(["Anna: hi."] * 40)
+    rows[10] = {"dialogue": rows[10]["dialogue"]}  # the column stops
+    rows[11]["summary"] = None
     data = tmp_path / "data"
     data.mkdir()
     for split in ("train", "validation"):
@@ -187,9 +172,9 @@ def test_empty_responses_and_long_prompts_are_counted(tmp_path, capsys):
     c = tiny(tmp_path)
     c.data.source = str(data)
     run = trainer.Run(c)
-    assert len(run.train_rows) == 11 and len(run.valid_refs) == 11
+    assert len(run.train_rows) == 9 and len(run.valid_refs) == 9
     out = capsys.readouterr().out
-    said = "train: 11 rows; skipped 1 with an empty or missing response; cut 1 prompts longer than 80 tokens"
+    said = "train: 9 rows; skipped 3 with an empty or missing response; cut 1 prompts longer than 80 tokens"
     assert said in out
 
 
