@@ -146,16 +146,8 @@ def _check_same_run(c: ConfigDict) -> None:
     preflight.writable(c.run_dir)
     folders = dict.fromkeys([c.run_dir, *(stage.config.run_dir for stage in stages(c))])
     found = [part for folder in folders for part in _held_in(folder, c.run_dir)]
-    if not os.path.exists(path) and found and not c.resume:
-        raise cfglib.ConfigError(
-            f"{c.run_dir} already holds a run ({', '.join(found[:3])}); pass --config.resume=True to "
-            "continue it, or choose another run_dir"
-        )
-    if c.resume and not os.path.exists(path) and not found and not c.start_if_empty:
-        raise cfglib.ConfigError(
-            f"--config.resume=True but {c.run_dir} holds no run to continue; check run_dir, or pass "
-            "--config.start_if_empty=True to start there"
-        )
+    if not os.path.exists(path):  # not started by this pipeline (or not at all)
+        preflight.reuse(c, found, bool(found), "holds no run to continue")
     if os.path.exists(path) and not c.resume:
         with open(path) as f:
             theirs = json.load(f)

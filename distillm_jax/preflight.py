@@ -39,22 +39,29 @@ def writable(run_dir: str) -> None:
         raise ConfigError(f"cannot write run_dir {run_dir} ({reason}); choose another run_dir") from None
 
 
-def run_dir(c: ConfigDict) -> None:
-    """A new run needs an unused folder; ``resume=True`` needs a checkpoint there, unless
-    ``start_if_empty`` (a job scheduler's "continue if you can") says to start."""
-    writable(c.run_dir)
-    found = held(c.run_dir)
+def reuse(c: ConfigDict, found: list[str], continuable: bool, nothing: str) -> None:
+    """The one rule for a run folder: what it holds (``found``) is never reused without ``resume``, and
+    ``resume`` needs something ``continuable`` there unless ``start_if_empty`` (a job scheduler's
+    "continue if you can"); ``nothing`` says what is missing."""
     if found and not c.resume:
         raise ConfigError(
-            f"{c.run_dir} already holds a run ({', '.join(found)}); pass --config.resume=True to continue "
-            "it, or choose another run_dir"
+            f"{c.run_dir} already holds a run ({', '.join(found[:3])}); pass --config.resume=True to "
+            "continue it, or choose another run_dir"
         )
+    if c.resume and not continuable and not c.start_if_empty:
+        raise ConfigError(
+            f"--config.resume=True but {c.run_dir} {nothing}; check run_dir, or pass "
+            "--config.start_if_empty=True to start there"
+        )
+
+
+def run_dir(c: ConfigDict) -> None:
+    """A trainer's run folder: writable, reused only to continue its checkpoint, and a finished run whose
+    checkpoints are gone never overwritten."""
+    writable(c.run_dir)
+    found = held(c.run_dir)
+    reuse(c, found, has_checkpoint(c.run_dir), "has no checkpoint to continue")
     if c.resume and not has_checkpoint(c.run_dir):
-        if not c.start_if_empty:
-            raise ConfigError(
-                f"--config.resume=True but {c.run_dir} has no checkpoint to continue; check run_dir, or pass "
-                "--config.start_if_empty=True to start there"
-            )
         finished = [name for name in ("summary.json", "final") if name in found]
         if finished:  # a run killed before its first checkpoint holds only metrics and best/ of step 0
             raise ConfigError(

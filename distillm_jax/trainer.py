@@ -452,16 +452,20 @@ def _rollouts(
     )
 
 
-def _host_metrics(infos: list[dict], seconds: float, sgo_lengths: list, hosts: float = 1.0) -> dict:
-    """The SGO metrics of a logging interval: φ, the share of each batch source, the buffer size, the
-    mean SGO length, and the seconds the loop was blocked on generation (paper mode: all of it; overlap
-    mode: what training did not hide) out of the interval's wall-clock."""
+def _host_metrics(
+    infos: list[dict], seconds: float, sgo_lengths: list, hosts: float = 1.0, adaptive: bool = False
+) -> dict:
+    """The SGO metrics of a logging interval: φ (``adaptive``: DistiLLM's scheduler; the others have
+    none), the share of each batch source, the buffer size, the mean SGO length, and the seconds the loop
+    was blocked on generation (paper mode: all of it; overlap mode: what training did not hide) out of the
+    interval's wall-clock."""
     out = {
-        "phi": infos[-1]["phi"],
         "buffer": infos[-1]["buffer"] * hosts,  # rows in all hosts' buffers (each holds the same count)
         "gen_s": sum(i["gen_s"] for i in infos),
         "interval_s": seconds,
     }
+    if adaptive:
+        out["phi"] = infos[-1]["phi"]
     for source in ("data", "sgo", "replay"):
         out[f"src_{source}"] = float(np.mean([i["source"] == source for i in infos]))
     if sgo_lengths:  # every host's (equal-sized) SGO batches
@@ -667,9 +671,9 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
                 mean["tokens_per_s"] = sum(h["tokens"] for h in hosts) / max(time.time() - t0, 1e-9)
                 if sgo:
                     lengths = [x for h in hosts for x in h["sgo_len"]]
-                    mean.update(_host_metrics(infos, time.time() - t0, lengths, r.num_shards / len(r.shards)))
-                    if c.method != "distillm":  # φ is the adaptive scheduler's: the others have none
-                        mean.pop("phi")
+                    hosts_share = r.num_shards / len(r.shards)
+                    adaptive = c.method == "distillm"
+                    mean.update(_host_metrics(infos, time.time() - t0, lengths, hosts_share, adaptive))
                 reporter.log(at, "train", mean)
                 pending, infos, tokens, t0 = [], [], 0, time.time()
             if due_eval or due_save or stopping:  # training wall-clock, evaluation and saving left out

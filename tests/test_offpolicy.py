@@ -1,6 +1,6 @@
-"""The adaptive off-policy pieces (PAPER.md §2, §3) on the host, without a model: the scheduler's
-transitions, the replay ratios, the buffer, SGO masks, the frequency of each batch source, and the
-feeder's look-ahead and its saved state."""
+"""The adaptive off-policy pieces on the host, without a model: the scheduler's transitions, the replay
+ratios, the buffer, SGO masks, the frequency of each batch source, the feeder's look-ahead and its saved
+state; and two tiny runs that engage the scheduler."""
 
 import threading
 import time
@@ -273,34 +273,37 @@ def test_sampled_sgos_stop_at_their_first_eos_when_pad_is_eos(quick_compiles):
         assert b["labels"][i][b["loss_mask"][i] != 0].tolist() == r
 
 
-def test_scheduler_engages_when_validation_ce_rises(tmp_path, quick_compiles, capsys):
-    """A tiny DistiLLM run whose validation CE rises at every evaluation (a rate that diverges): φ climbs,
-    steps train on fresh and replayed SGOs, and the end-of-run line says so, with the generation time the
-    overlap mode hid behind training."""
+def tiny_run(tmp_path, **changes):
+    """The tiny demo as one DistiLLM run from its random models (no SFT stages, no sampled evaluation)."""
     import sys
     from pathlib import Path
 
     from distillm_jax import config as cfglib
-    from distillm_jax import reporting, trainer
+    from distillm_jax import trainer
 
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
     c = cfglib.load_file(str(root / "configs" / "demo.py"), "tiny")
-    c = trainer.override(
-        c,
-        run_dir=str(tmp_path / "run"),
-        resume=False,
-        teacher__train_steps=0,
-        student__train_steps=0,
+    fixed = {"run_dir": str(tmp_path / "run"), "resume": False, "eval__generate": False}
+    fixed.update(teacher__train_steps=0, student__train_steps=0, checkpoint__interval=100)
+    return trainer.override(c, **{**fixed, **changes})
+
+
+def test_scheduler_engages_when_validation_ce_rises(tmp_path, quick_compiles, capsys):
+    """A tiny DistiLLM run whose validation CE rises at every evaluation (a rate that diverges): φ climbs,
+    steps train on fresh and replayed SGOs, and the end-of-run line says so, with the generation time the
+    overlap mode hid behind training."""
+    from distillm_jax import reporting, trainer
+
+    c = tiny_run(
+        tmp_path,
         optim__lr=3.0,  # diverges: the validation CE rises
         optim__steps=12,
         eval__interval=1,
-        eval__generate=False,
         offpolicy__loss_eps=0.0,
         offpolicy__capacity=8,  # one micro-batch: full after the first SGO step, then replay
         offpolicy__overlap=True,
         data__demo_rows=16,
-        checkpoint__interval=100,
         log_interval=4,
     )
     s = trainer.train(c)
@@ -320,27 +323,15 @@ def test_scheduler_engages_when_validation_ce_rises(tmp_path, quick_compiles, ca
 def test_init_phi_starts_the_scheduler_on_sgos(tmp_path, quick_compiles):
     """``offpolicy.init_phi`` (the official --init-threshold): with φ 1 from the start and a validation
     CE that never rises by loss_eps, every step trains on SGOs (fresh, then replayed) and φ stays."""
-    import sys
-    from pathlib import Path
-
-    from distillm_jax import config as cfglib
     from distillm_jax import trainer
 
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root))
-    c = cfglib.load_file(str(root / "configs" / "demo.py"), "tiny")
-    c = trainer.override(
-        c,
-        run_dir=str(tmp_path / "run"),
-        teacher__train_steps=0,
-        student__train_steps=0,
+    c = tiny_run(
+        tmp_path,
         optim__steps=4,
         eval__interval=4,
-        eval__generate=False,
         offpolicy__init_phi=1.0,
         offpolicy__loss_eps=100.0,
         offpolicy__capacity=8,
-        checkpoint__interval=100,
     )
     s = trainer.train(c)
     assert s["phi"] == 1.0 and s["phi_path"] == [] and s["sources"]["data"] == 0
