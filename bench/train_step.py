@@ -184,7 +184,8 @@ class Ours:
 
 class Torch:
     """The same step in transformers PyTorch: teacher under no_grad, student forward/backward, SRKL,
-    AdamW(lr, weight_decay=0.01) after clip_grad_norm_(1.0)."""
+    AdamW(lr, weight_decay=0.01 on all but biases and norms, as the official code) after
+    clip_grad_norm_(1.0)."""
 
     def __init__(self, args, t_model, s_model, batch: dict):
         import torch
@@ -193,7 +194,11 @@ class Torch:
         self.loss_mask = torch.tensor(batch["loss_mask"])
         self.teacher = t_model.eval().requires_grad_(False)
         self.student = s_model.eval()  # dropout is 0 anyway; eval() keeps both sides deterministic
-        self.opt = torch.optim.AdamW(s_model.parameters(), lr=args.lr, weight_decay=0.01)
+        named = list(s_model.named_parameters())
+        exempt = [p for n, p in named if "bias" in n or "ln_" in n or "norm" in n]
+        rest = [p for n, p in named if not any(p is q for q in exempt)]
+        groups = [{"params": rest, "weight_decay": 0.01}, {"params": exempt, "weight_decay": 0.0}]
+        self.opt = torch.optim.AdamW(groups, lr=args.lr)
 
     def __call__(self) -> float:
         import torch

@@ -183,16 +183,33 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """AdamW with the paper's schedule (PAPER.md §4): cosine decay from ``lr`` to ``end_lr`` over
     ``total_steps`` optimizer updates after an optional linear warmup, global-norm clipping at ``clip``
-    (0 turns it off). With ``grad_accum > 1`` each update averages that many micro-batch gradients
-    (``optax.MultiSteps``); the step function is called once per micro-batch and compiles once."""
+    (0 turns it off); weight decay skips biases and norm scales (``decays``). With ``grad_accum > 1``
+    each update averages that many micro-batch gradients (``optax.MultiSteps``); the step function is
+    called once per micro-batch and compiles once."""
     decay = max(total_steps - warmup_steps, 1)
     schedule = optax.cosine_decay_schedule(lr, decay, alpha=end_lr / lr if lr else 0.0)
     if warmup_steps:
         warm = optax.linear_schedule(0.0, lr, warmup_steps)
         schedule = optax.join_schedules([warm, schedule], [warmup_steps])
     chain = [optax.clip_by_global_norm(clip)] if clip > 0 else []
-    tx = optax.chain(*chain, optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay))
+    adamw = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=decays)
+    tx = optax.chain(*chain, adamw)
     return optax.MultiSteps(tx, grad_accum) if grad_accum > 1 else tx
+
+
+NO_DECAY = ("bias", "norm", "ln_")  # parameter or module names weight decay leaves alone
+
+
+def decays(params):
+    """Which leaves AdamW's weight decay shrinks: all but biases and norm scales — any leaf on a path
+    whose module or parameter name holds ``bias``, ``norm`` or ``ln_`` (T5's relative position bias
+    too), as the official DistiLLM code and transformers' ``Trainer`` exempt them (docs/method.md)."""
+
+    def rule(path, _) -> bool:
+        names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+        return not any(t in n for n in names for t in NO_DECAY)
+
+    return jax.tree_util.tree_map_with_path(rule, params)
 
 
 def _like_params(tree, params):

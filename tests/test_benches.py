@@ -67,14 +67,14 @@ def test_forward_and_generate_measure_both_sides(quick):
 def test_train_step_matches_trl_and_torch(quick):
     (row,) = rows(quick, "train_step")["rows"]
     # Same weights, same batch: the first step's loss agrees with TRL's GKD (JSD) and with the torch
-    # loop (SRKL), and so does the loss after the AdamW updates. TRL's AdamW skips decay on biases and
-    # norms (ours decays all), hence its looser bound.
+    # loop (SRKL), and so does the loss after the AdamW updates (all three skip weight decay on biases
+    # and norm scales).
     assert [p["peer"] for p in row["pairs"]] == ["trl", "torch"]
-    for pair, after in zip(row["pairs"], (1e-2, 1e-3), strict=True):
+    for pair in row["pairs"]:
         ours, theirs = row["sides"][pair["ours_side"]], row["sides"][pair["peer_side"]]
         assert len(ours["losses"]) == len(theirs["losses"]) == row["warmup"] + row["repeats"]
         assert ours["losses"][0] > 0 and pair["first_loss_rel_diff"] <= 2e-4
-        assert abs(ours["losses"][-1] - theirs["losses"][-1]) <= after * abs(theirs["losses"][-1])
+        assert abs(ours["losses"][-1] - theirs["losses"][-1]) <= 5e-4 * abs(theirs["losses"][-1])
         assert ours["losses"][-1] < ours["losses"][0] and ours["compiles"] == 1
         assert ours["tok_s"] > 0 and theirs["tok_s"] > 0 and pair["ratio"] > 0
         assert 0 < ours["flop_s"] < 10 * row["peak_flop_s"]

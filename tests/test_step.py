@@ -101,3 +101,32 @@ def test_optimizer_follows_the_cosine_schedule_with_weight_decay():
         sizes.append(-float(updates["w"][0]))
     sched = optax.cosine_decay_schedule(1e-2, 10, alpha=1e-5)
     np.testing.assert_allclose(sizes, [float(sched(k)) * 1.01 for k in range(10)], rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_weight_decay_leaves_biases_and_norm_scales_alone(family):
+    """Decay alone (a zero gradient): kernels and embeddings shrink by lr·wd, every bias, norm scale
+    (GPT-2's ``ln_f`` too) and T5's relative position bias stays as it was."""
+    model = models.create(models.load_hf_config(str(FIXTURES / family)), seed=0)
+    params = nnx.state(model, nnx.Param)
+    tx = make_optimizer(0.1, 10, end_lr=0.1, weight_decay=0.5, clip=0.0)
+    zeros = jax.tree.map(np.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    after = optax.apply_updates(params, updates)
+    kept, shrunk = set(), set()
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(after), strict=True):
+        name = "/".join(str(getattr(k, "key", "")) for k in path)
+        if np.allclose(np.asarray(y), np.asarray(x)):
+            kept.add(name)
+        else:
+            np.testing.assert_allclose(np.asarray(y), np.asarray(x) * (1 - 0.1 * 0.5), rtol=1e-6)
+            shrunk.add(name)
+    assert kept and shrunk
+    assert all(("bias" in n or "norm" in n or "ln_" in n) for n in kept), kept
+    assert not any(("bias" in n or "norm" in n or "ln_" in n) for n in shrunk), shrunk
+    expected = {
+        "gpt2": ("ln_f/scale", "ln_f/bias", "wte/table"),
+        "t5": ("rel_bias", "norm/scale", "shared/table"),
+    }
+    assert any(expected[family][0] in n for n in kept) and any(expected[family][1] in n for n in kept)
+    assert any(expected[family][2] in n for n in shrunk)
