@@ -103,7 +103,7 @@ def get_config() -> ConfigDict:
     c.eval.temperature = 1.0  # the paper samples; 0 = greedy
     c.eval.top_k = 0
     c.eval.top_p = 1.0
-    c.eval.no_repeat_ngram_size = 6
+    c.eval.no_repeat_ngram_size = 6  # the final evaluation only (test stage, launch/evaluate.py)
     c.eval.draws = 1  # evaluations during training: the metric is the mean over this many sampled
     # generations of the validation rows (> 1: less noise in best/ and the curves; also logs <metric>_std)
     c.eval.seeds = (10,)  # the test stage and launch/evaluate.py: the paper's (10, 20, 30, 40, 50)

@@ -62,7 +62,7 @@ def distillm(
     c.optim.lr, c.optim.epochs = lr, epochs  # AdamW wd 0.01, cosine to 1e-7, no warmup, clip 1.0 (base)
     c.eval.interval = 0  # every epoch; best/ keeps the best dev ROUGE-L / BLEU
     c.eval.temperature, c.eval.top_k, c.eval.top_p = 1.0, 0, 1.0  # the paper samples; 0 = greedy
-    c.eval.no_repeat_ngram_size = 6
+    c.eval.no_repeat_ngram_size = 6  # the test stage only; best/ is picked by plain sampling
     c.eval.seeds = (10, 20, 30, 40, 50)  # the test stage (and launch/evaluate.py): mean ± std
     # All devices on FSDP. A TPU v4-32 slice (16 chips): data=1, fsdp=16, tensor=1; batch 32 = 2 rows a chip.
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1

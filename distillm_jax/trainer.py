@@ -158,7 +158,9 @@ class Run:
         pairs = tasks.to_pairs(self.task, rows, encoder_decoder=self.enc_dec)
         kept = [x for x in pairs if x[1].strip()]  # an empty response is skipped (and counted)
         hosts, me = jax.process_count(), jax.process_index()
-        tokenized, skipped = batching.tokenize_pairs(kept[me::hosts], self.tokenizer, self.lengths)
+        tokenized, skipped = batching.tokenize_pairs(
+            kept[me::hosts], self.tokenizer, self.lengths, encoder_decoder=self.enc_dec
+        )
         if hosts > 1:  # each host tokenizes every hosts-th row; all of them are put back in order
             parts = distributed.gather_objects([tokenized, skipped["prompt_truncated"]])
             tokenized = [tuple(parts[i % hosts][0][i // hosts]) for i in range(len(kept))]
@@ -283,10 +285,14 @@ class Run:
         tokens = max(float(sums.pop("tokens")), 1.0)
         return {"val_" + k.removesuffix("_sum"): float(v) / tokens for k, v in sums.items()}
 
-    def metric(self, model: nnx.Module, seed: int) -> float:
-        """The task's metric (ROUGE-L or BLEU) of ``model``'s generations on the validation rows."""
-        e = self.config.eval  # the paper's protocol: sampled, with its n-gram ban
-        outs = self.generate_texts(model, self.valid_rows, e, seed=seed, ngram=e.no_repeat_ngram_size)
+    def metric(self, model: nnx.Module, seed: int, *, final: bool = False) -> float:
+        """The task's metric (ROUGE-L or BLEU) of ``model``'s generations on the validation rows, sampled
+        with ``eval.*``. Only a ``final`` evaluation (the test stage, ``launch/evaluate.py``) bans
+        repeated ``eval.no_repeat_ngram_size``-grams: the evaluations that pick ``best/`` sample without
+        the ban, as the official code does (docs/method.md)."""
+        e = self.config.eval
+        ngram = e.no_repeat_ngram_size if final else 0
+        outs = self.generate_texts(model, self.valid_rows, e, seed=seed, ngram=ngram)
         preds = self.tokenizer.batch_decode(outs, skip_special_tokens=True)
         return evaluation.METRICS[self.task.metric](preds, self.valid_refs)
 
@@ -776,7 +782,7 @@ def evaluate_model(config: ConfigDict, seeds: tuple[int, ...]) -> dict:
     r = Run(config, evaluate_only=True)
     eval_step = step.make_eval_step(r.student, None, step.LossConfig(kd_ratio=0.0))
     out = r.validation_losses(eval_step, step.split_student(r.student)[1], None)
-    scores = [r.metric(r.student, s) for s in seeds]
+    scores = [r.metric(r.student, s, final=True) for s in seeds]
     name = r.task.metric
     return {**out, name: float(np.mean(scores)), f"{name}_std": float(np.std(scores)), "scores": scores}
 

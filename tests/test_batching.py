@@ -25,6 +25,32 @@ def test_tokenize_truncates_and_counts_skips(tok):
     assert len(long[0][1]) == LENGTHS.max_response  # cut to the room left, EOS included in the count
 
 
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_tokenized_as_the_models_read_text(kind, tmp_path):
+    """SentencePiece: a decoder-only response is the whole text's tokens after the prompt's (a separate
+    call would start it with a word-initial piece the model never saw there); an encoder prompt ends
+    with </s> and its target is tokenized alone, as transformers' T5 tokenizer encodes them."""
+    import hub_assets
+    from transformers import AutoTokenizer
+
+    hub_assets.TOKENIZERS[kind][0](tmp_path)
+    sp = AutoTokenizer.from_pretrained(str(tmp_path))
+    prompt, response = "Instruction: name a city.\n\n### Response:\n", "Paris is a city."
+    lengths = batching.Lengths(64, 128)
+    enc_dec = kind == "t5"
+    [(p, r)], _ = batching.tokenize_pairs([(prompt, response)], sp, lengths, encoder_decoder=enc_dec)
+    alone = sp(response, add_special_tokens=False)["input_ids"]
+    if enc_dec:
+        assert p == sp(prompt)["input_ids"] and p[-1] == sp.eos_token_id
+        assert r == sp(text_target=response)["input_ids"]
+    else:
+        whole = sp(prompt + response, add_special_tokens=False)["input_ids"]
+        assert p + r == [*whole, sp.eos_token_id] and r[:-1] != alone  # the separate call differs
+    short = batching.Lengths(4, 40)  # a cut encoder prompt keeps its </s>
+    [(p, _)], skipped = batching.tokenize_pairs([(prompt, response)], sp, short, encoder_decoder=enc_dec)
+    assert len(p) == 4 and skipped["prompt_truncated"] == 1 and (p[-1] == sp.eos_token_id) == enc_dec
+
+
 def test_decoder_only_layout(tok):
     rows = [([5, 6, 7], [20, 21, 1]), ([9], [30, 1])]
     b = batching.decoder_only_batch(rows, LENGTHS, pad=0)

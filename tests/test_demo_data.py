@@ -48,7 +48,7 @@ def test_shipped_teacher_knows_the_current_task():
     teacher = models.from_pretrained(str(demo.TEACHER))
     task, lengths = tasks.get("demo"), batching.Lengths(96, 128)
     pairs = tasks.to_pairs(task, demo.examples("validation", 64), encoder_decoder=True)
-    rows, _ = batching.tokenize_pairs(pairs, demo.tokenizer(), lengths)
+    rows, _ = batching.tokenize_pairs(pairs, demo.tokenizer(), lengths, encoder_decoder=True)
     b = {k: jnp.asarray(v) for k, v in batching.encoder_decoder_batch(rows, lengths, 0, 0).items()}
     logits = teacher(b["input_ids"], b["attention_mask"], b["decoder_input_ids"], b["decoder_attention_mask"])
     assert float(losses.cross_entropy(logits, b["labels"], b["loss_mask"])) < 0.35

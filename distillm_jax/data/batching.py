@@ -38,22 +38,40 @@ class Lengths:
 
 
 def tokenize_pairs(
-    pairs: Sequence[tuple[str, str]], tokenizer, lengths: Lengths
+    pairs: Sequence[tuple[str, str]], tokenizer, lengths: Lengths, *, encoder_decoder: bool = False
 ) -> tuple[list[tuple[list[int], list[int]]], dict[str, int]]:
-    """Token ids of (prompt, response + EOS), truncated to the configured lengths. Rows with an empty
-    response are skipped and counted, not silently trained on; so are prompts that had to be cut."""
+    """Token ids of (prompt, response + EOS), truncated to the configured lengths, tokenized as the
+    models were trained to read them (docs/method.md):
+
+    - decoder-only: the response is the tail of the whole text's tokens after the prompt's, as the
+      official code cuts it, so a SentencePiece response starts as it does inside the text (not with
+      the word-initial piece a separate call gives); where the prompt's last token merges with the
+      response's first, the response is tokenized on its own.
+    - encoder-decoder: the prompt ends with EOS (``</s>``), as Hugging Face's T5 tokenizers encode every
+      input the pretrained models saw; the response, the decoder's own sequence, is tokenized alone.
+
+    Rows with an empty response are skipped and counted, not silently trained on; so are prompts that
+    had to be cut (an encoder prompt keeps its EOS)."""
     out, skipped = [], {"empty_response": 0, "prompt_truncated": 0}
     eos = tokenizer.eos_token_id
+    room = lengths.max_prompt_length - int(encoder_decoder)
     for prompt, response in pairs:
         if not response.strip():
             skipped["empty_response"] += 1
             continue
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        r = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
-        if len(p) > lengths.max_prompt_length:
+        r = None
+        if not encoder_decoder:
+            whole = tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
+            r = whole[len(p) :] if whole[: len(p)] == p and len(whole) > len(p) else None
+        if r is None:
+            r = tokenizer(response, add_special_tokens=False)["input_ids"]
+        if len(p) > room:
             skipped["prompt_truncated"] += 1
-            p = p[: lengths.max_prompt_length]
-        out.append((p, r[: lengths.max_response]))
+            p = p[:room]
+        if encoder_decoder:
+            p = [*p, eos]
+        out.append((p, [*r, eos][: lengths.max_response]))
     return out, skipped
 
 
