@@ -82,6 +82,7 @@ def get_config() -> ConfigDict:
     c.loss.beta = 0.5  # jsd
     c.loss.lam = 0.9  # symkl
     c.loss.lm_coef = 0.0  # weight of the LM loss on data.lm_source
+    c.loss.lm_kd_ratio = 0.0  # the LM loss: (1 − it)·CE + it·FKL to the teacher (MiniLLM's: 0.5)
     c.loss.chunk_size = 0  # > 0: chunked large-vocabulary loss (Qwen/Llama-size vocabularies)
 
     c.optim = ConfigDict()
@@ -89,7 +90,8 @@ def get_config() -> ConfigDict:
     c.optim.grad_accum = 1
     c.optim.lr = 5e-4
     c.optim.end_lr = 1e-7
-    c.optim.weight_decay = 0.01
+    c.optim.weight_decay = 0.01  # not on biases and norm scales
+    c.optim.b2 = 0.999  # AdamW's second-moment decay (β1 0.9)
     c.optim.warmup_steps = 0
     c.optim.clip = 1.0
     c.optim.epochs = 0  # the run's length: epochs, or steps when epochs is 0
@@ -123,10 +125,14 @@ def get_config() -> ConfigDict:
     c.offpolicy.overlap = False  # generate SGOs ahead, on params up to max_staleness updates old
     c.offpolicy.max_staleness = 2
 
-    c.minillm = ConfigDict()  # method minillm (PAPER.md §3); lm loss: loss.lm_coef; sampling: offpolicy.*
+    c.minillm = ConfigDict()  # method minillm, as LMOps runs it (docs/method.md); sampling: offpolicy.*
     c.minillm.mix_alpha = 0.2  # rollouts sampled from mix_alpha·teacher + (1 − mix_alpha)·student
-    c.minillm.ppo_epochs = 4  # optimizer steps on each rollout batch
-    c.minillm.clip = 0.2  # PPO ratio clipping
+    c.minillm.rollouts = 256  # prompts sampled per round (a multiple of optim.batch_size)
+    c.minillm.ppo_epochs = 4  # passes over a round's rollouts, in shuffled mini-batches
+    c.minillm.clip = 0.2  # PPO clipping of the importance-weighted ratio
+    c.minillm.gamma = 0.95  # discount of future rewards
+    c.minillm.reward_scale = 0.5  # rewards log p − log q divided by it,
+    c.minillm.reward_clip = 100.0  # then clipped to ± this
 
     c.distillm2 = ConfigDict()  # method distillm2: responses of the teacher and the initial student to the
     c.distillm2.beta = 1.0  # training prompts, sampled once and cached; (2−β)·SKL + β·SRKL

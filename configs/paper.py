@@ -36,8 +36,27 @@ def method(c: ConfigDict, name: str) -> ConfigDict:
     c.run_dir = c.run_dir if name == "distillm" else f"{c.run_dir}_{name}"
     if name in ("minillm", "distillm2"):  # their losses have no chunked form
         c.loss.chunk_size = 0
-    if name == "minillm":  # PPO epochs train on whole rollout batches
-        c.optim.grad_accum = 1
+    if name == "minillm":
+        minillm(c)
+    return c
+
+
+def minillm(c: ConfigDict) -> ConfigDict:
+    """MiniLLM as its authors run it (microsoft/LMOps, ``minillm/scripts/gpt2/minillm/``; the same for
+    their OPT and LLaMA pairs): a constant 5e-6 after 100 warmup steps, AdamW β2 0.95 and weight decay
+    1e-6, clip 1.0; global batch 256 (16 GPUs x 16), rounds of 256 rollouts x 4 PPO passes, until 10
+    epochs of prompts (their 5000-iteration cap comes later on Dolly). Their LM term on pre-training
+    text (lm_coef 1, half CE half FKL to the teacher) needs a corpus: ``--config.loss.lm_coef=1.0
+    --config.data.lm_source=PATH``; without one this is their ``no_pt`` run, as DistiLLM here runs
+    without its own LM term. The micro-batch stays the pair's: 256 rows by gradient accumulation."""
+    micro = c.optim.batch_size // c.optim.grad_accum
+    c.optim.lr = c.optim.end_lr = 5e-6
+    c.optim.warmup_steps, c.optim.b2, c.optim.weight_decay, c.optim.clip = 100, 0.95, 1e-6, 1.0
+    if 256 % micro == 0:
+        c.optim.batch_size, c.optim.grad_accum = 256, 256 // micro
+    c.optim.epochs = 10
+    c.minillm.rollouts = 256
+    c.loss.lm_kd_ratio = 0.5
     return c
 
 

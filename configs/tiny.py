@@ -114,6 +114,7 @@ def apply(c: ConfigDict, name: str, teacher: ConfigDict, student: ConfigDict) ->
     c.optim.batch_size = 8
     c.optim.grad_accum = 1
     c.optim.epochs = 0
+    c.minillm.rollouts = 8  # one batch a round
     c.optim.steps = 3
     c.eval.interval = 2
     c.eval.batch_size = 8

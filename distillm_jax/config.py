@@ -187,6 +187,20 @@ def _check_methods(config: ConfigDict) -> None:
             "minillm: need mix_alpha in [0, 1], ppo_epochs >= 1 and clip in (0, 1), got "
             f"{m.mix_alpha}, {m.ppo_epochs}, {m.clip}"
         )
+    if not 0.0 < m.gamma <= 1.0 or m.reward_scale <= 0 or m.reward_clip <= 0:
+        raise ConfigError(
+            "minillm: need gamma in (0, 1], reward_scale > 0 and reward_clip > 0, got "
+            f"{m.gamma}, {m.reward_scale}, {m.reward_clip}"
+        )
+    if method == "minillm" and (m.rollouts < 1 or m.rollouts % config.optim.batch_size):
+        raise ConfigError(
+            f"minillm.rollouts ({m.rollouts}) must be a positive multiple of optim.batch_size "
+            f"({config.optim.batch_size}): each round trains whole mini-batches"
+        )
+    if not 0.0 <= config.loss.lm_kd_ratio <= 1.0:
+        raise ConfigError(f"loss.lm_kd_ratio must be in [0, 1], got {config.loss.lm_kd_ratio}")
+    if method == "sft" and config.loss.lm_coef > 0 and config.loss.lm_kd_ratio > 0:
+        raise ConfigError("loss.lm_kd_ratio > 0 needs a teacher; method sft has none (set it to 0)")
     if not 0.0 <= config.distillm2.beta <= 2.0:
         raise ConfigError(f"distillm2.beta must be in [0, 2], got {config.distillm2.beta}")
     for group in ("seqkd", "distillm2"):
@@ -195,8 +209,6 @@ def _check_methods(config: ConfigDict) -> None:
             raise ConfigError(f"{group}: need temperature >= 0, top_p in (0, 1] and top_k >= 0")
     if method in ("minillm", "distillm2") and config.loss.chunk_size:
         raise ConfigError(f"method {method} has no chunked loss; set loss.chunk_size=0")
-    if method == "minillm" and config.optim.grad_accum != 1:
-        raise ConfigError("method minillm trains whole rollout batches: set optim.grad_accum=1")
     for role in ("teacher", "student"):
         lo = config[role].lora
         bad = sorted(set(lo.targets) - set(LORA_TARGETS))

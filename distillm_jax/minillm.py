@@ -1,26 +1,23 @@
-"""MiniLLM (Gu et al., ICLR 2024; PAPER.md §3): reverse-KL distillation by policy gradient, the one
-baseline of the paper's tables that is not "a data strategy plus a divergence".
+"""MiniLLM (Gu et al., ICLR 2024): reverse-KL distillation by policy gradient, the one baseline of the
+paper's tables that is not "a data strategy plus a divergence". Implemented as the authors' code
+(microsoft/LMOps, ``minillm/``) runs it; where we differ and why: docs/method.md.
 
-The student ``q_θ`` is a policy whose per-token reward is ``r_t = log p(y_t) − log q(y_t)`` (summed over a
-response it is minus the sequence-level reverse KL). MiniLLM's three devices, all here:
+The student ``q_θ`` is a policy whose per-token reward is ``r_t = log p(y_t) − log q_old(y_t)`` (summed
+over a response it is minus the sequence-level reverse KL), scaled and clipped. MiniLLM's devices:
 
-- **Teacher-mixed sampling**: rollouts are drawn from ``p̃ = α·p + (1−α)·q_old`` (α = 0.2), which keeps
-  them away from the student's degenerate modes; each token's loss is importance-weighted by
-  ``w_t = q_old(y_t) / p̃(y_t)`` (at most ``1/(1−α)``), one token at a time as the paper approximates it.
-- **Single-step decomposition**: the reward of the token being chosen is taken exactly, as the
-  full-vocabulary reverse KL ``KL(q_θ(·|y<t) ‖ p(·|y<t))`` with its gradient, and only the future
-  rewards go through the policy gradient.
-- **Length normalisation**: the future reward of position ``t`` is the *mean* of ``r`` over the response
-  tokens after ``t``, so long responses are not favoured.
-
-On top of these, PPO-style updates: each rollout batch trains ``ppo_epochs`` optimizer steps with the
-ratio ``q_θ/q_old`` clipped to ``[1 − clip, 1 + clip]``; an optional LM loss is the trainer's
-``loss.lm_coef``. ``Rollouts`` keeps the current rollout batch (and its scores) for the trainer and in
-checkpoints, so a run resumed in the middle of a rollout's epochs trains on the same one.
+- **Teacher-mixed sampling**: rollouts are drawn from ``p̃ = α·p + (1−α)·q_old`` (α = 0.2); the PPO
+  ratio is importance-weighted by ``w_t = q_old(y_t) / p̃(y_t)`` token by token.
+- **Single-step decomposition**: the full-vocabulary reverse KL ``KL(q_θ(·|y<t) ‖ p(·|y<t))`` of every
+  position, with its exact gradient, beside the policy gradient.
+- **Length-normalised, discounted, whitened advantages** (``advantages``).
+- **PPO**: rounds of rollouts (256 prompts), each trained for 4 passes of shuffled mini-batches with the
+  weighted ratio clipped to ``[1 − clip, 1 + clip]`` (``Rollouts``); an LM term on pre-training text is
+  the trainer's ``loss.lm_coef`` (with ``loss.lm_kd_ratio``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -43,20 +40,47 @@ def mixture_log_probs(teacher_logp: Array, student_logp: Array, alpha: float) ->
     return jnp.logaddexp(math.log(alpha) + teacher_logp, math.log1p(-alpha) + student_logp)
 
 
-def future_mean(rewards: Array, mask: Array) -> Array:
-    """Per position ``t`` of ``[B, T]``: the mean of ``rewards`` over the masked positions after ``t``
-    (0 where there are none): MiniLLM's length-normalised long-term reward."""
+def rewards(old_logp: Array, teacher_logp: Array, mask: Array, *, scale: float, clip: float) -> Array:
+    """Per-token rewards ``r_t = log p(y_t) − log q_old(y_t)``, divided by ``scale`` and clipped to
+    ``±clip`` as LMOps' MiniLLM does (``--reward-scaling 0.5``, ``--cliprange-reward 100``); 0 off the
+    response."""
+    r = jnp.clip((teacher_logp - old_logp) / scale, -clip, clip)
+    return jnp.where(mask != 0, r, 0.0)
+
+
+def advantages(rewards: Array, mask: Array, *, gamma: float) -> Array:
+    """MiniLLM's advantage of each response token ``t`` of ``[B, T]``: the discounted return from ``t``
+    on (``Σ_{s≥t} γ^{s−t} r_s``, the current token included), divided by the number of response tokens
+    from ``t`` on (length normalisation), then whitened over the batch's response tokens (mean 0,
+    unbiased variance 1). 0 off the response; constants for the gradient."""
     keep = (mask != 0).astype(jnp.float32)
-    r = jnp.where(mask != 0, rewards, 0.0)
-    after = jnp.flip(jnp.cumsum(jnp.flip(r, -1), -1), -1) - r
-    count = jnp.flip(jnp.cumsum(jnp.flip(keep, -1), -1), -1) - keep
-    return jnp.where((mask != 0) & (count > 0), after / jnp.maximum(count, 1.0), 0.0)
+    steps = jnp.arange(rewards.shape[-1])
+    gap = steps[:, None] - steps[None, :]  # [s, t]: s − t
+    discount = jnp.where(gap >= 0, gamma ** jnp.maximum(gap, 0).astype(jnp.float32), 0.0)
+    returns = jnp.matmul(rewards * keep, discount, precision=jax.lax.Precision.HIGHEST)
+    remaining = jnp.flip(jnp.cumsum(jnp.flip(keep, -1), -1), -1)
+    normed = returns / jnp.maximum(remaining, 1.0)
+    n = jnp.maximum(keep.sum(), 1.0)
+    mean = jnp.sum(normed * keep) / n
+    var = jnp.sum(jnp.square(normed - mean) * keep) / jnp.maximum(n - 1.0, 1.0)
+    return jax.lax.stop_gradient(jnp.where(keep > 0, (normed - mean) * jax.lax.rsqrt(var + 1e-8), 0.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """MiniLLM's knobs, as the authors ran them (``minillm.*`` in the config)."""
+
+    mix_alpha: float = 0.2  # rollouts from mix_alpha·p + (1 − mix_alpha)·q_old
+    clip: float = 0.2  # PPO clipping of (q_θ / q_old)·w
+    gamma: float = 0.95  # discount of future rewards
+    reward_scale: float = 0.5  # rewards divided by it
+    reward_clip: float = 100.0  # then clipped to ±reward_clip
 
 
 def policy_terms(
-    logp: Array, old_logp: Array, teacher_logp: Array, mask: Array, *, mix_alpha: float, clip: float
-) -> tuple[Array, Array, dict[str, Array]]:
-    """The clipped policy-gradient loss over the future rewards, and the per-token importance weights.
+    logp: Array, old_logp: Array, teacher_logp: Array, mask: Array, settings: Settings = Settings()
+) -> tuple[Array, dict[str, Array]]:
+    """The clipped policy-gradient loss, as LMOps computes it.
 
     Args:
       logp: ``[B, T]`` log q_θ of the sampled tokens under the params being trained.
@@ -64,21 +88,24 @@ def policy_terms(
         rollout was sampled (constants).
       mask: ``[B, T]``, the response tokens.
     Returns:
-      ``(pg_loss, weights, metrics)``: the token-level mean of ``−w·min(ρA, clip(ρ)A)``, the weights
-      ``w = q_old/p̃`` [B, T] (for the single-step term) and the mean reward, advantage and ratio.
+      ``(pg_loss, metrics)``: the token-level mean of ``max(−A·ρw, −A·clip(ρw, 1 ± clip))`` with
+      ``ρ = q_θ/q_old`` and the importance weight ``w = q_old/p̃`` (PPO clips the weighted ratio), and
+      the mean raw reward, weight and ratio.
     """
     old_logp, teacher_logp = jax.lax.stop_gradient((old_logp, teacher_logp))
-    weights = jnp.exp(old_logp - mixture_log_probs(teacher_logp, old_logp, mix_alpha))
-    advantages = future_mean(teacher_logp - old_logp, mask)
+    weights = jnp.exp(old_logp - mixture_log_probs(teacher_logp, old_logp, settings.mix_alpha))
+    r = rewards(old_logp, teacher_logp, mask, scale=settings.reward_scale, clip=settings.reward_clip)
+    adv = advantages(r, mask, gamma=settings.gamma)
     ratio = jnp.exp(jnp.where(mask != 0, logp - old_logp, 0.0))
-    clipped = jnp.clip(ratio, 1.0 - clip, 1.0 + clip)
-    per_token = -weights * jnp.minimum(ratio * advantages, clipped * advantages)
+    weighted = ratio * weights
+    clipped = jnp.clip(weighted, 1.0 - settings.clip, 1.0 + settings.clip)
+    per_token = jnp.maximum(-adv * weighted, -adv * clipped)
     metrics = {
         "reward": losses.masked_mean(teacher_logp - old_logp, mask),
-        "advantage": losses.masked_mean(advantages, mask),
+        "weight": losses.masked_mean(weights, mask),
         "ratio": losses.masked_mean(ratio, mask),
     }
-    return losses.masked_mean(per_token, mask), weights, metrics
+    return losses.masked_mean(per_token, mask), metrics
 
 
 def loss(
@@ -88,29 +115,32 @@ def loss(
     mask: Array,
     old_logp: Array,
     teacher_logp: Array,
-    *,
-    mix_alpha: float = 0.2,
-    clip: float = 0.2,
+    settings: Settings = Settings(),
 ) -> tuple[Array, dict[str, Array]]:
-    """MiniLLM's loss on a rollout batch: the clipped policy gradient of the future rewards plus the
-    importance-weighted single-step reverse KL (``[B, T, V]`` logits, ``[B, T]`` the rest)."""
+    """MiniLLM's loss on a rollout batch: the clipped policy gradient plus the single-step term, the
+    full-vocabulary reverse KL ``KL(q_θ(·|y<t) ‖ p(·|y<t))`` of each response position (not importance
+    weighted, as LMOps' ``--single-step-reg``). ``[B, T, V]`` logits, ``[B, T]`` the rest."""
     logp = losses.label_log_probs(student_logits, labels, mask)
-    pg, weights, metrics = policy_terms(logp, old_logp, teacher_logp, mask, mix_alpha=mix_alpha, clip=clip)
-    rkl = losses.token_divergence("rkl", student_logits, teacher_logits)
-    single = losses.masked_mean(weights * rkl, mask)
+    pg, metrics = policy_terms(logp, old_logp, teacher_logp, mask, settings)
+    single = losses.masked_mean(losses.token_divergence("rkl", student_logits, teacher_logits), mask)
     return pg + single, {**metrics, "pg": pg, "rkl": single}
 
 
 class Rollouts:
-    """The rollout batch of the current PPO round: sampled (by ``sample(params, prompts, key)`` -> a
-    ``Pending`` of (prompt, response) rows, see ``offpolicy.GenerationWorker``) for the next prompts of
-    ``next_rows()`` at every ``epochs``-th step and scored once by ``score(params, rows) -> (old_logp,
-    teacher_logp)`` (host ``[B, T]`` arrays in the batch layout of the rows). ``for_step`` hands the same
-    rows and scores to the ``epochs`` steps of the round."""
+    """MiniLLM's PPO rounds, as LMOps runs them. Round ``k`` samples ``units`` micro-batches of prompts
+    (``next_rows()``: this host's rows of one global micro-batch, the sampler's batch shape) from the
+    teacher-mixed policy (``sample(params, prompts, key)`` -> a ``Pending`` of (prompt, response) rows,
+    see ``offpolicy.GenerationWorker``), scores each once (``score(params, rows) -> (old_logp,
+    teacher_logp)``, host ``[b, T]`` arrays) and then trains ``epochs`` passes over them, each pass a
+    fresh shuffle of every data shard's rollouts cut into steps of ``accum`` micro-batches: a round is
+    ``epochs · units / accum`` optimizer steps. The round's rollouts (and scores) go into checkpoints,
+    so a run resumed inside a round trains on the same ones in the same order."""
 
     def __init__(
         self,
         epochs: int,
+        units: int,
+        accum: int,
         sample: Callable,
         score: Callable,
         next_rows: Callable[[], list],
@@ -118,54 +148,80 @@ class Rollouts:
         seed: int,
         shards: Sequence[int],
     ):
-        self.epochs, self.sample, self.score, self.next_rows = epochs, sample, score, next_rows
+        if units % accum:
+            raise ValueError(f"a round of {units} micro-batches does not split into steps of {accum}")
+        self.epochs, self.units, self.accum = epochs, units, accum
+        self.sample, self.score, self.next_rows = sample, score, next_rows
         self.seed, self.shards = seed, tuple(shards)
         self.round: int | None = None
-        self.rows: list = []
-        self.scores: tuple[np.ndarray, np.ndarray] | None = None
+        self.pools: dict[int, list] = {}  # data shard -> [(prompt, response, old_logp, teacher_logp)]
 
-    def for_step(self, step: int, params) -> tuple[list, tuple[np.ndarray, np.ndarray], dict]:
-        """(rows, (old_logp, teacher_logp), info) that step ``step`` trains on."""
-        k, info = step // self.epochs, {"source": "sgo", "gen_s": 0.0}
-        if k != self.round:
-            jax.block_until_ready(params)
-            t = time.perf_counter()
+    @property
+    def steps_per_round(self) -> int:
+        return self.epochs * self.units // self.accum
+
+    def _sample_round(self, k: int, params) -> dict:
+        jax.block_until_ready(params)
+        t = time.perf_counter()
+        pools: dict[int, list] = {s: [] for s in self.shards}
+        lengths = []
+        for u in range(self.units):
             prompts = [p for p, _ in self.next_rows()]
-            key = jax.random.fold_in(jax.random.key(self.seed + 0x313), k)
-            self.rows = self.sample(params, prompts, key).rows()
-            self.scores = self.score(params, self.rows)
-            self.round = k
-            info["gen_s"] = time.perf_counter() - t
-            info["sgo_len"] = float(np.mean([len(r) for _, r in self.rows]))
-        return self.rows, self.scores, info
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed + 0x313), k), u)
+            rows = self.sample(params, prompts, key).rows()
+            old, teacher = self.score(params, rows)
+            n = len(rows) // len(self.shards)
+            for i, s in enumerate(self.shards):
+                for j in range(i * n, (i + 1) * n):
+                    pools[s].append((list(rows[j][0]), list(rows[j][1]), old[j], teacher[j]))
+            lengths += [len(r) for _, r in rows]
+        self.round, self.pools = k, pools
+        return {"gen_s": time.perf_counter() - t, "sgo_len": float(np.mean(lengths))}
+
+    def for_step(self, step: int, params) -> tuple[list[tuple[list, tuple]], dict]:
+        """The ``accum`` micro-batches step ``step`` trains on, each ``(rows, (old_logp, teacher_logp))``,
+        and the step's info (a round's first step: the seconds spent sampling and scoring it)."""
+        k, j = divmod(step, self.steps_per_round)
+        info = {"source": "sgo", "gen_s": 0.0}
+        if k != self.round:
+            info.update(self._sample_round(k, params))
+        epoch, m = divmod(j, self.units // self.accum)
+        out = []
+        for unit in range(m * self.accum, (m + 1) * self.accum):
+            picked = []
+            for s in self.shards:
+                pool = self.pools[s]
+                n = len(pool) // self.units
+                order = np.random.default_rng([self.seed, k, epoch, s]).permutation(len(pool))
+                picked += [pool[i] for i in order[unit * n : (unit + 1) * n]]
+            rows = [(p, r) for p, r, _, _ in picked]
+            scores = tuple(np.stack([x[i] for x in picked]).astype(np.float32) for i in (2, 3))
+            out.append((rows, scores))
+        return out, info
 
     def state(self) -> dict:
-        """The round's rows and scores, keyed by data shard (one slice of the rows each) so that every
-        host's states merge into one (``merge_states``) that reshards on load."""
-        if self.round is None:
-            return {"round": None, "shards": {}}
-        n = len(self.rows) // len(self.shards)
-        old, teacher = self.scores
-        parts = {
-            str(s): [
-                [list(p), list(r), old[j].tolist(), teacher[j].tolist()]
-                for j, (p, r) in enumerate(self.rows[i * n : (i + 1) * n], start=i * n)
-            ]
-            for i, s in enumerate(self.shards)
+        """The round's rollouts and scores, keyed by data shard, so that every host's states merge into
+        one (``merge_states``) that reshards on load."""
+        shards = {
+            str(s): [[p, r, np.asarray(o).tolist(), np.asarray(t).tolist()] for p, r, o, t in pool]
+            for s, pool in self.pools.items()
         }
-        return {"round": self.round, "shards": parts}
+        return {"round": self.round, "shards": shards if self.round is not None else {}}
 
     def load(self, state: dict) -> None:
         """Take this host's shards of a (merged) state."""
         if state["round"] is None:
             return
-        mine = [state["shards"][str(s)] for s in self.shards if str(s) in state["shards"]]
-        if len(mine) != len(self.shards):
+        if any(str(s) not in state["shards"] for s in self.shards):
             raise ValueError("the checkpoint's MiniLLM rollout was written for other data shards")
-        rows = [x for part in mine for x in part]
         self.round = state["round"]
-        self.rows = [(p, r) for p, r, _, _ in rows]
-        self.scores = tuple(np.asarray([x[i] for x in rows], np.float32) for i in (2, 3))
+        self.pools = {
+            s: [
+                (p, r, np.asarray(o, np.float32), np.asarray(t, np.float32))
+                for p, r, o, t in state["shards"][str(s)]
+            ]
+            for s in self.shards
+        }
 
 
 def merge_states(states: Sequence[dict]) -> dict:

@@ -32,7 +32,8 @@ class LossConfig:
     divergence: str = "srkl"
     kd_ratio: float = 1.0  # (1 - kd_ratio)·CE + kd_ratio·D; 0 is SFT
     params: tuple = ()  # the divergence's parameters, e.g. (("alpha", 0.1),)
-    lm_coef: float = 0.0  # weight of the plain LM loss on batch["lm"]
+    lm_coef: float = 0.0  # weight of the LM loss on batch["lm"]
+    lm_kd_ratio: float = 0.0  # the LM loss: (1 − lm_kd_ratio)·CE + lm_kd_ratio·FKL(teacher ‖ student)
     chunk_size: int = 0  # > 0: the chunked large-vocabulary form, this many positions per chunk
     # What a training batch is scored by: "distill" (CE and the divergence), "distillm2" (the contrastive
     # loss on batch = teacher outputs and batch["sgo"] = student outputs, ``alpha`` from params) or
@@ -40,8 +41,7 @@ class LossConfig:
     # batches (ground truth) are always scored by CE and the divergence.
     objective: str = "distill"
     distillm2_beta: float = 1.0  # (2 − β)·SKL + β·SRKL
-    mix_alpha: float = 0.2  # minillm: the teacher's share of the sampling mixture
-    clip: float = 0.2  # minillm: PPO ratio clipping
+    minillm: minillm.Settings = dataclasses.field(default_factory=minillm.Settings)  # its knobs
 
     def __post_init__(self):
         losses.validate(self.divergence, **dict(self.params))
@@ -49,8 +49,10 @@ class LossConfig:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.objective != "distill" and self.chunk_size:
             raise ValueError(f"the {self.objective} objective has no chunked form; set chunk_size to 0")
-        if not 0.0 <= self.kd_ratio <= 1.0:
-            raise ValueError(f"kd_ratio must be in [0, 1], got {self.kd_ratio}")
+        if not (0.0 <= self.kd_ratio <= 1.0 and 0.0 <= self.lm_kd_ratio <= 1.0):
+            raise ValueError(
+                f"kd_ratio and lm_kd_ratio must be in [0, 1], got {self.kd_ratio}, {self.lm_kd_ratio}"
+            )
         if self.lm_coef < 0 or self.chunk_size < 0:
             raise ValueError(f"lm_coef and chunk_size must be >= 0, got {self.lm_coef}, {self.chunk_size}")
 
@@ -65,12 +67,6 @@ def hidden_and_head(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Arra
     else:
         h, _ = model.hidden(batch["input_ids"], batch["attention_mask"])
     return h, model.head()
-
-
-def _ce(h: jax.Array, head: jax.Array, batch: dict, chunk: int) -> jax.Array:
-    if chunk:
-        return losses.chunked_cross_entropy(h, head, batch["labels"], batch["loss_mask"], chunk_size=chunk)
-    return losses.cross_entropy(layers.logits(h, head), batch["labels"], batch["loss_mask"])
 
 
 def _both_logits(student: nnx.Module, teacher: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -107,8 +103,7 @@ def _minillm_loss(student, teacher, batch: dict, cfg: LossConfig) -> tuple[jax.A
         batch["loss_mask"],
         batch["old_logp"],
         batch["teacher_logp"],
-        mix_alpha=cfg.mix_alpha,
-        clip=cfg.clip,
+        cfg.minillm,
     )
 
 
@@ -133,8 +128,9 @@ def distill_loss(
         loss, metrics = _minillm_loss(student, teacher, batch, cfg)
     else:
         loss, metrics = _distill_loss(student, teacher, batch, cfg)
-    if cfg.lm_coef > 0.0:
-        lm = _ce(*hidden_and_head(student, batch["lm"]), batch["lm"], cfg.chunk_size)
+    if cfg.lm_coef > 0.0:  # on pre-training text: CE, or MiniLLM's mix of CE and the teacher's FKL
+        lm_cfg = dataclasses.replace(cfg, divergence="fkl", params=(), kd_ratio=cfg.lm_kd_ratio)
+        lm, _ = _distill_loss(student, teacher, batch["lm"], lm_cfg)
         metrics["lm"] = lm
         loss = loss + cfg.lm_coef * lm
     return loss, metrics
@@ -180,6 +176,7 @@ def make_optimizer(
     warmup_steps: int = 0,
     clip: float = 1.0,
     grad_accum: int = 1,
+    b2: float = 0.999,
 ) -> optax.GradientTransformation:
     """AdamW with the paper's schedule (PAPER.md §4): cosine decay from ``lr`` to ``end_lr`` over
     ``total_steps`` optimizer updates after an optional linear warmup, global-norm clipping at ``clip``
@@ -192,7 +189,7 @@ def make_optimizer(
         warm = optax.linear_schedule(0.0, lr, warmup_steps)
         schedule = optax.join_schedules([warm, schedule], [warmup_steps])
     chain = [optax.clip_by_global_norm(clip)] if clip > 0 else []
-    adamw = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=decays)
+    adamw = optax.adamw(schedule, b1=0.9, b2=b2, eps=1e-8, weight_decay=weight_decay, mask=decays)
     tx = optax.chain(*chain, adamw)
     return optax.MultiSteps(tx, grad_accum) if grad_accum > 1 else tx
 

@@ -14,6 +14,7 @@ Step counts are optimizer updates; with ``optim.grad_accum > 1`` each update run
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -346,11 +347,13 @@ def _loss_config(c: ConfigDict) -> step.LossConfig:
         kd_ratio=0.0 if c.method == "sft" else float(c.loss.kd_ratio),
         params=tuple(cfglib.loss_params(c).items()),
         lm_coef=float(c.loss.lm_coef),
+        lm_kd_ratio=float(c.loss.lm_kd_ratio),
         chunk_size=int(c.loss.chunk_size),
         objective=c.method if c.method in ("minillm", "distillm2") else "distill",
         distillm2_beta=float(c.distillm2.beta),
-        mix_alpha=float(c.minillm.mix_alpha),
-        clip=float(c.minillm.clip),
+        minillm=minillm.Settings(
+            **{f.name: float(c.minillm[f.name]) for f in dataclasses.fields(minillm.Settings)}
+        ),
     )
 
 
@@ -385,6 +388,7 @@ def optimizer(c: ConfigDict, total: int):
         warmup_steps=o.warmup_steps,
         clip=o.clip,
         grad_accum=o.grad_accum,
+        b2=o.b2,
     )
 
 
@@ -440,8 +444,9 @@ def _feeder(r: Run, c: ConfigDict, total: int, next_rows: Callable, model_of: Ca
 def _rollouts(
     r: Run, c: ConfigDict, next_rows: Callable, model_of: Callable, teacher_state
 ) -> minillm.Rollouts:
-    """MiniLLM's rollout batches: sampled from the teacher-mixed policy with ``offpolicy.*`` settings,
-    scored once by the student that sampled them and the teacher."""
+    """MiniLLM's rollout rounds: ``minillm.rollouts`` prompts a round, sampled a micro-batch at a time
+    from the teacher-mixed policy with ``offpolicy.*`` settings, scored once by the student that sampled
+    them and the teacher."""
     o, new = c.offpolicy, c.offpolicy.max_new_tokens or r.lengths.max_response
     mix = (r.teacher, float(c.minillm.mix_alpha))
     worker = offpolicy.GenerationWorker(
@@ -453,8 +458,16 @@ def _rollouts(
         out = score_step(params, teacher_state, r.to_devices(r.batch(rows)))
         return tuple(np.asarray(distributed.local_rows(x), np.float32) for x in out)
 
+    opt = c.optim
     return minillm.Rollouts(
-        c.minillm.ppo_epochs, worker.submit, score, next_rows, seed=c.seed, shards=r.shards
+        c.minillm.ppo_epochs,
+        c.minillm.rollouts // (opt.batch_size // opt.grad_accum),
+        opt.grad_accum,
+        worker.submit,
+        score,
+        next_rows,
+        seed=c.seed,
+        shards=r.shards,
     )
 
 
@@ -495,6 +508,8 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
     else:
         rows = r.train_rows
     updates_per_epoch = len(rows) // c.optim.batch_size
+    if c.method == "minillm":  # an epoch of prompts: every rollout trains ppo_epochs steps' worth
+        updates_per_epoch *= c.minillm.ppo_epochs
     total = c.optim.epochs * updates_per_epoch if c.optim.epochs else c.optim.steps
     eval_every = c.eval.interval or updates_per_epoch
     save_every = c.checkpoint.interval or eval_every
@@ -618,8 +633,8 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
         lm_batches = iter(lm_order) if lm_order is not None else None
         while at < total:
             if rollouts is not None:
-                rollout, scores, info = rollouts.for_step(at, params)
-                micro_rows = [rollout]
+                parts, info = rollouts.for_step(at, params)
+                micro_rows = [rows for rows, _ in parts]
             else:
                 micro_rows, info = feeder.rows_for(at, params)
             infos.append(info)
@@ -629,7 +644,7 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
             for micro, mrows in enumerate(micro_rows):
                 b = r.training_batch(mrows)
                 if rollouts is not None:
-                    b["old_logp"], b["teacher_logp"] = scores
+                    b["old_logp"], b["teacher_logp"] = parts[micro][1]
                 tokens += sum(int(b[k].sum()) for k in ("attention_mask", "decoder_attention_mask") if k in b)
                 if lm_batches is not None:
                     lm = [r.lm_rows[i] for i in next(lm_batches)]

@@ -92,6 +92,22 @@ def test_paper_methods_as_config_arguments(arg, method, loss, params):
     assert ("tiny" in arg) == (c.tokenizer == "bytes")
 
 
+def test_minillm_runs_at_its_authors_settings():
+    """MiniLLM's own recipe, not DistiLLM's rate and length (docs/method.md)."""
+    c = load("gpt2_dolly", "minillm")
+    cfglib.check(c)
+    o = c.optim
+    assert (o.lr, o.end_lr, o.warmup_steps, o.b2, o.weight_decay) == (5e-6, 5e-6, 100, 0.95, 1e-6)
+    assert (o.batch_size, o.grad_accum, o.epochs, c.minillm.rollouts) == (256, 8, 10, 256)
+    assert (c.minillm.ppo_epochs, c.minillm.gamma, c.minillm.reward_scale, c.loss.lm_kd_ratio) == (
+        4,
+        0.95,
+        0.5,
+        0.5,
+    )
+    assert load("gpt2_dolly", "").optim.lr == 5e-4  # DistiLLM's own run keeps the pair's
+
+
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     """A stand-in of the hub (127.0.0.1) holding every tiny config's pair as .bin-only checkpoints (the

@@ -50,6 +50,8 @@ def sequence_rkl(r: trainer.Run, student: nnx.Module, seed: int = 0) -> float:
 def test_minillm_lowers_reverse_kl_on_its_own_samples_and_resumes_mid_round(tmp_path):
     c = tiny(tmp_path, "tiny,gpt2", method="minillm", loss__name="rkl", optim__steps=8, optim__lr=1e-2)
     c.eval.generate, c.eval.interval, c.checkpoint.interval, c.minillm.ppo_epochs = False, 8, 4, 3
+    # Rounds of 32 rollouts (4 sampled micro-batches of 8) in steps of 2 micro-batches: 6 steps a round.
+    c.optim.batch_size, c.optim.grad_accum, c.minillm.rollouts = 16, 2, 32
     c.teacher.train_steps, c.teacher.train_lr = 6, 3e-2  # a teacher far from the random student
     summary = pipeline.run(c)["student"]
     assert summary["sources"] == {"data": 0, "sgo": 8, "replay": 0}
@@ -62,7 +64,7 @@ def test_minillm_lowers_reverse_kl_on_its_own_samples_and_resumes_mid_round(tmp_
     after = np.mean([sequence_rkl(r, r.student, s) for s in range(2)])
     assert after < 0.6 * before, (before, after)  # measured 12.2 -> 5.1 (12 steps)
 
-    # Resumed from step 4, inside the round of steps 3-5: that round's rollouts come from the checkpoint.
+    # Resumed from step 4, inside the round of steps 0-5: that round's rollouts come from the checkpoint.
     resumed = tmp_path / "resumed"
     shutil.copytree(c.run_dir, resumed)
     shutil.rmtree(resumed / "checkpoints" / "8")

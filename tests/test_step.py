@@ -57,6 +57,25 @@ def test_sft_is_cross_entropy_only():
     assert metrics[-1]["ce"] < metrics[0]["ce"]
 
 
+def test_lm_term_mixes_cross_entropy_and_the_teachers_fkl():
+    """MiniLLM's LM term on pre-training text: (1 − r)·CE + r·FKL(teacher ‖ student), weighted by
+    lm_coef, beside the distillation loss."""
+    from distillm_jax import losses
+    from distillm_jax.step import distill_loss
+
+    student, teacher = pair()
+    data = {k: np.asarray(v) for k, v in batch().items()}
+    lm = batching.text_batch([list(range(3, 3 + n)) for n in (5, 9, 12, 7, 4, 16, 10, 8)], 16, 0)
+    cfg = LossConfig("srkl", 1.0, (("alpha", 0.1),), lm_coef=0.7, lm_kd_ratio=0.5)
+    total, metrics = distill_loss(student, teacher, {**data, "lm": lm}, cfg)
+    s_logits = student(lm["input_ids"], lm["attention_mask"])
+    t_logits = teacher(lm["input_ids"], lm["attention_mask"])
+    ce = losses.cross_entropy(s_logits, lm["labels"], lm["loss_mask"])
+    fkl = losses.divergence("fkl", s_logits, t_logits, lm["loss_mask"])
+    np.testing.assert_allclose(float(metrics["lm"]), 0.5 * float(ce) + 0.5 * float(fkl), rtol=1e-5)
+    np.testing.assert_allclose(float(total), float(metrics["srkl"]) + 0.7 * float(metrics["lm"]), rtol=1e-5)
+
+
 def test_sharded_step_equals_unsharded():
     cfg = LossConfig("jsd", 0.5, (("beta", 0.1),))
     plain, p0 = run(2, cfg)
