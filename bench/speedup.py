@@ -50,6 +50,16 @@ LORA = {
     "student__lora__targets": ("q", "k", "v", "o", "up", "down"),
     "optim__lr": 5e-3,
 }
+# MiniLLM's recipe (paper.minillm: rounds of 8 batches of rollouts x 4 PPO passes, its advantages and
+# optimizer) on the demo's batch and step budget (run_arm). Its rate is 1/100 of DistiLLM's in the authors'
+# runs (5e-6 vs 5e-4), so 5e-5 here, 100 warmup steps of its ~2000 scaled to 15 of 300; ``minillm_lr``
+# runs at the demo's 5e-3.
+MINILLM = {
+    "optim__epochs": 0,
+    "optim__warmup_steps": 15,
+    "optim__lr": 5e-5,
+    "optim__end_lr": 5e-5,
+}
 ARMS = {  # name: (paper method, overrides)
     "distillm": ("distillm", {}),
     "kd": ("kd", {"loss__name": "srkl"}),  # DistiLLM's loss with φ held at 0: ground truth only
@@ -61,7 +71,8 @@ ARMS = {  # name: (paper method, overrides)
     "gkd_onpolicy": ("gkd", {"offpolicy__gkd_lambda": 1.0}),
     "trl_gkd": ("gkd", {"offpolicy__gkd_lambda": 1.0}),  # TRL's GKDTrainer, bench/trl_gkd.py
     "trl_gkd_positions": ("gkd", {"offpolicy__gkd_lambda": 1.0}),  # the same, position ids fixed
-    "minillm": ("minillm", {}),  # policy gradient, rollouts from 0.2·teacher + 0.8·student, 4 PPO epochs
+    "minillm": ("minillm", MINILLM),  # policy gradient, rollouts from 0.2·teacher + 0.8·student
+    "minillm_lr": ("minillm", {**MINILLM, "optim__lr": 5e-3, "optim__end_lr": 5e-3}),
     "distillm2": ("distillm2", {}),  # contrastive SKL / SRKL on responses generated once by both models
     "distillm_lora": ("distillm", LORA),
 }
@@ -125,7 +136,10 @@ def base_config(args: argparse.Namespace):
 def run_arm(c, name: str, out: str) -> dict:
     """One method from the shared start, in a fresh ``out/name``."""
     method, changes = ARMS[name]
+    batch = (c.optim.batch_size, c.optim.grad_accum)
     c = trainer.override(paper.method(trainer.override(c), method), **changes)
+    if method == "minillm":  # the same batches as every arm; a round is 8 of them (256 rows on the demo)
+        (c.optim.batch_size, c.optim.grad_accum), c.minillm.rollouts = batch, 8 * batch[0]
     if name.startswith("trl_gkd"):
         import trl_gkd
 

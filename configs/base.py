@@ -1,4 +1,4 @@
-"""Defaults of every run (PAPER.md §4). Other configs start from ``base.get_config()`` and change what
+"""Defaults of every run (docs/method.md). Other configs start from ``base.get_config()`` and change what
 their setup needs; every key a run accepts is defined here, so a typo in a config file or an override
 (``--config.optim.lr=1e-4``) is an error, not a silently ignored setting."""
 

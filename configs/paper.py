@@ -28,9 +28,14 @@ METHODS = {
 
 
 def method(c: ConfigDict, name: str) -> ConfigDict:
-    """``c`` switched to the paper's ``name`` method: its data strategy and its divergence."""
+    """``c`` switched to the paper's ``name`` method: its data strategy and its divergence. DistiLLM
+    (and ``onpolicy``, its loss on fresh SGOs) keep the pair's skew divergence when it has one (the
+    official GPT-2 base script runs SKL, the others SRKL)."""
+    skew = c.loss.name if c.loss.name in ("srkl", "sfkl") else None
     c.method = name
     c.loss.name, params = METHODS[name]
+    if name in ("distillm", "onpolicy") and skew:
+        c.loss.name = skew
     for key, value in params.items():
         c.loss[key] = value
     c.run_dir = c.run_dir if name == "distillm" else f"{c.run_dir}_{name}"
@@ -61,7 +66,15 @@ def minillm(c: ConfigDict) -> ConfigDict:
 
 
 def distillm(
-    c: ConfigDict, name: str, teacher: str, student: str, *, lr: float, epochs: int, tuned: bool = False
+    c: ConfigDict,
+    name: str,
+    teacher: str,
+    student: str,
+    *,
+    lr: float,
+    epochs: int,
+    tuned: bool = False,
+    loss: str = "srkl",
 ) -> ConfigDict:
     c.run_dir = f"runs/{name}"
     c.teacher.path, c.teacher.dtype = teacher, "bfloat16"  # frozen: bf16 weights and compute
@@ -72,6 +85,7 @@ def distillm(
     c.teacher.train_epochs, c.teacher.train_lr = (0, 0.0) if tuned else (10, 5e-5)
     c.student.train_epochs = 3  # stage 2: the student's init, at the pair's rate; best validation CE
     c.data.test_split = "test"  # stage 4: every model on the test split over eval.seeds
+    c.loss.name = loss  # DistiLLM's skew divergence: SRKL, or SKL where the official script runs it
     method(c, "distillm")  # adaptive SGOs (offpolicy.*: loss_eps 0.1, buffer 4000, decreasing replay)
     c.loss.kd_ratio = 1.0
     # The paper adds lm_coef 1.0 of plain LM loss on OpenWebText: --config.loss.lm_coef=1.0

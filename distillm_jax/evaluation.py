@@ -1,4 +1,4 @@
-"""The paper's text metrics (PAPER.md §4): ROUGE-L F-measure from Google's ``rouge_score`` with the
+"""The paper's text metrics (docs/method.md): ROUGE-L F-measure from Google's ``rouge_score`` with the
 Porter stemmer, the max over a prediction's references, ×100, averaged over examples; and corpus BLEU
 from ``sacrebleu`` for translation."""
 

@@ -1,7 +1,7 @@
 """The divergences DistiLLM and its baselines minimise, and the masked cross-entropy beside them.
 
 Every loss compares the student distribution ``q`` with the teacher distribution ``p`` at each target
-token and reduces to a token-level masked mean over the whole (global) batch. The rules (PAPER.md §1,
+token and reduces to a token-level masked mean over the whole (global) batch. The rules (docs/method.md,
 DESIGN.md decision 5) that make these safe to train with for days:
 
 - math in float32 whatever the logits' dtype;
@@ -179,7 +179,7 @@ def divergence(name: str, student_logits: Array, teacher_logits: Array, mask: Ar
     """Token-level masked mean of divergence ``name`` (one of ``NAMES``) between student and teacher.
 
     Args:
-      name: ``fkl``, ``rkl``, ``sfkl``, ``srkl``, ``jsd``, ``tvd`` or ``symkl`` (PAPER.md §1).
+      name: ``fkl``, ``rkl``, ``sfkl``, ``srkl``, ``jsd``, ``tvd`` or ``symkl`` (docs/method.md).
       student_logits, teacher_logits: ``[..., V]``, any float dtype; math runs in float32.
       mask: ``[...]``; nonzero marks the target tokens that count.
       **kw: the divergence's parameter: ``alpha`` (sfkl, srkl; 0.1), ``beta`` (jsd; 0.5),
@@ -251,7 +251,7 @@ def label_log_probs(logits: Array, labels: Array, mask: Array) -> Array:
 
 
 # ---------------------------------------------------------------------------------------------------
-# DistiLLM-2 (PAPER.md §5): a contrastive pair of skew KLs, one on the teacher's responses and one on the
+# DistiLLM-2 (docs/method.md): a contrastive pair of skew KLs, one on the teacher's responses and one on the
 # student's own responses to the same prompts, each reduced per sequence.
 
 

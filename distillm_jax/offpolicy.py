@@ -1,4 +1,4 @@
-"""Student-generated outputs (SGOs): where each training step's batch comes from (PAPER.md §2, §3).
+"""Student-generated outputs (SGOs): where each training step's batch comes from (docs/method.md).
 
 DistiLLM's second idea: train on ground truth until the student's validation loss stops improving, then on
 the student's own samples with a probability ``φ`` that rises each time it gets worse, and reuse those
@@ -106,7 +106,7 @@ def plan(
     buffer_full: bool,
     gkd_lambda: float = 0.5,
 ) -> Plan:
-    """The data strategy of ``method`` for a step with draw ``r`` (PAPER.md §3)."""
+    """The data strategy of ``method`` for a step with draw ``r`` (docs/method.md)."""
     if method == "distillm":
         source = scheduler.choose(r, step, total, buffer_full)
         fresh = source == "sgo"

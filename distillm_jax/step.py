@@ -178,7 +178,7 @@ def make_optimizer(
     grad_accum: int = 1,
     b2: float = 0.999,
 ) -> optax.GradientTransformation:
-    """AdamW with the paper's schedule (PAPER.md §4): cosine decay from ``lr`` to ``end_lr`` over
+    """AdamW with the paper's schedule (docs/method.md): cosine decay from ``lr`` to ``end_lr`` over
     ``total_steps`` optimizer updates after an optional linear warmup, global-norm clipping at ``clip``
     (0 turns it off); weight decay skips biases and norm scales (``decays``). With ``grad_accum > 1``
     each update averages that many micro-batch gradients (``optax.MultiSteps``); the step function is

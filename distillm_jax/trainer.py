@@ -417,7 +417,7 @@ def _finite(rows: list[dict]) -> int | None:
 
 def _feeder(r: Run, c: ConfigDict, total: int, next_rows: Callable, model_of: Callable) -> offpolicy.Feeder:
     """Where each step's rows come from: ground truth for sft / kd / seqkd; for the SGO methods the
-    student's own samples as well, through a generation worker (PAPER.md §2, §3)."""
+    student's own samples as well, through a generation worker (docs/method.md)."""
     o = c.offpolicy
     worker = None
     if c.method in offpolicy.METHODS:

@@ -72,7 +72,7 @@ def test_tiny_variant_keeps_the_setup(name):
 
 
 @pytest.mark.parametrize(
-    "arg, method, loss, params",  # PAPER.md §3
+    "arg, method, loss, params",  # docs/method.md
     [
         ("gkd", "gkd", "jsd", {"beta": 0.1}),
         ("tiny,imitkd", "imitkd", "fkl", {}),

@@ -7,7 +7,7 @@ import pytest
 
 from distillm_jax import losses
 
-# Parameter sets each divergence is checked at (the defaults plus the edges of PAPER.md §1).
+# Parameter sets each divergence is checked at (the defaults plus the edges of docs/method.md).
 CASES = [
     ("fkl", {}),
     ("rkl", {}),

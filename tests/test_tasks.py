@@ -1,4 +1,4 @@
-"""Task formatting (PAPER.md §4 templates, T5 prefixes) and loading from local files, with clear errors."""
+"""Task formatting (docs/method.md, T5 prefixes) and loading from local files, with clear errors."""
 
 import json
 
