@@ -104,7 +104,12 @@ def test_bad_offpolicy_settings_are_one_line(tmp_path, key, value, message):
     "changes, message",
     [
         ({"minillm__clip": 1.5}, r"minillm: need .* ppo_epochs >= 1 and clip in \(0, 1\)"),
-        ({"method": "minillm", "optim__grad_accum": 2}, r"method minillm trains whole rollout batches"),
+        (
+            {"method": "minillm", "minillm__rollouts": 12},
+            r"minillm.rollouts \(12\) must be a positive multiple of optim",
+        ),
+        ({"minillm__gamma": 0.0}, r"minillm: need gamma in \(0, 1\], reward_scale > 0 and reward_clip > 0"),
+        ({"loss__lm_kd_ratio": 1.5}, r"loss.lm_kd_ratio must be in \[0, 1\]"),
         ({"method": "distillm2", "loss__chunk_size": 16}, r"method distillm2 has no chunked loss"),
         ({"distillm2__beta": 3.0}, r"distillm2.beta must be in \[0, 2\]"),
         ({"student__lora__targets": ("q", "wq")}, r"student.lora: need .* targets among q, k, v, o"),
