@@ -1,9 +1,10 @@
 """DistiLLM's efficiency claim on the demo task: wall-clock to reach the best ROUGE-L of on-policy GKD (the
 paper's slow baseline: fresh student samples every step), and ROUGE-L at equal wall-clock, for DistiLLM's
 adaptive off-policy (paper mode and overlap mode) against on-policy GKD (ours, λ 1, and TRL's
-``GKDTrainer`` on the decoder-only pair), GKD at λ 0.5, ImitKD (fresh SGOs into the buffer every step, FKL)
-and SRKL on ground truth only (``kd``: DistiLLM with φ held at 0) — the same step budget, SFT'd student
-init, teacher and data. More arms by ``--arms``: on-policy SRKL, MiniLLM, DistiLLM-2, DistiLLM on LoRA.
+``GKDTrainer`` on the decoder-only pair), GKD at λ 0.5, ImitKD (fresh SGOs into the buffer every step, FKL),
+SRKL on ground truth only (``kd``: DistiLLM with φ held at 0) and, on T5, MiniLLM with its authors'
+recipe (at its relative rate and at the demo's) — the same step budget, SFT'd student init, teacher and
+data. More arms by ``--arms``: on-policy SRKL, DistiLLM-2, DistiLLM on LoRA.
 
 The setting is the demo's (``configs/demo.py``: 32 training rows, 300 steps of 32 at a constant 5e-3,
 buffer 128 rows), chosen there because it is where DistiLLM's scheduler turns to SGOs: each table shows
@@ -77,7 +78,7 @@ ARMS = {  # name: (paper method, overrides)
     "distillm_lora": ("distillm", LORA),
 }
 FAMILY_ARMS = {
-    "t5": ["distillm", "distillm_overlap", "kd", "gkd_onpolicy", "gkd", "imitkd"],
+    "t5": ["distillm", "distillm_overlap", "kd", "gkd_onpolicy", "gkd", "imitkd", "minillm", "minillm_lr"],
     "gpt2": ["distillm", "kd", "gkd_onpolicy", "imitkd", "trl_gkd_positions"],
 }
 TARGETS = {"t5": "gkd_onpolicy", "gpt2": "trl_gkd_positions"}  # on-policy GKD: the paper's slow baseline

@@ -48,8 +48,13 @@ def test_full_config_passes_the_checks(name):
     cfglib.check(c)
     assert c.teacher.path and c.student.path and c.teacher.path != c.student.path
     assert not c.teacher.config and not c.student.config
-    assert (c.method, c.loss.name, c.loss.alpha) == ("distillm", "srkl", 0.1)
-    assert (c.offpolicy.loss_eps, c.offpolicy.capacity, c.offpolicy.replay_ratio) == (0.1, 4000, "decreasing")
+    # The skew divergence and φ's settings of the official script for the pair (docs/method.md).
+    loss, eps, phi = {"gpt2_dolly": ("sfkl", 0.1, 0.0), "openllama_dolly": ("srkl", 0.2, 0.2)}.get(
+        name, ("srkl", 0.1, 0.0)
+    )
+    assert (c.method, c.loss.name, c.loss.alpha) == ("distillm", loss, 0.1)
+    assert (c.offpolicy.loss_eps, c.offpolicy.init_phi) == (eps, phi)
+    assert (c.offpolicy.capacity, c.offpolicy.replay_ratio) == (4000, "decreasing")
     assert c.optim.epochs > 0 and c.eval.temperature == 1.0 and c.eval.no_repeat_ngram_size == 6
     assert c.loss.lm_coef == 0.0 and c.mesh.fsdp == -1
 
@@ -77,7 +82,7 @@ def test_tiny_variant_keeps_the_setup(name):
         ("gkd", "gkd", "jsd", {"beta": 0.1}),
         ("tiny,imitkd", "imitkd", "fkl", {}),
         ("kd,tiny", "kd", "fkl", {}),
-        ("onpolicy", "onpolicy", "srkl", {"alpha": 0.1}),
+        ("onpolicy", "onpolicy", "sfkl", {"alpha": 0.1}),  # DistiLLM's loss of the pair (SKL for GPT-2 base)
         ("sft", "sft", "fkl", {}),
         ("tiny,minillm", "minillm", "rkl", {}),
         ("distillm2", "distillm2", "sfkl", {"alpha": 0.1}),

@@ -112,5 +112,8 @@ def test_seqkd_and_distillm2_sample_with_their_own_settings_and_no_ngram_ban(tmp
     r.distillm2_rows()
     assert set(calls) == {(0.8, 0, 0.95, 0)}
     calls.clear()
-    r.metric(r.student, seed=1)
+    r.metric(r.student, seed=1)  # the evaluations that pick best/: plain sampling, as the official code
+    assert set(calls) == {(c.eval.temperature, c.eval.top_k, c.eval.top_p, 0)}
+    calls.clear()
+    r.metric(r.student, seed=1, final=True)  # the test stage: the paper's protocol, with the ban
     assert set(calls) == {(c.eval.temperature, c.eval.top_k, c.eval.top_p, 6)}

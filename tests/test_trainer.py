@@ -196,7 +196,7 @@ def test_lm_loss_on_plain_text(tmp_path):
     c.loss.lm_coef, c.data.lm_source = 0.5, str(text)
     summary = pipeline.run(c)["student"]
     rows = [r for r in reporting.read_rows(os.path.join(c.run_dir, "metrics.jsonl")) if r["kind"] == "train"]
-    assert all(r["lm"] > 0 and r["loss"] == pytest.approx(r["srkl"] + 0.5 * r["lm"], rel=1e-5) for r in rows)
+    assert all(r["lm"] > 0 and r["loss"] == pytest.approx(r["sfkl"] + 0.5 * r["lm"], rel=1e-5) for r in rows)
     assert summary["steps"] == 2
 
 
