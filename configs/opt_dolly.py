@@ -1,6 +1,7 @@
 """OPT-2.7B -> OPT-1.3B on Dolly-15K with DistiLLM's skew reverse KL (the paper's OPT rate 5e-5; its other
-students are opt-125m and opt-350m: --config.student.path=facebook/opt-350m; 10 epochs is GPT-2 large's,
-the paper states none for OPT). ``:tiny``: tiny random OPTs on a 24-row local sample of Dolly."""
+students are opt-125m and opt-350m: --config.student.path=facebook/opt-350m). 10 epochs, as the official
+script for this pair (the paper states none for OPT; the official opt-125m script runs 20).
+``:tiny``: tiny random OPTs on a 24-row local sample of Dolly."""
 
 from ml_collections import ConfigDict
 
