@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a run (DESIGN.md decision 8): the device state (student params, optimizer state)
+"""Orbax checkpoints of a run (docs/architecture.md §8): the device state (student params, optimizer state)
 and the host state (step, data position, best metric, ...) saved together under one step number.
 
 Orbax writes each step into a temporary directory and renames it only once every file is complete, so a

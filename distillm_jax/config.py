@@ -1,4 +1,4 @@
-"""Start-up checks of a run's ``ml_collections`` config (DESIGN.md decision 9): every key must be one
+"""Start-up checks of a run's ``ml_collections`` config (docs/architecture.md §9): every key must be one
 that ``configs/base.py`` defines, with a value of the same type, and the values must make sense together;
 each problem is one line (``ConfigError``) before any model is loaded or any step compiled."""
 

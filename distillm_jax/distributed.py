@@ -1,4 +1,4 @@
-"""Several processes, one program (DESIGN.md decision 7): start-up of JAX's multi-controller runtime and
+"""Several processes, one program (docs/architecture.md §7): start-up of JAX's multi-controller runtime and
 the few host-side operations that must see every process.
 
 A pod slice or a multi-node GPU job runs the same command on every host. Each process owns the devices

@@ -2,7 +2,7 @@
 
 Every loss compares the student distribution ``q`` with the teacher distribution ``p`` at each target
 token and reduces to a token-level masked mean over the whole (global) batch. The rules (docs/method.md,
-DESIGN.md decision 5) that make these safe to train with for days:
+docs/architecture.md §5) that make these safe to train with for days:
 
 - math in float32 whatever the logits' dtype;
 - mixtures of ``p`` and ``q`` formed in log space (``logaddexp``), so they never underflow to ``log 0``;

@@ -8,7 +8,7 @@ step into the buffer and trains on a buffer sample; GKD trains on fresh samples 
 λ; ``onpolicy`` on fresh samples every step.
 
 Everything here is host-side: the choice of source is a pure function of (seed, step, scheduler state,
-buffer size), so every host of a pod picks the same source for a step (DESIGN.md decision 7), and a
+buffer size), so every host of a pod picks the same source for a step (docs/architecture.md §7), and a
 resumed run picks what the killed one would have. The device work — the sampler — is issued by the
 caller's thread through ``GenerationWorker.submit``; only copying its result to the host and cutting rows
 at their EOS happen on the worker's thread.

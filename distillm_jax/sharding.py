@@ -1,7 +1,7 @@
 """The device mesh and the logical-axis rules that place every parameter and batch on it.
 
 Every parameter carries logical axis names (``nnx.Param(..., axes=("embed", "mlp"))``); the rules map
-each name to a mesh axis (DESIGN.md decision 3). A name maps to ``None`` (replicated) when its rule
+each name to a mesh axis (docs/architecture.md §3). A name maps to ``None`` (replicated) when its rule
 says so, when the mesh axis is already used by an earlier dimension of the same tensor, or when the
 dimension does not divide evenly over the mesh axis (tiny test models, odd head counts).
 """

@@ -1,7 +1,7 @@
 """The jitted steps: the distillation train step (teacher forward under stop_gradient, student forward and
 backward, ``(1 − kd_ratio)·CE + kd_ratio·D + lm_coef·LM``, an optax update) and the eval step; each one
 ``jax.jit`` with fixed shardings, the train step donating the student's params and optimizer state
-(DESIGN.md decisions 2 and 4). ``make_optimizer`` is the paper's AdamW schedule.
+(docs/architecture.md §2, §4). ``make_optimizer`` is the paper's AdamW schedule.
 
 Batches come from ``data.batching``: decoder-only batches carry ``input_ids``, ``attention_mask``,
 ``labels`` and ``loss_mask`` [B, L]; encoder-decoder batches add ``decoder_input_ids`` and

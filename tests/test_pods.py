@@ -1,4 +1,4 @@
-"""Several processes on one machine stand in for the hosts of a pod (JAX_NOTES.md): 2 processes with 4
+"""Processes on one machine stand in for the hosts of a pod (docs/architecture.md §7): 2 processes with 4
 CPU devices each against 1 process with 8, on the demo pair with ImitKD in overlap mode (every step
 generates into the replay buffer, two steps ahead, and trains on a replayed sample, so SGOs in flight,
 the buffer and sampled evaluation all cross hosts and checkpoints). Runs are killed with SIGKILL, as a

@@ -1,6 +1,6 @@
 """Prompt/response pairs -> fixed-shape numpy batches, and a deterministic, resumable batch order.
 
-Fixed shapes (DESIGN.md decision 6): every batch has the configured lengths, so each jitted function
+Fixed shapes (docs/architecture.md §6): every batch has the configured lengths, so each jitted function
 compiles once. Layouts:
 
 - decoder-only, ``[B, max_length]``: the prompt right-aligned in the first ``max_prompt_length`` slots
