@@ -120,7 +120,6 @@ def apply(c: ConfigDict, name: str, teacher: ConfigDict, student: ConfigDict) ->
     c.eval.batch_size = 8
     c.eval.max_new_tokens = 8
     c.eval.seeds = (10, 20)
-    c.seqkd.batch_size = 8
     c.checkpoint.interval = 0
     c.log_interval = 1
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # batch 8 divides any 1, 2, 4 or 8 devices

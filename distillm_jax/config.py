@@ -1,6 +1,6 @@
 """Start-up checks of a run's ``ml_collections`` config (docs/architecture.md §9): every key must be one
-that ``configs/base.py`` defines, with a value of the same type, and the values must make sense together;
-each problem is one line (``ConfigError``) before any model is loaded or any step compiled."""
+that ``distillm_jax/defaults.py`` defines, with a value of the same type, and the values must make sense
+together; each problem is one line (``ConfigError``) before any model is loaded or any step compiled."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
+from distillm_jax import defaults as default_values
 from distillm_jax import losses, offpolicy
 from distillm_jax.data import sources, tasks
 from distillm_jax.models import hub
@@ -17,7 +18,6 @@ from distillm_jax.models import hub
 METHODS = ("sft", "kd", "seqkd", *offpolicy.METHODS, "minillm", "distillm2")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 DTYPES = ("float32", "bfloat16")
-BASE = Path(__file__).resolve().parents[1] / "configs" / "base.py"
 
 
 class ConfigError(ValueError):
@@ -35,7 +35,7 @@ def load_file(path: str, arg: str | None = None) -> ConfigDict:
 
 
 def defaults() -> ConfigDict:
-    return load_file(str(BASE))
+    return default_values.get_config()
 
 
 def _compare(config: ConfigDict, base: ConfigDict, prefix: str = "") -> None:

@@ -23,7 +23,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from distillm_jax import lora, losses, minillm
 from distillm_jax.models import layers
 
-TRAINING_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels")
 OBJECTIVES = ("distill", "distillm2", "minillm")
 
 

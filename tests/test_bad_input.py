@@ -315,6 +315,7 @@ def test_mistakes_found_before_any_model_loads(tmp_path, monkeypatch, case, entr
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["INT", "TERM"])
 def test_ctrl_c_and_sigterm_save_stop_with_their_own_code_and_the_command_continues(tmp_path, sig):
     args = [
@@ -336,6 +337,7 @@ def test_ctrl_c_and_sigterm_save_stop_with_their_own_code_and_the_command_contin
         assert "resumed" in again.stdout and "at step 2 of 4" in again.stdout
 
 
+@pytest.mark.slow
 def test_resuming_with_another_student_shape_is_one_line(tmp_path):
     c = trainer.override(
         tiny(tmp_path), method="sft", compare=(), data__test_split="", optim__steps=2, eval__generate=False

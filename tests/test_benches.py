@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("torch")
 pytest.importorskip("trl")
 
+pytestmark = pytest.mark.slow  # end-to-end: the full suite (CI) runs them, -m 'not slow' skips
+
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):

@@ -128,6 +128,7 @@ def hub(tmp_path_factory):
         yield stub, overrides
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PAPER)
 def test_tiny_variant_runs_the_pipeline_from_the_hub(name, hub, tmp_path):
     """The user's command on each config's tiny variant, with the models and data named by hub ids as

@@ -158,6 +158,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
         assert kept(p) == set(np.nonzero(np.isfinite(hf))[1]), p
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "t5"])
 def test_sharded_generation_equals_unsharded(name):
     model, ids, mask = load(name)
@@ -223,6 +224,7 @@ def test_inverse_cdf_sampler_matches_softmax_and_skips_removed_tokens():
 # MiniLLM's teacher-mixed sampling: tokens drawn from alpha * p_mixer + (1 - alpha) * q_model.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("student", "teacher"), [("gpt2", "llama"), ("t5", "t5_v1_1")])
 def test_mix_alpha_0_and_1_reproduce_each_model_alone(student, teacher):
     model, ids, mask = load(student)

@@ -47,6 +47,7 @@ def sequence_rkl(r: trainer.Run, student: nnx.Module, seed: int = 0) -> float:
     return float(np.mean(np.sum(np.asarray(logq) - np.asarray(logp), axis=1)))
 
 
+@pytest.mark.slow
 def test_minillm_lowers_reverse_kl_on_its_own_samples_and_resumes_mid_round(tmp_path):
     c = tiny(tmp_path, "tiny,gpt2", method="minillm", loss__name="rkl", optim__steps=8, optim__lr=1e-2)
     c.eval.generate, c.eval.interval, c.checkpoint.interval, c.minillm.ppo_epochs = False, 8, 4, 3
@@ -79,6 +80,7 @@ def test_minillm_lowers_reverse_kl_on_its_own_samples_and_resumes_mid_round(tmp_
     np.testing.assert_allclose([x for _, x in got], [x for _, x in want], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_distillm2_trains_on_cached_teacher_and_student_responses(tmp_path):
     c = tiny(tmp_path, method="distillm2", loss__name="sfkl", optim__steps=2, eval__generate=False)
     summary = pipeline.run(c)["student"]

@@ -289,6 +289,7 @@ def tiny_run(tmp_path, **changes):
     return trainer.override(c, **{**fixed, **changes})
 
 
+@pytest.mark.slow
 def test_scheduler_engages_when_validation_ce_rises(tmp_path, quick_compiles, capsys):
     """A tiny DistiLLM run whose validation CE rises at every evaluation (a rate that diverges): φ climbs,
     steps train on fresh and replayed SGOs, and the end-of-run line says so, with the generation time the
@@ -320,6 +321,7 @@ def test_scheduler_engages_when_validation_ce_rises(tmp_path, quick_compiles, ca
     assert max(r["src_sgo"] + r["src_replay"] for r in rows) > 0
 
 
+@pytest.mark.slow
 def test_init_phi_starts_the_scheduler_on_sgos(tmp_path, quick_compiles):
     """``offpolicy.init_phi`` (the official --init-threshold): with φ 1 from the start and a validation
     CE that never rises by loss_eps, every step trains on SGOs (fresh, then replayed) and φ stays."""

@@ -31,6 +31,7 @@ def test_parameter_shards_are_exact(fsdp):
     assert parts["total"] > parts["student params"] + parts["teacher params"] + parts["activations (est.)"]
 
 
+@pytest.mark.slow
 def test_a_plan_that_does_not_fit_is_refused_in_one_line():
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, "launch/plan.py", "--config", "configs/demo.py", "--devices", "1", "--memory_gib"]
@@ -45,6 +46,7 @@ def test_a_plan_that_does_not_fit_is_refused_in_one_line():
     assert ok.returncode == 0 and ok.stdout.strip().endswith("every stage fits"), ok.stderr
 
 
+@pytest.mark.slow
 def test_activation_estimate_matches_the_compiled_step():
     """The planner's activation figure against XLA's compiled scratch memory of the real train step."""
     import jax.numpy as jnp

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = [
@@ -35,6 +36,8 @@ COMMON = [
     "--config.start_if_empty=True",  # the first launch starts; a relaunch continues
 ]
 HOST_ONLY = ("tokens_per_s", "gen_s", "interval_s", "train_s", "kind")
+
+pytestmark = pytest.mark.slow  # end-to-end: the full suite (CI) runs them, -m 'not slow' skips
 
 
 def free_port() -> int:

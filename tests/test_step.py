@@ -76,6 +76,7 @@ def test_lm_term_mixes_cross_entropy_and_the_teachers_fkl():
     np.testing.assert_allclose(float(total), float(metrics["srkl"]) + 0.7 * float(metrics["lm"]), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_unsharded():
     cfg = LossConfig("jsd", 0.5, (("beta", 0.1),))
     plain, p0 = run(2, cfg)
@@ -99,6 +100,7 @@ def test_bad_loss_config():
         LossConfig("srkl", 1.0, (("beta", 0.1),))
 
 
+@pytest.mark.slow
 def test_chunked_step_equals_plain():
     cfg = LossConfig("srkl", 0.5, (("alpha", 0.1),))
     plain, p0 = run(2, cfg)

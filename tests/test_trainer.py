@@ -46,6 +46,7 @@ def demo(tmp_path_factory):
     return c, results, out.getvalue()
 
 
+@pytest.mark.slow
 def test_demo_tiny_runs_end_to_end_and_compares(demo):
     c, results, out = demo
     assert set(results) == {"teacher_sft", "student_sft", "student", "kd", "sft", "teacher", "test"}
@@ -70,6 +71,7 @@ def test_demo_tiny_runs_end_to_end_and_compares(demo):
     assert json.loads((run / "test.json").read_text()) == test
 
 
+@pytest.mark.slow
 def test_export_loads_in_transformers(demo):
     torch = pytest.importorskip("torch")
     from transformers import T5ForConditionalGeneration
@@ -100,6 +102,7 @@ def test_export_loads_in_transformers(demo):
     )
 
 
+@pytest.mark.slow
 def test_half_written_checkpoint_is_never_picked(tmp_path):
     c = alone(
         tmp_path,
@@ -131,6 +134,7 @@ def test_half_written_checkpoint_is_never_picked(tmp_path):
     assert steps == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_step_and_checkpoint(tmp_path):
     c = alone(
         tmp_path,
@@ -144,6 +148,7 @@ def test_nan_loss_stops_with_step_and_checkpoint(tmp_path):
         trainer.train(c)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_averages_micro_batches(tmp_path):
     def run(name, **kw):
         c = alone(
@@ -169,6 +174,7 @@ def test_grad_accumulation_averages_micro_batches(tmp_path):
     assert abs(accumulated - whole) < 0.02 * abs(start - whole)
 
 
+@pytest.mark.slow
 def test_seqkd_trains_on_the_teachers_cached_responses(tmp_path):
     c = alone(
         tmp_path,
@@ -186,6 +192,7 @@ def test_seqkd_trains_on_the_teachers_cached_responses(tmp_path):
     assert run.seqkd_rows() == [tuple(r) for r in rows]  # read back from the cache, not regenerated
 
 
+@pytest.mark.slow
 def test_lm_loss_on_plain_text(tmp_path):
     text = tmp_path / "owt.jsonl"
     text.write_text(
@@ -200,6 +207,7 @@ def test_lm_loss_on_plain_text(tmp_path):
     assert summary["steps"] == 2
 
 
+@pytest.mark.slow
 def test_overlap_mode_trains_like_paper_mode(tmp_path):
     """On-policy SGOs every step, sampled on the current params (paper mode) or up to two updates
     stale while training goes on (overlap mode): both finish and land on a comparable loss."""
