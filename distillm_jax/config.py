@@ -11,11 +11,10 @@ from pathlib import Path
 from ml_collections import ConfigDict
 
 from distillm_jax import defaults as default_values
-from distillm_jax import losses, offpolicy
+from distillm_jax import losses, methods, offpolicy
 from distillm_jax.data import sources, tasks
 from distillm_jax.models import hub
 
-METHODS = ("sft", "kd", "seqkd", *offpolicy.METHODS, "minillm", "distillm2")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 DTYPES = ("float32", "bfloat16")
 
@@ -66,8 +65,8 @@ def check(config: ConfigDict) -> None:
     """Raise ``ConfigError`` for the first problem found."""
     _compare(config, defaults())
     for method in (config.method, *config.compare):
-        if method not in METHODS:
-            raise ConfigError(f"method {method!r} is not one of {', '.join(METHODS)}")
+        if method not in methods.REGISTRY:
+            raise ConfigError(f"method {method!r} is not one of {', '.join(methods.REGISTRY)}")
     try:
         tasks.get(config.data.task, config.data.languages)
         for key in ("train_split", "valid_split", "test_split", "lm_split"):
@@ -101,7 +100,7 @@ def check(config: ConfigDict) -> None:
         if spec.dtype not in DTYPES or spec.param_dtype not in ("", *DTYPES):
             raise ConfigError(f"{role}.dtype / {role}.param_dtype must be one of {', '.join(DTYPES)}")
         if not spec.path and not spec.config:
-            if role == "teacher" and compared(config) == ["sft"]:
+            if role == "teacher" and not any(methods.get(m).teacher for m in compared(config)):
                 continue
             raise ConfigError(
                 f"{role}.path is empty: give a checkpoint directory or hub id (or {role}.config)"
@@ -192,22 +191,23 @@ def _check_methods(config: ConfigDict) -> None:
             "minillm: need gamma in (0, 1], reward_scale > 0 and reward_clip > 0, got "
             f"{m.gamma}, {m.reward_scale}, {m.reward_clip}"
         )
-    if method == "minillm" and (m.rollouts < 1 or m.rollouts % config.optim.batch_size):
+    entry = methods.get(method)
+    if entry.rows == "rollouts" and (m.rollouts < 1 or m.rollouts % config.optim.batch_size):
         raise ConfigError(
             f"minillm.rollouts ({m.rollouts}) must be a positive multiple of optim.batch_size "
             f"({config.optim.batch_size}): each round trains whole mini-batches"
         )
     if not 0.0 <= config.loss.lm_kd_ratio <= 1.0:
         raise ConfigError(f"loss.lm_kd_ratio must be in [0, 1], got {config.loss.lm_kd_ratio}")
-    if method == "sft" and config.loss.lm_coef > 0 and config.loss.lm_kd_ratio > 0:
-        raise ConfigError("loss.lm_kd_ratio > 0 needs a teacher; method sft has none (set it to 0)")
+    if not entry.teacher and config.loss.lm_coef > 0 and config.loss.lm_kd_ratio > 0:
+        raise ConfigError(f"loss.lm_kd_ratio > 0 needs a teacher; method {method} has none (set it to 0)")
     if not 0.0 <= config.distillm2.beta <= 2.0:
         raise ConfigError(f"distillm2.beta must be in [0, 2], got {config.distillm2.beta}")
     for group in ("seqkd", "distillm2"):
         g = config[group]
         if g.temperature < 0 or not 0 < g.top_p <= 1 or g.get("top_k", 0) < 0:
             raise ConfigError(f"{group}: need temperature >= 0, top_p in (0, 1] and top_k >= 0")
-    if method in ("minillm", "distillm2") and config.loss.chunk_size:
+    if not entry.chunked and config.loss.chunk_size:
         raise ConfigError(f"method {method} has no chunked loss; set loss.chunk_size=0")
     for role in ("teacher", "student"):
         lo = config[role].lora

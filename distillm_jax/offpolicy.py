@@ -28,7 +28,6 @@ import numpy as np
 from distillm_jax.distributed import local_rows
 
 Row = tuple[list[int], list[int]]  # (prompt token ids, response token ids ending with EOS when produced)
-METHODS = ("distillm", "imitkd", "gkd", "onpolicy")  # the trainer methods that use SGOs
 REPLAY_RATIOS = ("decreasing", "constant", "increasing")
 PHI_STEP = 0.1
 _SLACK = 1e-9  # ``0.3 >= 0.2 + 0.1`` holds as written, not as float rounding would have it
@@ -97,27 +96,35 @@ class Plan:
     store: bool = False
 
 
-def plan(
-    method: str,
-    scheduler: AdaptiveScheduler,
-    r: float,
-    step: int,
-    total: int,
-    buffer_full: bool,
-    gkd_lambda: float = 0.5,
-) -> Plan:
-    """The data strategy of ``method`` for a step with draw ``r`` (docs/method.md)."""
-    if method == "distillm":
-        source = scheduler.choose(r, step, total, buffer_full)
-        fresh = source == "sgo"
-        return Plan(source, generate=fresh, store=fresh)
-    if method == "imitkd":  # every step: fresh SGOs into the buffer, train on a buffer sample
-        return Plan("replay", generate=True, store=True)
-    if method == "gkd":
-        return Plan("sgo", generate=True) if r < gkd_lambda else Plan("data")
-    if method == "onpolicy":
-        return Plan("sgo", generate=True)
+Strategy = Callable[["AdaptiveScheduler", float, int, int, bool, float], Plan]
+"""A method's data strategy: (scheduler, draw r, step, total steps, buffer full, gkd λ) -> the step's
+``Plan``; ``methods.py`` says which method uses which."""
+
+
+def ground_truth(scheduler, r, step, total, buffer_full, gkd_lambda) -> Plan:
     return Plan("data")
+
+
+def adaptive(scheduler, r, step, total, buffer_full, gkd_lambda) -> Plan:
+    """DistiLLM: SGOs with probability φ, fresh or replayed as the scheduler's replay ratio says."""
+    source = scheduler.choose(r, step, total, buffer_full)
+    fresh = source == "sgo"
+    return Plan(source, generate=fresh, store=fresh)
+
+
+def replay_every_step(scheduler, r, step, total, buffer_full, gkd_lambda) -> Plan:
+    """ImitKD: every step fresh SGOs into the buffer, train on a buffer sample."""
+    return Plan("replay", generate=True, store=True)
+
+
+def fresh_with_lambda(scheduler, r, step, total, buffer_full, gkd_lambda) -> Plan:
+    """GKD: fresh SGOs with probability λ, else ground truth."""
+    return Plan("sgo", generate=True) if r < gkd_lambda else Plan("data")
+
+
+def fresh_every_step(scheduler, r, step, total, buffer_full, gkd_lambda) -> Plan:
+    """On-policy: fresh SGOs every step."""
+    return Plan("sgo", generate=True)
 
 
 class ReplayBuffer:
@@ -261,7 +268,7 @@ class Feeder:
 
     def __init__(
         self,
-        method: str,
+        strategy: Strategy,
         scheduler: AdaptiveScheduler,
         buffer: ReplayBuffer,
         worker: GenerationWorker | None,
@@ -273,7 +280,7 @@ class Feeder:
         lookahead: int = 0,
         gkd_lambda: float = 0.5,
     ):
-        self.method, self.scheduler, self.buffer, self.worker = method, scheduler, buffer, worker
+        self.strategy, self.scheduler, self.buffer, self.worker = strategy, scheduler, buffer, worker
         self.next_rows, self.seed, self.total = next_rows, seed, total
         self.micro_batches, self.lookahead, self.gkd_lambda = micro_batches, lookahead, gkd_lambda
         self.queue: collections.deque[dict] = collections.deque()  # decided steps, oldest first
@@ -282,9 +289,7 @@ class Feeder:
     def _decide(self, step: int, params) -> None:
         pending = sum(len(r) for q in self.queue if q["plan"].store for r in q["rows"])
         full = self.buffer.full_after(pending)
-        p = plan(
-            self.method, self.scheduler, uniform(self.seed, step), step, self.total, full, self.gkd_lambda
-        )
+        p = self.strategy(self.scheduler, uniform(self.seed, step), step, self.total, full, self.gkd_lambda)
         rows = [self.next_rows() for _ in range(self.micro_batches)]
         t = time.perf_counter()
         if p.generate:

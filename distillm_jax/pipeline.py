@@ -24,7 +24,7 @@ import jax
 from ml_collections import ConfigDict
 
 from distillm_jax import config as cfglib
-from distillm_jax import planner, preflight, reporting, trainer
+from distillm_jax import methods, planner, preflight, reporting, trainer
 from distillm_jax.trainer import override
 
 ROLES = ("teacher", "student")
@@ -128,7 +128,7 @@ def _run_stage(stage: Stage, index: int, count: int) -> dict:
         with open(os.path.join(c.run_dir, "summary.json")) as f:
             return json.load(f)
     if lead:
-        what = "SFT" if c.method == "sft" else c.method
+        what = c.method if methods.get(c.method).teacher else "SFT"
         print(f"stage {index}/{count} {stage.name}: {what} -> {c.run_dir}")
     # The run folder's config was checked (run_config.json): a stage continues what it finds, or starts.
     staged = override(c, resume=True, start_if_empty=True)
@@ -184,7 +184,7 @@ def _differences(a, b, prefix: str = "") -> str:
 
 
 def _warn_untuned_teacher(c: ConfigDict) -> None:
-    if c.method == "sft" or c.teacher.tuned or trains_first(c.teacher) or jax.process_index():
+    if not methods.get(c.method).teacher or c.teacher.tuned or trains_first(c.teacher) or jax.process_index():
         return
     print(
         f"warning: the teacher ({c.teacher.path or 'a new model'}) was not fine-tuned on {c.data.task}: the "
@@ -261,7 +261,9 @@ def test(config: ConfigDict, distilled: ConfigDict, index: int, results: dict | 
 def _test_models(config: ConfigDict, distilled: ConfigDict) -> list[tuple[str, str, str]]:
     """(name, spec role, checkpoint) of every model the test stage scores."""
     arms = cfglib.compared(config)
-    out = [("teacher", "teacher", distilled.teacher.path)] if arms != ["sft"] else []
+    out = (
+        [("teacher", "teacher", distilled.teacher.path)] if any(methods.get(m).teacher for m in arms) else []
+    )
     out.append(("student init", "student", distilled.student.path))
     out.append((f"student {distilled.method}", "student", os.path.join(config.run_dir, "best")))
     out += [(f"student {m}", "student", os.path.join(config.run_dir, m, "best")) for m in arms[1:]]
@@ -290,7 +292,8 @@ def fed_by(summary: dict) -> tuple[str, str]:
     src = summary.get("sources")
     if not src:
         return "", ""
-    phi = summary.get("phi") if summary.get("method") == "distillm" else None  # the adaptive scheduler's
+    adaptive = methods.get(summary.get("method", "sft")).adaptive
+    phi = summary.get("phi") if adaptive else None  # the adaptive scheduler's
     return f"{src['data']} / {src['sgo']} / {src['replay']}", "" if phi is None else f"{phi:g}"
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
-from distillm_jax import lora, models, offpolicy
+from distillm_jax import lora, methods, models
 from distillm_jax import sharding as shd
 from distillm_jax.models import hub
 
@@ -119,8 +119,8 @@ def plan(config: ConfigDict, devices: int) -> dict[str, float]:
         out["LoRA adapters"] = trained = lora_bytes(student, c.student.lora, s_dtype)
     out["gradients"] = trained
     out["AdamW state"] = 2 * trained * (1.5 if o.grad_accum > 1 else 1)
-    teacher = None
-    if c.method != "sft":
+    teacher, method = None, methods.get(c.method)
+    if method.teacher:
         teacher = hf_config(c.teacher)
         out["teacher params"] = shard_bytes(teacher, c.teacher.param_dtype or c.teacher.dtype, mesh)
 
@@ -138,14 +138,19 @@ def plan(config: ConfigDict, devices: int) -> dict[str, float]:
     logits = 4 * rows * (c.loss.chunk_size or t) * d["vocab"] * 4 / tensor
     out["activations (est.)"] = ACTIVATION_SCALE * (acts + logits)
 
-    generates = c.eval.generate or c.method in ("seqkd", *offpolicy.METHODS)
+    # The largest sampler the run holds: evaluation samples the student; the method's own samplers
+    # (methods.Method.samplers) may hold several models' KV caches at once (MiniLLM's mixture).
+    samplers = [*((("student",),) if c.eval.generate else ()), *method.samplers]
+    dims = {"student": d, "teacher": _dims(teacher) if teacher is not None else d}
     gen = 0.0
-    if generates:
+    if samplers:
         gen_rows = math.ceil(max(c.eval.batch_size, o.batch_size // o.grad_accum) / data)
-        model = _dims(teacher) if c.method == "seqkd" and teacher is not None else d
-        # keys and values of every position: prompt + response (T5: the cross-attention's are the prompt's)
-        gen = 2 * model["layers"] * gen_rows * total_len * model["kv"] * el / tensor
-        gen += 2 * gen_rows * model["vocab"] * 4  # a step's logits
+
+        def cache(model: dict) -> float:  # K and V of every position (T5: cross-attention's are the prompt's)
+            kv = 2 * model["layers"] * gen_rows * total_len * model["kv"] * el / tensor
+            return kv + 2 * gen_rows * model["vocab"] * 4  # and a step's logits
+
+        gen = max(sum(cache(dims[name]) for name in held) for held in samplers)
     out["generation KV cache (est.)"] = gen
     states = sum(v for k, v in out.items() if "est." not in k)
     out["total"] = states + max(out["activations (est.)"], gen)

@@ -10,7 +10,7 @@ import os
 import jax
 from ml_collections import ConfigDict
 
-from distillm_jax import sharding
+from distillm_jax import methods, sharding
 from distillm_jax.config import ConfigError
 
 RUN_FILES = ("checkpoints", "summary.json", "metrics.jsonl", "best", "final")  # what a run writes
@@ -77,7 +77,7 @@ def tokenizers(c: ConfigDict) -> None:
 
     try:
         tokenizer = toklib.load(c.tokenizer, c.student.path)
-        if c.method != "sft":
+        if methods.get(c.method).teacher:
             toklib.check_same(tokenizer, c.teacher.path)
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -35,6 +35,7 @@ from distillm_jax import (
     evaluation,
     generate,
     lora,
+    methods,
     minillm,
     models,
     offpolicy,
@@ -84,7 +85,7 @@ class Run:
         self.lengths = batching.Lengths(c.data.max_prompt_length, c.data.max_length)
         try:
             self.tokenizer = toklib.load(c.tokenizer, c.student.path)
-            if c.method != "sft":
+            if methods.get(c.method).teacher:
                 toklib.check_same(self.tokenizer, c.teacher.path)
         except ValueError as e:
             raise cfglib.ConfigError(str(e)) from None
@@ -116,7 +117,7 @@ class Run:
         self.valid_rows, self.valid_refs = self._tokenized(d.valid_split, raw_valid)
         if evaluate_only:
             return
-        if c.method != "sft":
+        if methods.get(c.method).teacher:
             self.teacher = build_model(c.teacher, self.mesh, trainable=False)
             self._check_vocab(self.teacher, "teacher")
             if hasattr(self.teacher, "encode") != self.enc_dec:
@@ -342,14 +343,15 @@ class Run:
 
 
 def _loss_config(c: ConfigDict) -> step.LossConfig:
+    method = methods.get(c.method)
     return step.LossConfig(
         divergence=c.loss.name,
-        kd_ratio=0.0 if c.method == "sft" else float(c.loss.kd_ratio),
+        kd_ratio=float(c.loss.kd_ratio) if method.teacher else 0.0,
         params=tuple(cfglib.loss_params(c).items()),
         lm_coef=float(c.loss.lm_coef),
         lm_kd_ratio=float(c.loss.lm_kd_ratio),
         chunk_size=int(c.loss.chunk_size),
-        objective=c.method if c.method in ("minillm", "distillm2") else "distill",
+        objective=method.objective,
         distillm2_beta=float(c.distillm2.beta),
         minillm=minillm.Settings(
             **{f.name: float(c.minillm[f.name]) for f in dataclasses.fields(minillm.Settings)}
@@ -419,8 +421,8 @@ def _feeder(r: Run, c: ConfigDict, total: int, next_rows: Callable, model_of: Ca
     """Where each step's rows come from: ground truth for sft / kd / seqkd; for the SGO methods the
     student's own samples as well, through a generation worker (docs/method.md)."""
     o = c.offpolicy
-    worker = None
-    if c.method in offpolicy.METHODS:
+    worker, method = None, methods.get(c.method)
+    if method.sgo:
         new = o.max_new_tokens or r.lengths.max_response
 
         def sample(params, prompts, key):
@@ -428,7 +430,7 @@ def _feeder(r: Run, c: ConfigDict, total: int, next_rows: Callable, model_of: Ca
 
         worker = offpolicy.GenerationWorker(sample, threaded=o.overlap)
     return offpolicy.Feeder(
-        c.method,
+        method.strategy or offpolicy.ground_truth,
         offpolicy.AdaptiveScheduler(o.loss_eps, o.replay_ratio, phi=o.init_phi),
         offpolicy.ReplayBuffer(max(o.capacity // r.num_shards, 1), r.shards),
         worker,
@@ -501,14 +503,15 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
     c = config
     lead = jax.process_index() == 0
     loss_cfg = _loss_config(c)
-    if c.method == "seqkd":
+    method = methods.get(c.method)
+    if method.rows == "seqkd":
         rows = r.seqkd_rows()
-    elif c.method == "distillm2":
+    elif method.rows == "distillm2":
         rows = r.distillm2_rows()  # (prompt, teacher response, student response)
     else:
         rows = r.train_rows
     updates_per_epoch = len(rows) // c.optim.batch_size
-    if c.method == "minillm":  # an epoch of prompts: every rollout trains ppo_epochs steps' worth
+    if method.rows == "rollouts":  # an epoch of prompts: every rollout trains ppo_epochs steps' worth
         updates_per_epoch *= c.minillm.ppo_epochs
     total = c.optim.epochs * updates_per_epoch if c.optim.epochs else c.optim.steps
     eval_every = c.eval.interval or updates_per_epoch
@@ -530,9 +533,9 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
 
     batches = iter(order)
     feeder = _feeder(r, c, total, lambda: [rows[i] for i in next(batches)], model_of)
-    sgo = c.method in offpolicy.METHODS
+    sgo = method.sgo
     rollouts = None
-    if c.method == "minillm":
+    if method.rows == "rollouts":
         rollouts = _rollouts(r, c, lambda: [rows[i] for i in next(batches)], model_of, teacher_state)
     lo = c.student.lora
     dropout_key = jax.random.key(c.seed + 0xD0) if lo.rank and lo.dropout else None
@@ -608,7 +611,7 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
 
     def after_eval(at: int, metrics: dict) -> None:
         extra = {"train_s": host["train_seconds"]}
-        if c.method == "distillm":  # the adaptive scheduler reads every evaluation's validation CE
+        if method.adaptive:  # the adaptive scheduler reads every evaluation's validation CE
             before = feeder.scheduler.phi
             feeder.scheduler.update(metrics["val_ce"])
             if feeder.scheduler.phi != before:
@@ -693,8 +696,7 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
                 if sgo:
                     lengths = [x for h in hosts for x in h["sgo_len"]]
                     hosts_share = r.num_shards / len(r.shards)
-                    adaptive = c.method == "distillm"
-                    mean.update(_host_metrics(infos, time.time() - t0, lengths, hosts_share, adaptive))
+                    mean.update(_host_metrics(infos, time.time() - t0, lengths, hosts_share, method.adaptive))
                 reporter.log(at, "train", mean)
                 pending, infos, tokens, t0 = [], [], 0, time.time()
             if due_eval or due_save or stopping:  # training wall-clock, evaluation and saving left out
@@ -757,7 +759,7 @@ def scheduler_line(s: dict) -> str:
     src = s["sources"]
     hidden = s["gen_total_seconds"] - s["gen_seconds"]
     phi = ""
-    if s["method"] == "distillm":  # the adaptive scheduler's path
+    if methods.get(s["method"]).adaptive:  # the adaptive scheduler's path
         path = " → ".join(["0"] + [f"{phi:g} at step {at}" for at, phi in s["phi_path"]])
         phi = f"φ {path} (final {s['phi']:g}); "
     return (

@@ -2,6 +2,7 @@
 its own samples and resumes inside a rollout round, DistiLLM-2 trains on cached teacher and student
 responses. (The LoRA student: tests/test_configs.py, the OpenLLaMA config.)"""
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -13,7 +14,7 @@ import pytest
 from flax import nnx
 
 from distillm_jax import config as cfglib
-from distillm_jax import offpolicy, pipeline, reporting, step, trainer
+from distillm_jax import methods, offpolicy, pipeline, planner, reporting, step, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -119,3 +120,28 @@ def test_seqkd_and_distillm2_sample_with_their_own_settings_and_no_ngram_ban(tmp
     calls.clear()
     r.metric(r.student, seed=1, final=True)  # the test stage: the paper's protocol, with the ban
     assert set(calls) == {(c.eval.temperature, c.eval.top_k, c.eval.top_p, 6)}
+
+
+def test_a_new_method_is_one_registry_entry(tmp_path, monkeypatch):
+    """A data strategy the package does not have (fresh SGOs on even steps, ground truth on odd ones)
+    added as one entry of ``methods.REGISTRY``: the config accepts it, the trainer feeds it, the memory
+    planner counts its sampler. Nothing else names it."""
+
+    def even_steps(scheduler, r, step, total, buffer_full, gkd_lambda):
+        return offpolicy.Plan("sgo", generate=True) if step % 2 == 0 else offpolicy.Plan("data")
+
+    c = tiny(tmp_path, method="alternate", optim__steps=4)
+    c.eval.generate, c.eval.interval = False, 4
+    with pytest.raises(cfglib.ConfigError, match="method 'alternate' is not one of"):
+        cfglib.check(c)
+    entry = methods.Method(
+        "alternate", "fresh SGOs on even steps", strategy=even_steps, samplers=(("student",),)
+    )
+    monkeypatch.setitem(methods.REGISTRY, "alternate", entry)
+    cfglib.check(c)
+    summary = trainer.train(c)
+    assert summary["sources"] == {"data": 2, "sgo": 2, "replay": 0}
+    with_sampler = planner.plan(c, jax.device_count())
+    monkeypatch.setitem(methods.REGISTRY, "alternate", dataclasses.replace(entry, samplers=()))
+    without = planner.plan(c, jax.device_count())
+    assert without["generation KV cache (est.)"] < with_sampler["generation KV cache (est.)"]

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from distillm_jax import offpolicy
+from distillm_jax import methods, offpolicy
 from distillm_jax.data import batching
 
 
@@ -66,7 +66,8 @@ def test_each_source_comes_with_its_probability():
     s = offpolicy.AdaptiveScheduler(phi=0.6)
 
     def shares(method, full):
-        got = [offpolicy.plan(method, s, r, step, total, full, gkd_lambda=0.3).source for r in draws]
+        plan = methods.get(method).strategy  # the registry's entry says which strategy a method uses
+        got = [plan(s, r, step, total, full, 0.3).source for r in draws]
         return {k: got.count(k) / n for k in ("sgo", "replay", "data")}
 
     tol = 4 * np.sqrt(0.25 / n)
@@ -79,10 +80,11 @@ def test_each_source_comes_with_its_probability():
     gkd = shares("gkd", True)
     assert abs(gkd["sgo"] - 0.3) < tol and gkd["replay"] == 0
     assert shares("onpolicy", True)["sgo"] == 1.0 and shares("imitkd", True)["replay"] == 1.0
-    assert offpolicy.plan("imitkd", s, 0.5, 0, 1, False) == offpolicy.Plan(
+    assert methods.get("imitkd").strategy(s, 0.5, 0, 1, False, 0.5) == offpolicy.Plan(
         "replay", generate=True, store=True
     )
-    assert offpolicy.plan("kd", s, 0.0, 0, 1, False) == offpolicy.Plan("data")
+    assert methods.get("kd").strategy is None  # ground truth only: the feeder's default
+    assert offpolicy.ground_truth(s, 0.0, 0, 1, False, 0.5) == offpolicy.Plan("data")
 
 
 def test_buffer_is_fifo_bounded_and_samples_distinct_rows():
@@ -165,7 +167,14 @@ def make_feeder(method, sampler, *, lookahead=0, threaded=False, phi=0.0, capaci
     scheduler = offpolicy.AdaptiveScheduler(phi=phi, replay_ratio=ratio)
     buffer = offpolicy.ReplayBuffer(capacity)
     feeder = offpolicy.Feeder(
-        method, scheduler, buffer, worker, next_rows, seed=3, total=50, lookahead=lookahead
+        methods.get(method).strategy,
+        scheduler,
+        buffer,
+        worker,
+        next_rows,
+        seed=3,
+        total=50,
+        lookahead=lookahead,
     )
     return feeder, worker
 
