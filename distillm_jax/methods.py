@@ -14,9 +14,8 @@ from distillm_jax import offpolicy
 class Method:
     name: str
     summary: str
-    objective: str = (
-        "distill"  # what scores a training batch (step.OBJECTIVES): distill | minillm | distillm2
-    )
+    # What scores a training batch (a loss of step.LOSSES): distill | minillm | distillm2.
+    objective: str = "distill"
     teacher: bool = True  # its loss runs the teacher (SFT's does not: CE only)
     # Its rows: "data" (ground truth, or SGOs by ``strategy``), "seqkd" (the teacher's responses, sampled
     # once and cached), "distillm2" (both models' responses, cached), "rollouts" (MiniLLM's rounds).

@@ -23,8 +23,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from distillm_jax import lora, losses, minillm
 from distillm_jax.models import layers
 
-OBJECTIVES = ("distill", "distillm2", "minillm")
-
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
@@ -34,18 +32,18 @@ class LossConfig:
     lm_coef: float = 0.0  # weight of the LM loss on batch["lm"]
     lm_kd_ratio: float = 0.0  # the LM loss: (1 − lm_kd_ratio)·CE + lm_kd_ratio·FKL(teacher ‖ student)
     chunk_size: int = 0  # > 0: the chunked large-vocabulary form, this many positions per chunk
-    # What a training batch is scored by: "distill" (CE and the divergence), "distillm2" (the contrastive
-    # loss on batch = teacher outputs and batch["sgo"] = student outputs, ``alpha`` from params) or
-    # "minillm" (policy gradient on a rollout batch carrying "old_logp" and "teacher_logp"). Evaluation
-    # batches (ground truth) are always scored by CE and the divergence.
+    # What a training batch is scored by (``LOSSES``; a method's ``objective``): "distill" (CE and the
+    # divergence), "distillm2" (the contrastive loss on batch = teacher outputs and batch["sgo"] = student
+    # outputs, ``alpha`` from params) or "minillm" (policy gradient on a rollout batch carrying "old_logp"
+    # and "teacher_logp"). The eval step scores ground truth by CE and the divergence whatever it is.
     objective: str = "distill"
     distillm2_beta: float = 1.0  # (2 − β)·SKL + β·SRKL
     minillm: minillm.Settings = dataclasses.field(default_factory=minillm.Settings)  # its knobs
 
     def __post_init__(self):
         losses.validate(self.divergence, **dict(self.params))
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective not in LOSSES:
+            raise ValueError(f"objective must be one of {', '.join(LOSSES)}, got {self.objective!r}")
         if self.objective != "distill" and self.chunk_size:
             raise ValueError(f"the {self.objective} objective has no chunked form; set chunk_size to 0")
         if not (0.0 <= self.kd_ratio <= 1.0 and 0.0 <= self.lm_kd_ratio <= 1.0):
@@ -119,14 +117,8 @@ def distill_loss(
 ) -> tuple[jax.Array, dict]:
     """The step's loss and its parts. With ``kd_ratio == 0`` the teacher is not run at all; with
     ``kd_ratio == 1`` CE is only reported (no gradient flows through it). The student's logits are
-    computed once for both CE and the divergence. A DistiLLM-2 batch (with ``"sgo"``) or a MiniLLM
-    rollout batch (with ``"old_logp"``) is scored by its objective instead (``cfg.objective``)."""
-    if cfg.objective == "distillm2" and "sgo" in batch:
-        loss, metrics = _distillm2_loss(student, teacher, batch, cfg)
-    elif cfg.objective == "minillm" and "old_logp" in batch:
-        loss, metrics = _minillm_loss(student, teacher, batch, cfg)
-    else:
-        loss, metrics = _distill_loss(student, teacher, batch, cfg)
+    computed once for both CE and the divergence. ``cfg.objective`` picks the loss (``LOSSES``)."""
+    loss, metrics = LOSSES[cfg.objective](student, teacher, batch, cfg)
     if cfg.lm_coef > 0.0:  # on pre-training text: CE, or MiniLLM's mix of CE and the teacher's FKL
         lm_cfg = dataclasses.replace(cfg, divergence="fkl", params=(), kd_ratio=cfg.lm_kd_ratio)
         lm, _ = _distill_loss(student, teacher, batch["lm"], lm_cfg)
@@ -164,6 +156,10 @@ def _distill_loss(
         metrics[cfg.divergence] = d
         loss = d if ce_only_reported else (1.0 - cfg.kd_ratio) * ce + cfg.kd_ratio * d
     return loss, metrics
+
+
+LOSSES = {"distill": _distill_loss, "distillm2": _distillm2_loss, "minillm": _minillm_loss}
+"""Each objective's loss ``(student, teacher, batch, cfg) -> (loss, metrics)``; a method names its own."""
 
 
 def make_optimizer(
@@ -293,7 +289,7 @@ def make_eval_step(student: nnx.Module, teacher: nnx.Module | None, cfg: LossCon
     token-level mean (sum of sums / sum of tokens)."""
     s_graph, _, frozen = split_student(student)
     t_graph = None if teacher is None else nnx.graphdef(teacher)
-    cfg = dataclasses.replace(cfg, lm_coef=0.0)
+    cfg = dataclasses.replace(cfg, lm_coef=0.0, objective="distill")  # ground truth, CE and the divergence
 
     @jax.jit
     def step(params, frozen, teacher_state, batch):
