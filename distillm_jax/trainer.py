@@ -42,6 +42,7 @@ from distillm_jax import (
     planner,
     preflight,
     reporting,
+    runstate,
     sharding,
     step,
 )
@@ -542,37 +543,24 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
     peft = bool(c.student.lora.peft)
 
     ckpt = Checkpoints(os.path.join(c.run_dir, "checkpoints"), keep=c.checkpoint.keep)
-    host = {
-        "step": 0,
-        "order": [0, 0],
-        "lm_order": [0, 0],
-        "best": None,
-        "best_step": None,
-        "initial": None,
-        "train_seconds": 0.0,
-        "gen_seconds": 0.0,  # the loop blocked on generation
-        "gen_total_seconds": 0.0,  # the sampler's own time (overlap mode: the rest ran behind training)
-        "phi_path": [],  # [step, φ] at each evaluation that changed φ
-        "sources": {"data": 0, "sgo": 0, "replay": 0},
-        "feeder": None,
-    }
+    run_state = runstate.RunState()
     latest = ckpt.latest_step() if c.resume else None  # preflight.run_dir: none there unless resume
     if latest is not None:
         params, opt_state, saved = ckpt.restore(latest, params, opt_state)
-        host.update(saved)  # a checkpoint from before a key existed keeps its default
         try:
-            if host["feeder"] is not None:
-                feeder.load(host["feeder"])
-            if rollouts is not None and host.get("rollout") is not None:
-                rollouts.load(host["rollout"])
+            run_state = runstate.RunState.from_json(saved)
+            if run_state.feeder is not None:
+                feeder.load(run_state.feeder)
+            if rollouts is not None and run_state.rollout is not None:
+                rollouts.load(run_state.rollout)
         except ValueError as e:
             ckpt.close()
             raise cfglib.ConfigError(f"cannot resume {c.run_dir}: {e}") from None
         if lead:
-            print(f"resumed {c.run_dir} at step {host['step']} of {total}")
-    order.position = tuple(host["order"])
+            print(f"resumed {c.run_dir} at step {run_state.step} of {total}")
+    order.position = tuple(run_state.order)
     if lm_order is not None:
-        lm_order.position = tuple(host["lm_order"])
+        lm_order.position = tuple(run_state.lm_order)
     higher_better = c.eval.generate
     key_metric = r.task.metric if c.eval.generate else "val_ce"
 
@@ -587,7 +575,7 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
         return metrics
 
     reporter = reporting.Reporter(
-        c.run_dir, total, host["step"], desc=stage or os.path.basename(c.run_dir) or "train"
+        c.run_dir, total, run_state.step, desc=stage or os.path.basename(c.run_dir) or "train"
     )
     stop = {"signal": None}  # SIGTERM (a preemption notice) or Ctrl-C on any host: save and stop, together
 
@@ -602,35 +590,36 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
 
     def save(at: int) -> None:
         feeders = distributed.gather_objects(feeder.state())  # each host's buffer shards
-        host.update(step=at, order=list(order.position), feeder=offpolicy.merge_states(feeders))
+        run_state.step, run_state.order = at, list(order.position)
+        run_state.feeder = offpolicy.merge_states(feeders)
         if rollouts is not None:
-            host["rollout"] = minillm.merge_states(distributed.gather_objects(rollouts.state()))
+            run_state.rollout = minillm.merge_states(distributed.gather_objects(rollouts.state()))
         if lm_order is not None:
-            host["lm_order"] = list(lm_order.position)
-        ckpt.save(at, params, opt_state, dict(host))
+            run_state.lm_order = list(lm_order.position)
+        ckpt.save(at, params, opt_state, run_state.to_json())
 
     def after_eval(at: int, metrics: dict) -> None:
-        extra = {"train_s": host["train_seconds"]}
+        extra = {"train_s": run_state.train_seconds}
         if method.adaptive:  # the adaptive scheduler reads every evaluation's validation CE
             before = feeder.scheduler.phi
             feeder.scheduler.update(metrics["val_ce"])
             if feeder.scheduler.phi != before:
-                host["phi_path"] = [*host["phi_path"], [at, feeder.scheduler.phi]]
+                run_state.phi_path = [*run_state.phi_path, [at, feeder.scheduler.phi]]
             extra["phi"] = feeder.scheduler.phi
         reporter.log(at, "eval", {**metrics, **extra})
-        host["last_eval"] = metrics
+        run_state.last_eval = metrics
         value = metrics[key_metric]
-        best = host["best"]
+        best = run_state.best
         if best is None or (value > best if higher_better else value < best):
-            host.update(best=value, best_step=at)
+            run_state.best, run_state.best_step = value, at
             _export(model_of(params), r.tokenizer, os.path.join(c.run_dir, "best"), peft=peft)
 
     start, stopping = time.time(), False
     try:
-        if host["initial"] is None:
-            host["initial"] = evaluate(params, 0)
-            after_eval(0, host["initial"])
-        at = host["step"]
+        if run_state.initial is None:
+            run_state.initial = evaluate(params, 0)
+            after_eval(0, run_state.initial)
+        at = run_state.step
         pending, infos, tokens, t0 = [], [], 0, time.time()
         clock = time.perf_counter()
         lm_batches = iter(lm_order) if lm_order is not None else None
@@ -641,9 +630,9 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
             else:
                 micro_rows, info = feeder.rows_for(at, params)
             infos.append(info)
-            host["sources"][info["source"]] += 1
-            host["gen_seconds"] += info["gen_s"]
-            host["gen_total_seconds"] += info.get("gen_total_s", info["gen_s"])
+            run_state.sources[info["source"]] += 1
+            run_state.gen_seconds += info["gen_s"]
+            run_state.gen_total_seconds += info.get("gen_total_s", info["gen_s"])
             for micro, mrows in enumerate(micro_rows):
                 b = r.training_batch(mrows)
                 if rollouts is not None:
@@ -701,7 +690,7 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
                 pending, infos, tokens, t0 = [], [], 0, time.time()
             if due_eval or due_save or stopping:  # training wall-clock, evaluation and saving left out
                 jax.block_until_ready(params)
-                host["train_seconds"] += time.perf_counter() - clock
+                run_state.train_seconds += time.perf_counter() - clock
                 if due_eval:
                     after_eval(at, evaluate(params, at))
                 if due_save or stopping:
@@ -722,27 +711,27 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
     if stopping:
         return {"stopped_at": at}
     _export(model_of(params), r.tokenizer, os.path.join(c.run_dir, "final"), peft=peft)
-    final = host["last_eval"]
+    final = run_state.last_eval
     summary = {
         "run_dir": c.run_dir,
         "method": c.method,
         "loss": loss_cfg.divergence if loss_cfg.kd_ratio else "ce",
         "steps": total,
         "metric": key_metric,
-        "initial": host["initial"],
+        "initial": run_state.initial,
         "final": final,
-        "best": host["best"],
-        "best_step": host["best_step"],
+        "best": run_state.best,
+        "best_step": run_state.best_step,
         "seconds": time.time() - start,
-        "train_seconds": host["train_seconds"],
-        "gen_seconds": host["gen_seconds"],
-        "sources": host["sources"],
+        "train_seconds": run_state.train_seconds,
+        "gen_seconds": run_state.gen_seconds,
+        "sources": run_state.sources,
     }
     if sgo:
         summary["phi"] = feeder.scheduler.phi
-        summary["phi_path"] = host["phi_path"]
+        summary["phi_path"] = run_state.phi_path
         summary["buffer"] = [len(feeder.buffer) * r.num_shards // len(r.shards), c.offpolicy.capacity]
-        summary["gen_total_seconds"] = host["gen_total_seconds"]
+        summary["gen_total_seconds"] = run_state.gen_total_seconds
     if lead:
         with open(os.path.join(c.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

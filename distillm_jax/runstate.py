@@ -1,0 +1,45 @@
+"""What a checkpoint holds beside the device arrays (docs/architecture.md §8): the step, the data order,
+the evaluations so far, the clocks, the batch sources, the SGO feeder's and MiniLLM's host state. A
+versioned dataclass saved as JSON, so a reader sees every field in one place and a checkpoint written
+by a later, incompatible version is refused in one line instead of misread."""
+
+from __future__ import annotations
+
+import dataclasses
+
+VERSION = 1  # 0: the dicts written before this class (the same keys, no version)
+
+
+@dataclasses.dataclass
+class RunState:
+    version: int = VERSION
+    step: int = 0  # optimizer updates done
+    order: list = dataclasses.field(default_factory=lambda: [0, 0])  # BatchOrder.position (epoch, batch)
+    lm_order: list = dataclasses.field(default_factory=lambda: [0, 0])  # the LM text's
+    best: float | None = None  # the best evaluation's key metric, and its step (best/ holds that model)
+    best_step: int | None = None
+    initial: dict | None = None  # the evaluation at step 0
+    last_eval: dict | None = None
+    train_seconds: float = 0.0  # training wall-clock (evaluation and checkpoints left out)
+    gen_seconds: float = 0.0  # the loop blocked on generation
+    gen_total_seconds: float = 0.0  # the sampler's own time (overlap mode: the rest ran behind training)
+    phi_path: list = dataclasses.field(default_factory=list)  # [step, φ] at each evaluation that changed φ
+    sources: dict = dataclasses.field(default_factory=lambda: {"data": 0, "sgo": 0, "replay": 0})
+    feeder: dict | None = None  # offpolicy.Feeder.state(), every host's merged
+    rollout: dict | None = None  # minillm.Rollouts.state(), every host's merged
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, saved: dict) -> RunState:
+        """The state a checkpoint saved; a field it lacks keeps its default (checkpoints of version 0
+        included). Raises ``ValueError`` for a version this code cannot read."""
+        version = int(saved.get("version", 0))
+        if version > VERSION:
+            raise ValueError(
+                f"its run state is version {version} and this distillm_jax reads up to {VERSION}; "
+                "continue it with the version that wrote it"
+            )
+        known = {f.name for f in dataclasses.fields(cls)} - {"version"}
+        return cls(**{k: v for k, v in saved.items() if k in known})
