@@ -10,6 +10,8 @@ XL on Dolly) is marked ``teacher.tuned`` and used as it is.
 
 from ml_collections import ConfigDict
 
+from distillm_jax import methods
+
 # Every method of the paper's tables as (data strategy = trainer method, divergence, its
 # parameters). ``onpolicy`` (fresh SGOs every step) keeps DistiLLM's loss to isolate the data strategy.
 METHODS = {
@@ -39,7 +41,7 @@ def method(c: ConfigDict, name: str) -> ConfigDict:
     for key, value in params.items():
         c.loss[key] = value
     c.run_dir = c.run_dir if name == "distillm" else f"{c.run_dir}_{name}"
-    if name in ("minillm", "distillm2"):  # their losses have no chunked form
+    if not methods.get(name).chunked:  # MiniLLM's and DistiLLM-2's losses have no chunked form
         c.loss.chunk_size = 0
     if name == "minillm":
         minillm(c)

@@ -101,28 +101,38 @@ Strategy = Callable[["AdaptiveScheduler", float, int, int, bool, float], Plan]
 ``Plan``; ``methods.py`` says which method uses which."""
 
 
-def ground_truth(scheduler, r, step, total, buffer_full, gkd_lambda) -> Plan:
+def ground_truth(
+    scheduler: AdaptiveScheduler, r: float, step: int, total: int, buffer_full: bool, gkd_lambda: float
+) -> Plan:
     return Plan("data")
 
 
-def adaptive(scheduler, r, step, total, buffer_full, gkd_lambda) -> Plan:
+def adaptive(
+    scheduler: AdaptiveScheduler, r: float, step: int, total: int, buffer_full: bool, gkd_lambda: float
+) -> Plan:
     """DistiLLM: SGOs with probability φ, fresh or replayed as the scheduler's replay ratio says."""
     source = scheduler.choose(r, step, total, buffer_full)
     fresh = source == "sgo"
     return Plan(source, generate=fresh, store=fresh)
 
 
-def replay_every_step(scheduler, r, step, total, buffer_full, gkd_lambda) -> Plan:
+def replay_every_step(
+    scheduler: AdaptiveScheduler, r: float, step: int, total: int, buffer_full: bool, gkd_lambda: float
+) -> Plan:
     """ImitKD: every step fresh SGOs into the buffer, train on a buffer sample."""
     return Plan("replay", generate=True, store=True)
 
 
-def fresh_with_lambda(scheduler, r, step, total, buffer_full, gkd_lambda) -> Plan:
+def fresh_with_lambda(
+    scheduler: AdaptiveScheduler, r: float, step: int, total: int, buffer_full: bool, gkd_lambda: float
+) -> Plan:
     """GKD: fresh SGOs with probability λ, else ground truth."""
     return Plan("sgo", generate=True) if r < gkd_lambda else Plan("data")
 
 
-def fresh_every_step(scheduler, r, step, total, buffer_full, gkd_lambda) -> Plan:
+def fresh_every_step(
+    scheduler: AdaptiveScheduler, r: float, step: int, total: int, buffer_full: bool, gkd_lambda: float
+) -> Plan:
     """On-policy: fresh SGOs every step."""
     return Plan("sgo", generate=True)
 
