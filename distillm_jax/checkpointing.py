@@ -72,6 +72,11 @@ class Checkpoints:
     def path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
+    def describe_latest(self) -> str:
+        """The latest checkpoint for a message: its path and step, or "none yet"."""
+        last = self.latest_step()
+        return f"{self.path(last)} (step {last})" if last is not None else "none yet"
+
     def close(self) -> None:
         """Wait for writes in flight, then release the manager."""
         self.manager.wait_until_finished()

@@ -176,7 +176,7 @@ class Rollouts:
                     pools[s].append((list(rows[j][0]), list(rows[j][1]), old[j], teacher[j]))
             lengths += [len(r) for _, r in rows]
         self.round, self.pools = k, pools
-        return {"gen_s": time.perf_counter() - t, "sgo_len": float(np.mean(lengths))}
+        return {"gen_s": time.perf_counter() - t, "sgo_len": [float(np.mean(lengths))]}
 
     def for_step(self, step: int, params) -> tuple[list[tuple[list, tuple]], dict]:
         """The ``accum`` micro-batches step ``step`` trains on, each ``(rows, (old_logp, teacher_logp))``,

@@ -21,6 +21,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import jax
 import numpy as np
@@ -210,53 +211,84 @@ def cut_at_eos(tokens: np.ndarray, mask: np.ndarray) -> list[list[int]]:
     return [[int(t) for t in row[m != 0]] for row, m in zip(tokens, mask, strict=True)]
 
 
-class Pending:
-    """SGO rows on their way to the host; ``rows()`` waits for them."""
+@dataclasses.dataclass
+class Sampled:
+    """What a sampler returns for a micro-batch of prompts: device ``tokens`` / ``mask`` (``generate``'s)
+    and, where the caller builds it, the training ``batch`` they make together with the prompts, on the
+    devices, with its ``stats`` (device scalars: ``sgo_len``, the mean response length; ``tokens``)."""
 
-    def __init__(self, size: int, future: Future | None = None, rows: list[Row] | None = None):
-        self.size, self._future, self._rows = size, future, rows
+    tokens: Any
+    mask: Any
+    batch: dict | None = None
+    stats: dict | None = None
+
+
+class Pending:
+    """Fresh SGOs of one micro-batch. Their training batch (``sampled.batch``) stays on the devices;
+    ``rows()`` brings the rows to the host (the replay buffer, a checkpoint), waiting for them.
+    ``ready()`` waits until the sampler has finished, without copying anything."""
+
+    def __init__(self, prompts: list[list[int]], sampled: Sampled, start: float):
+        self.prompts, self.sampled, self.start = prompts, sampled, start
+        self._future: Future | None = None
+        self._rows: list[Row] | None = None
         self.wait_seconds = 0.0  # how long the loop was blocked on them
-        self.ready_seconds = 0.0  # from dispatch to rows on the host (overlap: mostly behind training)
+        self.ready_seconds = 0.0  # from dispatch to the sampler done (overlap: mostly behind training)
 
     def __len__(self) -> int:
-        return self.size
+        return len(self.prompts)
+
+    def finish(self, to_host: bool) -> None:
+        """Wait for the sampler (and, ``to_host``, copy this host's rows, cut at their EOS)."""
+        jax.block_until_ready((self.sampled.tokens, self.sampled.mask))
+        self.ready_seconds = time.perf_counter() - self.start
+        if to_host:
+            self._copy()
+
+    def _copy(self) -> None:
+        responses = cut_at_eos(local_rows(self.sampled.tokens), local_rows(self.sampled.mask))
+        self._rows = list(zip(self.prompts, responses, strict=True))
+
+    def ready(self) -> None:
+        if self._future is not None:
+            t = time.perf_counter()
+            self._future.result()
+            self._future = None
+            self.wait_seconds += time.perf_counter() - t
 
     def rows(self) -> list[Row]:
+        self.ready()
         if self._rows is None:
             t = time.perf_counter()
-            self._rows = self._future.result()
-            self.wait_seconds = time.perf_counter() - t
+            self._copy()
+            self.wait_seconds += time.perf_counter() - t
         return self._rows
 
 
 class GenerationWorker:
-    """Turns prompts and the student's params into SGO rows through the sampler.
+    """Turns prompts and the student's params into SGOs through the sampler.
 
-    ``sample(params, prompts, key) -> (tokens, mask)`` dispatches the sampler and returns device arrays
-    without waiting; ``submit`` calls it on the caller's (main) thread, so device calls keep one order
-    on every host, and hands the copy to the host and the EOS cut to a background thread. With
-    ``threaded=False`` (paper mode) that work is done at once and ``submit`` returns finished rows.
+    ``sample(params, prompts, key)`` dispatches the sampler and returns device arrays without waiting:
+    a ``Sampled``, or just ``(tokens, mask)``. ``submit`` calls it on the caller's (main) thread, so device
+    calls keep one order on every host (docs/architecture.md §7). With ``threaded=False`` (paper mode)
+    it then waits for the sampler; with a thread (overlap mode) the waiting, and the copy to the host
+    when ``to_host`` (rows for the replay buffer), happen on that thread while training goes on.
     """
 
     def __init__(self, sample: Callable, *, threaded: bool):
         self.sample = sample
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="sgo") if threaded else None
 
-    def submit(self, params, prompts: Sequence[list[int]], key) -> Pending:
+    def submit(self, params, prompts: Sequence[list[int]], key, *, to_host: bool = True) -> Pending:
         start = time.perf_counter()
-        tokens, mask = self.sample(params, prompts, key)
-        prompts = [list(p) for p in prompts]
-
-        def finish() -> list[Row]:
-            responses = cut_at_eos(local_rows(tokens), local_rows(mask))  # this host's rows
-            pending.ready_seconds = time.perf_counter() - start
-            return list(zip(prompts, responses, strict=True))
-
-        pending = Pending(len(prompts))
+        out = self.sample(params, prompts, key)
+        pending = Pending(
+            [list(p) for p in prompts], out if isinstance(out, Sampled) else Sampled(*out), start
+        )
         if self.pool is None:
-            pending._rows = finish()
+            pending.finish(to_host)
         else:
-            pending._future = self.pool.submit(finish)
+            pending._future = self.pool.submit(pending.finish, to_host)
         return pending
 
     def close(self) -> None:
@@ -307,7 +339,7 @@ class Feeder:
                 jax.block_until_ready(params)
                 t = time.perf_counter()
             rows = [
-                self.worker.submit(params, [pr for pr, _ in micro], self._key(step, k))
+                self.worker.submit(params, [pr for pr, _ in micro], self._key(step, k), to_host=p.store)
                 for k, micro in enumerate(rows)
             ]
         self.queue.append({"step": step, "plan": p, "rows": rows, "gen_s": time.perf_counter() - t})
@@ -316,10 +348,12 @@ class Feeder:
     def _key(self, step: int, micro: int) -> jax.Array:
         return jax.random.fold_in(jax.random.key(self.seed + 0x5C0), step * self.micro_batches + micro)
 
-    def rows_for(self, step: int, params) -> tuple[list[list[Row]], dict]:
-        """The micro-batches of rows step ``step`` trains on, and its metrics (``phi``, ``source``,
-        ``buffer``, ``gen_s``: seconds blocked on generation, ``gen_total_s``: the sampler's seconds,
-        ``sgo_len``). ``params``: the student's, for SGOs decided now."""
+    def rows_for(self, step: int, params) -> tuple[list[list[Row] | Pending], dict]:
+        """The micro-batches step ``step`` trains on, and its metrics (``phi``, ``source``, ``buffer``,
+        ``gen_s``: seconds blocked on generation, ``gen_total_s``: the sampler's seconds, ``sgo_len``:
+        each fresh micro-batch's mean response length). A micro-batch is host rows, or — fresh SGOs
+        whose training batch the sampler built on the devices — their ``Pending``, whose rows reach the
+        host only when the replay buffer keeps them. ``params``: the student's, for SGOs decided now."""
         while self.decided <= min(step + self.lookahead, self.total - 1):
             self._decide(self.decided, params)
         q = self.queue.popleft()
@@ -328,17 +362,17 @@ class Feeder:
         p, info = q["plan"], {"phi": self.scheduler.phi, "source": q["plan"].source, "gen_s": q["gen_s"]}
         micro = q["rows"]
         if p.generate:
-            fresh = [m.rows() if isinstance(m, Pending) else m for m in micro]
-            info["gen_s"] += sum(m.wait_seconds for m in micro if isinstance(m, Pending))
-            # the sampler's own time; in overlap mode most of it ran while earlier steps trained
-            info["gen_total_s"] = max(
-                info["gen_s"], sum(m.ready_seconds for m in micro if isinstance(m, Pending))
-            )
-            info["sgo_len"] = float(np.mean([len(r) for m in fresh for _, r in m]))
+            pending = [m for m in micro if isinstance(m, Pending)]
+            for m in pending:
+                m.ready()
             if p.store:
-                for m in fresh:
-                    self.buffer.add(m)
-            micro = fresh
+                for m in micro:
+                    self.buffer.add(_rows(m))
+            micro = [m if isinstance(m, Pending) and m.sampled.batch is not None else _rows(m) for m in micro]
+            info["gen_s"] += sum(m.wait_seconds for m in pending)
+            # the sampler's own time; in overlap mode most of it ran while earlier steps trained
+            info["gen_total_s"] = max(info["gen_s"], sum(m.ready_seconds for m in pending))
+            info["sgo_len"] = [_mean_length(m) for m in micro]
         if p.source == "replay":
             micro = [self.buffer.sample(len(m), self.seed, step, k) for k, m in enumerate(micro)]
         info["buffer"] = len(self.buffer)
@@ -356,7 +390,7 @@ class Feeder:
             {
                 "step": q["step"],
                 "plan": list(dataclasses.astuple(q["plan"])),
-                "rows": [by_shard(m.rows() if isinstance(m, Pending) else m) for m in q["rows"]],
+                "rows": [by_shard(_rows(m)) for m in q["rows"]],
                 "gen_s": q["gen_s"],
             }
             for q in self.queue
@@ -388,6 +422,17 @@ class Feeder:
             for q in state["queue"]
         )
         self.decided = state["decided"]
+
+
+def _rows(m: list[Row] | Pending) -> list[Row]:
+    return m.rows() if isinstance(m, Pending) else m
+
+
+def _mean_length(m: list[Row] | Pending):
+    """A micro-batch's mean response length: a device scalar while its batch is on the devices."""
+    if isinstance(m, Pending):
+        return m.sampled.stats["sgo_len"]
+    return float(np.mean([len(r) for _, r in m]))
 
 
 def merge_states(states: Sequence[dict]) -> dict:

@@ -54,6 +54,11 @@ class Reporter:
         else:
             self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
 
+    def write(self, text: str) -> None:
+        """A line above the progress bar (the lead process only)."""
+        if self.bar is not None:
+            self.bar.write(text)
+
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(steps)
@@ -129,3 +134,15 @@ def table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
     return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths), *map(line, rows[1:])])
+
+
+def summary_table(s: dict) -> str:
+    """A run's summary (``trainer.train``'s) as a head line and a before / after table."""
+    keys = sorted(set(s["initial"]) | set(s["final"]))
+    rows = [("", "before", "after")] + [
+        (k, f"{s['initial'].get(k, float('nan')):.4f}", f"{s['final'].get(k, float('nan')):.4f}")
+        for k in keys
+    ]
+    head = f"{s['run_dir']}: {s['method']} ({s['loss']}), {s['steps']} steps in {s['seconds']:.0f} s; "
+    head += f"best {s['metric']} {s['best']:.4f} at step {s['best_step']} (exported to best/)"
+    return head + "\n" + table(rows)

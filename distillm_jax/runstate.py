@@ -28,6 +28,12 @@ class RunState:
     feeder: dict | None = None  # offpolicy.Feeder.state(), every host's merged
     rollout: dict | None = None  # minillm.Rollouts.state(), every host's merged
 
+    def count(self, info: dict) -> None:
+        """Count a trained step by its batch source and its generation seconds (a source's ``info``)."""
+        self.sources[info["source"]] += 1
+        self.gen_seconds += info["gen_s"]
+        self.gen_total_seconds += info.get("gen_total_s", info["gen_s"])
+
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 

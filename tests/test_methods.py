@@ -13,8 +13,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from distillm_jax import (
+    batch_sources,
+    methods,
+    offpolicy,
+    pipeline,
+    planner,
+    reporting,
+    sampling,
+    step,
+    trainer,
+)
 from distillm_jax import config as cfglib
-from distillm_jax import methods, offpolicy, pipeline, planner, reporting, step, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,11 +50,11 @@ def sequence_rkl(r: trainer.Run, student: nnx.Module, seed: int = 0) -> float:
     """KL(q ‖ p) per sequence, estimated on the student's own samples for the validation prompts:
     the mean over rows of Σ_t log q(y_t) − log p(y_t) (what MiniLLM minimises)."""
     prompts = [p for p, _ in r.valid_rows]
-    tokens, mask = r.sample(student, prompts, 16, r.config.offpolicy, jax.random.key(seed))
+    tokens, mask = r.sampler.sample(student, prompts, 16, r.settings.sgo.sampling, jax.random.key(seed))
     rows = list(zip(prompts, offpolicy.cut_at_eos(np.asarray(tokens), np.asarray(mask)), strict=True))
     params = step.split_student(student)[1]
     score = step.make_score_step(student, r.teacher)
-    logq, logp = score(params, nnx.state(r.teacher), r.to_devices(r.batch(rows)))
+    logq, logp = score(params, nnx.state(r.teacher), r.batches.to_devices(r.batches.host(rows)))
     return float(np.mean(np.sum(np.asarray(logq) - np.asarray(logp), axis=1)))
 
 
@@ -102,23 +112,25 @@ def test_seqkd_and_distillm2_sample_with_their_own_settings_and_no_ngram_ban(tmp
     official 0.8 / 0.95), never the evaluation protocol's n-gram ban, which only the metric uses."""
     calls = []
 
-    def sample(self, model, prompts, new, settings, key, ngram=0, mix=None):
+    def sample(self, model, prompts, new, settings, key, ngram=0, mix=None, inputs=None):
         calls.append((settings.temperature, settings.top_k, settings.top_p, ngram))
         return np.ones((len(prompts), new), np.int32), np.ones((len(prompts), new), bool)
 
-    monkeypatch.setattr(trainer.Run, "sample", sample)
+    monkeypatch.setattr(sampling.Sampler, "sample", sample)
     c = tiny(tmp_path, method="distillm2", seqkd__temperature=0.7, seqkd__top_k=5)
     r = trainer.Run(c)
-    r.seqkd_rows()
+    batch_sources.seqkd_rows(r)
     assert set(calls) == {(0.7, 5, 1.0, 0)}
     calls.clear()
-    r.distillm2_rows()
+    batch_sources.distillm2_rows(r)
     assert set(calls) == {(0.8, 0, 0.95, 0)}
     calls.clear()
-    r.metric(r.student, seed=1)  # the evaluations that pick best/: plain sampling, as the official code
+    r.validator.metric(
+        r.student, seed=1
+    )  # the evaluations that pick best/: plain sampling, as the official code
     assert set(calls) == {(c.eval.temperature, c.eval.top_k, c.eval.top_p, 0)}
     calls.clear()
-    r.metric(r.student, seed=1, final=True)  # the test stage: the paper's protocol, with the ban
+    r.validator.metric(r.student, seed=1, final=True)  # the test stage: the paper's protocol, with the ban
     assert set(calls) == {(c.eval.temperature, c.eval.top_k, c.eval.top_p, 6)}
 
 

@@ -188,7 +188,7 @@ def test_feeder_paper_mode_is_on_policy_and_overlap_mode_bounded_stale():
         assert micro == [
             [([100 * step], [100 * step + step, 1]), ([100 * step + 1], [100 * step + 1 + step, 1])]
         ]
-        assert info["sgo_len"] == 2.0
+        assert info["sgo_len"] == [2.0]
 
     sampler = FakeSampler(delay=0.01)
     feeder, worker = make_feeder("onpolicy", sampler, lookahead=2, threaded=True)

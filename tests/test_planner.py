@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from distillm_jax import config as cfglib
-from distillm_jax import lora, planner, sharding, trainer
+from distillm_jax import lora, planner, settings, sharding, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def test_activation_estimate_matches_the_compiled_step():
     student = trainer.build_model(c.student, None, trainable=True)
     teacher = trainer.build_model(c.teacher, None, trainable=False)
     fn, params, opt = step.make_train_step(
-        student, teacher, trainer.optimizer(c, 10), trainer._loss_config(c)
+        student, teacher, settings.build(c).optim.adamw(10), settings.loss_config(c)
     )
     rows = [(list(range(3, 67)), [*range(5, 68), 1])] * 8
     batch = {

@@ -1,0 +1,62 @@
+"""Students written as Hugging Face checkpoints: ``best/`` and ``final/`` of a run, or any saved step
+(``launch/export.py``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+from flax import nnx
+from ml_collections import ConfigDict
+
+from distillm_jax import config as cfglib
+from distillm_jax import distributed, lora, models, settings, sharding, step
+from distillm_jax.checkpointing import Checkpoints
+from distillm_jax.data import tokenizers as toklib
+from distillm_jax.run import build_model
+
+
+def export_model(model: nnx.Module, tokenizer, out_dir: str, *, peft: bool = False) -> None:
+    """An HF checkpoint written beside ``out_dir`` and renamed into place, so a reader never sees half.
+    A LoRA student is written with its adapters merged into the weights; with ``peft`` its adapters are
+    also written in PEFT's layout to ``out_dir/adapter``."""
+    if jax.process_count() > 1:  # params are sharded over hosts: every process gathers, one writes
+        graph, state = nnx.split(model)
+        model = nnx.merge(graph, jax.tree.map(distributed.gather, state))
+    if jax.process_index() != 0:
+        return
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    adapters = lora.has_adapters(model)
+    models.save_pretrained(lora.merged(model) if adapters else model, tmp, tokenizer=tokenizer)
+    if adapters and peft:
+        lora.save_peft(model, os.path.join(tmp, "adapter"))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def export_checkpoint(config: ConfigDict, at: int | None = None, out_dir: str | None = None) -> str:
+    """Write the student of ``config.run_dir``'s checkpoint ``at`` (default: the latest) as an HF
+    checkpoint; returns its directory."""
+    cfglib.check(config)
+    s = settings.build(config)
+    ckpt = Checkpoints(os.path.join(s.run_dir, "checkpoints"), keep=s.checkpoint_keep)
+    try:
+        steps = ckpt.manager.all_steps()
+        if not steps:
+            raise cfglib.ConfigError(f"{s.run_dir} has no checkpoints")
+        at = max(steps) if at is None else at
+        if at not in steps:
+            raise cfglib.ConfigError(f"no checkpoint at step {at} in {s.run_dir}; it has {sorted(steps)}")
+        mesh = sharding.make_mesh(**config.mesh)
+        student = build_model(config.student, mesh, trainable=True)
+        graph, params, rest = step.split_student(student)
+        params, _, _ = ckpt.restore(at, params, step.init_opt_state(s.optim.adamw(1), params))
+    finally:
+        ckpt.close()
+    tokenizer = toklib.load(config.tokenizer, config.student.path)
+    out_dir = out_dir or os.path.join(s.run_dir, f"export-{at}")
+    export_model(nnx.merge(graph, params, rest), tokenizer, out_dir, peft=s.peft)
+    return out_dir

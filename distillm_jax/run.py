@@ -1,0 +1,134 @@
+"""What one run is made of, built once from a checked config: its settings, mesh, tokenizer, rows,
+models, sampler and validator. The data is read before any model loads, so a wrong file or column
+costs seconds; every user mistake found here is a ``ConfigError`` (one line)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from ml_collections import ConfigDict
+
+from distillm_jax import config as cfglib
+from distillm_jax import lora, models, planner, rundata, settings, sharding
+from distillm_jax.data import batching, tasks
+from distillm_jax.data import tokenizers as toklib
+from distillm_jax.sampling import Sampler
+from distillm_jax.validation import Validator
+
+
+def build_model(spec: ConfigDict, mesh, *, trainable: bool) -> nnx.Module:
+    """A checkpoint (``spec.path``) or a new random model (``spec.config``), placed on ``mesh``. A
+    trained model keeps float32 params unless ``param_dtype`` says otherwise (AdamW's updates are small)."""
+    dtype = jnp.dtype(spec.dtype)
+    param_dtype = jnp.dtype(spec.param_dtype or ("float32" if trainable else spec.dtype))
+    if spec.path:
+        model = models.from_pretrained(spec.path, dtype=dtype, mesh=mesh, param_dtype=param_dtype)
+    else:
+        hf = planner.hf_config(spec)  # from spec.config
+        model = models.create(hf, dtype=dtype, param_dtype=param_dtype, mesh=mesh, seed=spec.seed)
+    lo = spec.lora
+    if trainable and lo.rank:  # adapters on the frozen weights (kept in the param dtype they load in)
+        lora.apply(
+            model, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=tuple(lo.targets), seed=spec.seed
+        )
+    return model
+
+
+class Run:
+    """A run's pieces. ``evaluate_only``: the student, the tokenizer and the validation rows."""
+
+    def __init__(self, config: ConfigDict, *, evaluate_only: bool = False):
+        cfglib.check(config)
+        self.settings = s = settings.build(config)
+        d = s.data
+        self.mesh = sharding.make_mesh(**config.mesh)
+        self.task = tasks.get(d.task, d.languages)
+        try:
+            self.tokenizer = toklib.load(config.tokenizer, config.student.path)
+            if s.method.teacher:
+                toklib.check_same(self.tokenizer, config.teacher.path)
+        except ValueError as e:
+            raise cfglib.ConfigError(str(e)) from None
+        raw_train = None
+        if not evaluate_only:
+            raw_train = rundata.read(
+                self.task, d.source, d.train_split, max_rows=d.max_train_rows, demo_rows=d.demo_rows
+            )
+        raw_valid = rundata.read(
+            self.task, d.source, d.valid_split, max_rows=d.max_valid_rows, demo_rows=d.max_valid_rows or 500
+        )
+        texts = None
+        if s.loss.lm_coef > 0 and not evaluate_only:
+            lm = rundata.read(
+                tasks.get("openwebtext"), d.lm_source, d.lm_split, max_rows=d.lm_max_rows, demo_rows=0
+            )
+            texts = [r["text"] for r in lm]
+        self._check_processes()
+        self.student = build_model(config.student, self.mesh, trainable=True)
+        enc_dec = hasattr(self.student, "encode")
+        self._check_vocab(self.student, "student")
+        if s.loss.lm_coef > 0 and enc_dec:
+            raise cfglib.ConfigError("loss.lm_coef (plain LM loss) needs a decoder-only student; set it to 0")
+        start_id = self.student.hf_config.get("decoder_start_token_id") or 0
+        self.batches = rundata.Batches(
+            self.mesh, d.lengths, self.tokenizer.pad_token_id, encoder_decoder=enc_dec, start_id=start_id
+        )
+        self.sampler = Sampler(self.batches, self.tokenizer.eos_token_id)
+        self.valid_rows, self.valid_refs = self._tokenized(d.valid_split, raw_valid)
+        self.validator = Validator(
+            self.batches,
+            self.sampler,
+            self.tokenizer,
+            self.task.metric,
+            self.valid_rows,
+            self.valid_refs,
+            s.eval,
+            s.new_tokens(s.eval),
+        )
+        self.teacher = None
+        if evaluate_only:
+            return
+        if s.method.teacher:
+            self.teacher = build_model(config.teacher, self.mesh, trainable=False)
+            self._check_vocab(self.teacher, "teacher")
+            if hasattr(self.teacher, "encode") != enc_dec:
+                raise cfglib.ConfigError(
+                    "teacher and student must both be encoder-decoder or both decoder-only"
+                )
+        self.train_rows, _ = self._tokenized(d.train_split, raw_train)
+        if len(self.train_rows) < s.optim.batch_size:
+            raise cfglib.ConfigError(
+                f"{len(self.train_rows)} usable training rows are fewer than one batch ({s.optim.batch_size})"
+            )
+        self.lm_rows = None if texts is None else batching.LazyTokens(texts, self.tokenizer)
+
+    def _check_processes(self) -> None:
+        """With several processes each batch must split over the data shards (no replicated batch)."""
+        if jax.process_count() == 1:
+            return
+        _, shards = sharding.data_shards(self.mesh)
+        s = self.settings
+        for name, size in (("the micro-batch", s.optim.micro), ("eval.batch_size", s.eval.batch_size)):
+            if size % shards:
+                raise cfglib.ConfigError(
+                    f"{name} ({size}) must split over the mesh's {shards} data shards "
+                    "(data x fsdp) when several processes share the batch"
+                )
+
+    def _check_vocab(self, model: nnx.Module, role: str) -> None:
+        if model.config.vocab < len(self.tokenizer):
+            raise cfglib.ConfigError(
+                f"the {role}'s vocabulary ({model.config.vocab}) is smaller than the tokenizer's "
+                f"({len(self.tokenizer)}); they do not belong together"
+            )
+
+    def _tokenized(self, split: str, raw: list[dict]) -> tuple[list, list[str]]:
+        return rundata.tokenize(
+            self.task,
+            split,
+            raw,
+            self.tokenizer,
+            self.settings.data.lengths,
+            encoder_decoder=self.batches.encoder_decoder,
+        )

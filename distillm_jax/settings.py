@@ -1,0 +1,190 @@
+"""A run's settings as small frozen dataclasses, built once from a checked config (``build``).
+
+The config file is a ``ConfigDict`` because users override it key by key; below the trainer nothing
+reads it: each piece gets the typed group it needs (``Sampling`` for a sampler, ``SGO`` for the
+feeder, ...), so a reader sees what a function depends on, and a value is converted and checked once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ml_collections import ConfigDict
+
+from distillm_jax import config as cfglib
+from distillm_jax import methods, minillm, step
+from distillm_jax.data import batching
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How a sampler draws tokens: softmax(logits / temperature) after top-k (0: off) and top-p."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @classmethod
+    def of(cls, group: ConfigDict) -> Sampling:
+        return cls(float(group.temperature), int(group.get("top_k", 0)), float(group.top_p))
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    task: str
+    languages: str
+    source: str
+    train_split: str
+    valid_split: str
+    lengths: batching.Lengths
+    max_train_rows: int
+    max_valid_rows: int
+    demo_rows: int
+    lm_source: str
+    lm_split: str
+    lm_max_rows: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Optim:
+    batch_size: int  # global, per update
+    grad_accum: int
+    lr: float
+    end_lr: float
+    weight_decay: float
+    b2: float
+    warmup_steps: int
+    clip: float
+    epochs: int  # the run's length: epochs, or steps when 0
+    steps: int
+
+    @property
+    def micro(self) -> int:
+        """Rows of one micro-batch (one call of the train step)."""
+        return self.batch_size // self.grad_accum
+
+    def adamw(self, total: int):
+        """The run's AdamW over ``total`` updates (``step.make_optimizer``)."""
+        return step.make_optimizer(
+            self.lr,
+            total,
+            weight_decay=self.weight_decay,
+            end_lr=self.end_lr,
+            warmup_steps=self.warmup_steps,
+            clip=self.clip,
+            grad_accum=self.grad_accum,
+            b2=self.b2,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Eval:
+    interval: int  # 0: once per epoch
+    batch_size: int
+    generate: bool  # the task metric from sampled generations, not only validation CE
+    max_new_tokens: int
+    sampling: Sampling
+    no_repeat_ngram_size: int  # the final evaluation only
+    draws: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SGO:
+    """The student's samples while it trains (``offpolicy``) and MiniLLM's rollouts' sampling."""
+
+    sampling: Sampling
+    max_new_tokens: int
+    overlap: bool
+    max_staleness: int
+    capacity: int  # replay buffer rows over all data shards
+    loss_eps: float
+    replay_ratio: str
+    init_phi: float
+    gkd_lambda: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollouts:
+    """MiniLLM's rounds (its loss's knobs are ``step.LossConfig.minillm``)."""
+
+    mix_alpha: float
+    rollouts: int
+    ppo_epochs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    run_dir: str
+    seed: int
+    resume: bool
+    method: methods.Method
+    data: Data
+    optim: Optim
+    eval: Eval
+    sgo: SGO
+    rollouts: Rollouts
+    loss: step.LossConfig
+    seqkd: Sampling
+    distillm2: Sampling
+    checkpoint_interval: int  # 0: at every evaluation
+    checkpoint_keep: int
+    log_interval: int
+    lora_dropout: bool  # the student's LoRA adapters drop out (a key per micro-batch)
+    peft: bool  # exports also write the adapters in PEFT's layout
+
+    def new_tokens(self, group: SGO | Eval) -> int:
+        """A sampler's fixed number of new tokens: its ``max_new_tokens``, or the response's room."""
+        return group.max_new_tokens or self.data.lengths.max_response
+
+
+def loss_config(c: ConfigDict) -> step.LossConfig:
+    """What the train step scores a batch by, for ``c.method``."""
+    method = methods.get(c.method)
+    return step.LossConfig(
+        divergence=c.loss.name,
+        kd_ratio=float(c.loss.kd_ratio) if method.teacher else 0.0,
+        params=tuple(cfglib.loss_params(c).items()),
+        lm_coef=float(c.loss.lm_coef),
+        lm_kd_ratio=float(c.loss.lm_kd_ratio),
+        chunk_size=int(c.loss.chunk_size),
+        objective=method.objective,
+        distillm2_beta=float(c.distillm2.beta),
+        minillm=minillm.Settings(
+            **{f.name: float(c.minillm[f.name]) for f in dataclasses.fields(minillm.Settings)}
+        ),
+    )
+
+
+def _fields(cls, group: ConfigDict, **given) -> dict:
+    """``cls``'s fields read from ``group`` (the config's keys of the same names), except ``given``."""
+    out = dict(given)
+    for f in dataclasses.fields(cls):
+        if f.name not in out:
+            out[f.name] = group[f.name]
+    return out
+
+
+def build(c: ConfigDict) -> Settings:
+    """The settings of a config that ``config.check`` accepted."""
+    d, o, e = c.data, c.offpolicy, c.eval
+    lengths = batching.Lengths(d.max_prompt_length, d.max_length)
+    lo = c.student.lora
+    return Settings(
+        run_dir=c.run_dir,
+        seed=int(c.seed),
+        resume=bool(c.resume),
+        method=methods.get(c.method),
+        data=Data(**_fields(Data, d, lengths=lengths)),
+        optim=Optim(**_fields(Optim, c.optim)),
+        eval=Eval(**_fields(Eval, e, sampling=Sampling.of(e))),
+        sgo=SGO(**_fields(SGO, o, sampling=Sampling.of(o))),
+        rollouts=Rollouts(float(c.minillm.mix_alpha), int(c.minillm.rollouts), int(c.minillm.ppo_epochs)),
+        loss=loss_config(c),
+        seqkd=Sampling.of(c.seqkd),
+        distillm2=Sampling.of(c.distillm2),
+        checkpoint_interval=int(c.checkpoint.interval),
+        checkpoint_keep=int(c.checkpoint.keep),
+        log_interval=int(c.log_interval),
+        lora_dropout=bool(lo.rank and lo.dropout),
+        peft=bool(lo.peft),
+    )
