@@ -114,7 +114,7 @@ class Interval:
         local = jax.device_get((self.metrics, self.tokens))
         lengths = [float(x) for i in self.infos for x in jax.device_get(i.get("sgo_len", []))]
         news = {"stop": asked_stop, "tokens": float(sum(local[1])), "sgo_len": lengths}
-        hosts = distributed.gather_objects(news)
+        every_host = distributed.gather_objects(news)
         rows = local[0]
         bad = next((i for i, r in enumerate(rows) if not all(np.isfinite(v) for v in r.values())), None)
         if bad is not None:
@@ -126,13 +126,13 @@ class Interval:
             )
         seconds = max(time.time() - self.start, 1e-9)
         mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-        mean["tokens_per_s"] = sum(h["tokens"] for h in hosts) / seconds
+        mean["tokens_per_s"] = sum(h["tokens"] for h in every_host) / seconds
         if sgo:
             mean.update(
-                self._sources(seconds, [x for h in hosts for x in h["sgo_len"]], hosts_share, adaptive)
+                self._sources(seconds, [x for h in every_host for x in h["sgo_len"]], hosts_share, adaptive)
             )
         self._reset()
-        return mean, any(h["stop"] for h in hosts)
+        return mean, any(h["stop"] for h in every_host)
 
     def _sources(self, seconds: float, sgo_lengths: list, hosts_share: float, adaptive: bool) -> dict:
         """The SGO metrics: φ (``adaptive``: DistiLLM's scheduler; the others have none), the share of

@@ -129,7 +129,7 @@ def loss(
 class Rollouts:
     """MiniLLM's PPO rounds, as LMOps runs them. Round ``k`` samples ``units`` micro-batches of prompts
     (``next_rows()``: this host's rows of one global micro-batch, the sampler's batch shape) from the
-    teacher-mixed policy (``sample(params, prompts, key)`` -> a ``Pending`` of (prompt, response) rows,
+    teacher-mixed policy (``submit(params, prompts, key)`` -> a ``Pending`` of (prompt, response) rows,
     see ``offpolicy.GenerationWorker``), scores each once (``score(params, rows) -> (old_logp,
     teacher_logp)``, host ``[b, T]`` arrays) and then trains ``epochs`` passes over them, each pass a
     fresh shuffle of every data shard's rollouts cut into steps of ``accum`` micro-batches: a round is
@@ -141,7 +141,7 @@ class Rollouts:
         epochs: int,
         units: int,
         accum: int,
-        sample: Callable,
+        submit: Callable,
         score: Callable,
         next_rows: Callable[[], list],
         *,
@@ -151,7 +151,7 @@ class Rollouts:
         if units % accum:
             raise ValueError(f"a round of {units} micro-batches does not split into steps of {accum}")
         self.epochs, self.units, self.accum = epochs, units, accum
-        self.sample, self.score, self.next_rows = sample, score, next_rows
+        self.submit, self.score, self.next_rows = submit, score, next_rows
         self.seed, self.shards = seed, tuple(shards)
         self.round: int | None = None
         self.pools: dict[int, list] = {}  # data shard -> [(prompt, response, old_logp, teacher_logp)]
@@ -168,7 +168,7 @@ class Rollouts:
         for u in range(self.units):
             prompts = [p for p, _ in self.next_rows()]
             key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed + 0x313), k), u)
-            rows = self.sample(params, prompts, key).rows()
+            rows = self.submit(params, prompts, key).rows()
             old, teacher = self.score(params, rows)
             n = len(rows) // len(self.shards)
             for i, s in enumerate(self.shards):

@@ -88,7 +88,7 @@ class AdaptiveScheduler:
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class Decision:
     """What one step trains on: ``source`` (``data``, ``sgo`` or ``replay``, for the metrics);
     ``generate``: sample fresh SGOs for the step's prompts; ``store``: push them into the buffer."""
 
@@ -97,45 +97,45 @@ class Plan:
     store: bool = False
 
 
-Strategy = Callable[["AdaptiveScheduler", float, int, int, bool, float], Plan]
+Strategy = Callable[["AdaptiveScheduler", float, int, int, bool, float], Decision]
 """A method's data strategy: (scheduler, draw r, step, total steps, buffer full, gkd λ) -> the step's
-``Plan``; ``methods.py`` says which method uses which."""
+``Decision``; ``methods.py`` says which method uses which."""
 
 
 def ground_truth(
     scheduler: AdaptiveScheduler, r: float, step: int, total: int, buffer_full: bool, gkd_lambda: float
-) -> Plan:
-    return Plan("data")
+) -> Decision:
+    return Decision("data")
 
 
 def adaptive(
     scheduler: AdaptiveScheduler, r: float, step: int, total: int, buffer_full: bool, gkd_lambda: float
-) -> Plan:
+) -> Decision:
     """DistiLLM: SGOs with probability φ, fresh or replayed as the scheduler's replay ratio says."""
     source = scheduler.choose(r, step, total, buffer_full)
     fresh = source == "sgo"
-    return Plan(source, generate=fresh, store=fresh)
+    return Decision(source, generate=fresh, store=fresh)
 
 
 def replay_every_step(
     scheduler: AdaptiveScheduler, r: float, step: int, total: int, buffer_full: bool, gkd_lambda: float
-) -> Plan:
+) -> Decision:
     """ImitKD: every step fresh SGOs into the buffer, train on a buffer sample."""
-    return Plan("replay", generate=True, store=True)
+    return Decision("replay", generate=True, store=True)
 
 
 def fresh_with_lambda(
     scheduler: AdaptiveScheduler, r: float, step: int, total: int, buffer_full: bool, gkd_lambda: float
-) -> Plan:
+) -> Decision:
     """GKD: fresh SGOs with probability λ, else ground truth."""
-    return Plan("sgo", generate=True) if r < gkd_lambda else Plan("data")
+    return Decision("sgo", generate=True) if r < gkd_lambda else Decision("data")
 
 
 def fresh_every_step(
     scheduler: AdaptiveScheduler, r: float, step: int, total: int, buffer_full: bool, gkd_lambda: float
-) -> Plan:
+) -> Decision:
     """On-policy: fresh SGOs every step."""
-    return Plan("sgo", generate=True)
+    return Decision("sgo", generate=True)
 
 
 class ReplayBuffer:
@@ -183,7 +183,7 @@ class ReplayBuffer:
         for s, part in self.slices(rows).items():
             self.rows[s].extend(part)
 
-    def sample(self, n: int, seed: int, step: int, micro: int = 0) -> list[Row]:
+    def draw(self, n: int, seed: int, step: int, micro: int = 0) -> list[Row]:
         """``n`` rows for this host, as many from each shard, distinct within a shard, uniformly."""
         k, out = self._split(n), []
         for s in self.shards:
@@ -374,7 +374,7 @@ class Feeder:
             info["gen_total_s"] = max(info["gen_s"], sum(m.ready_seconds for m in pending))
             info["sgo_len"] = [_mean_length(m) for m in micro]
         if p.source == "replay":
-            micro = [self.buffer.sample(len(m), self.seed, step, k) for k, m in enumerate(micro)]
+            micro = [self.buffer.draw(len(m), self.seed, step, k) for k, m in enumerate(micro)]
         info["buffer"] = len(self.buffer)
         return micro, info
 
@@ -416,7 +416,7 @@ class Feeder:
         self.queue = collections.deque(
             {
                 **q,
-                "plan": Plan(*q["plan"]),
+                "plan": Decision(*q["plan"]),  # "plan": the key checkpoints have always used
                 "rows": [[(p, r) for s in mine for p, r in m[s]] for m in q["rows"]],
             }
             for q in state["queue"]

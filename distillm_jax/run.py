@@ -36,7 +36,8 @@ def build_model(spec: ConfigDict, mesh, *, trainable: bool) -> nnx.Module:
 
 
 class Run:
-    """A run's pieces. ``evaluate_only``: the student, the tokenizer and the validation rows."""
+    """A run's pieces. ``evaluate_only`` (``launch/evaluate.py``, the test stage): the student, the
+    tokenizer and the validation rows; no teacher, no training rows, nothing more read or loaded."""
 
     def __init__(self, config: ConfigDict, *, evaluate_only: bool = False):
         cfglib.check(config)
@@ -86,7 +87,7 @@ class Run:
             s.eval,
             s.new_tokens(s.eval),
         )
-        self.teacher = None
+        self.teacher, self.train_rows, self.lm_rows = None, [], None
         if evaluate_only:
             return
         if s.method.teacher:

@@ -57,12 +57,13 @@ class Student:
     def model(self, params=None) -> nnx.Module:
         return nnx.merge(self.graph, self.params if params is None else params, self.rest)
 
-    def update(self, batch: dict, at: int, micro: int) -> dict:
-        """One micro-batch's step; LoRA dropout draws a key per micro-batch (the same on a resume)."""
+    def update(self, batch: dict, done: int, micro: int) -> dict:
+        """One micro-batch of update ``done`` + 1 (``done``: updates so far); LoRA dropout draws a key per
+        micro-batch (the same on a resume)."""
         key = (
             None
             if self.dropout_key is None
-            else jax.random.fold_in(self.dropout_key, at * self.accum + micro)
+            else jax.random.fold_in(self.dropout_key, done * self.accum + micro)
         )
         self.params, self.opt_state, metrics = self.train_step(
             self.params, self.opt_state, self.teacher_state, batch, key
@@ -87,21 +88,22 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
     reporter = reporting.Reporter(
         s.run_dir, schedule.total, state.step, desc=stage or os.path.basename(s.run_dir) or "train"
     )
-    interval, at, stopping = Interval(s.optim.grad_accum), state.step, False
+    interval, stopping = Interval(s.optim.grad_accum), False
+    done = state.step  # optimizer updates done
     hosts_share = run.batches.num_shards / len(run.batches.shards)
 
-    def evaluate(at: int) -> None:  # the validation losses (→ φ), the metric (→ best/)
+    def evaluate(done: int) -> None:  # the validation losses (→ φ), the metric (→ best/)
         metrics = run.validator.evaluate(
-            student.eval_step, student.params, student.teacher_state, student.model(), s.seed, at
+            student.eval_step, student.params, student.teacher_state, student.model(), s.seed, done
         )
-        _after_eval(run, state, source, student, reporter, at, metrics)
+        _after_eval(run, state, source, student, reporter, done, metrics)
 
-    def save(at: int) -> None:
-        state.step, state.order = at, list(source.order.position)
+    def save(done: int) -> None:
+        state.step, state.order = done, list(source.order.position)
         if lm is not None:
             state.lm_order = list(lm.order.position)
         source.save(state)
-        ckpt.save(at, student.params, student.opt_state, state.to_json())
+        ckpt.save(done, student.params, student.opt_state, state.to_json())
 
     start = time.time()
     try:
@@ -109,44 +111,44 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
             if state.initial is None:
                 evaluate(0)
             clock = time.perf_counter()
-            while at < schedule.total:
-                micro, info = source.for_step(at, student.params)  # feed
+            while done < schedule.total:
+                micro, info = source.for_step(done, student.params)  # feed
                 interval.step(info)
                 state.count(info)
                 for k, (batch, tokens) in enumerate(micro):  # step
                     if lm is not None:
                         batch = {**batch, "lm": lm.next()}
-                    interval.micro(student.update(batch, at, k), tokens)
-                at += 1
+                    interval.micro(student.update(batch, done, k), tokens)
+                done += 1
                 reporter.advance()
-                inject_fault(at, ckpt.manager.wait_until_finished)
+                inject_fault(done, ckpt.manager.wait_until_finished)
                 due_eval, due_save = (
-                    schedule.due(at, schedule.eval_every),
-                    schedule.due(at, schedule.save_every),
+                    schedule.due(done, schedule.eval_every),
+                    schedule.due(done, schedule.save_every),
                 )
                 alone = stop.signal is not None and jax.process_count() == 1
-                if schedule.due(at, schedule.log_every) or due_eval or due_save or alone:  # log
+                if schedule.due(done, schedule.log_every) or due_eval or due_save or alone:  # log
                     row, stopping = interval.row(
-                        at,
+                        done,
                         stop.signal is not None,
                         ckpt.describe_latest,
                         sgo=s.method.sgo,
                         adaptive=s.method.adaptive,
                         hosts_share=hosts_share,
                     )
-                    reporter.log(at, "train", row)
+                    reporter.log(done, "train", row)
                 if due_eval or due_save or stopping:  # the training clock leaves these out
                     jax.block_until_ready(student.params)
                     state.train_seconds += time.perf_counter() - clock
                     if due_eval:
-                        evaluate(at)
+                        evaluate(done)
                     if due_save or stopping:
-                        save(at)
+                        save(done)
                     clock = time.perf_counter()
                 if stopping:
                     if jax.process_index() == 0:
-                        print(f"stopped by {stop.why()} at step {at}; saved; the same command continues it")
-                    return {"stopped_at": at}
+                        print(f"stopped by {stop.why()} at step {done}; saved; the same command continues it")
+                    return {"stopped_at": done}
     finally:
         ckpt.close()
         reporter.close()
@@ -192,7 +194,7 @@ def _resume(run: Run, ckpt: Checkpoints, student: Student, source, lm, total: in
     return state
 
 
-def _after_eval(run: Run, state, source, student: Student, reporter, at: int, metrics: dict) -> None:
+def _after_eval(run: Run, state, source, student: Student, reporter, done: int, metrics: dict) -> None:
     """An evaluation's consequences: φ follows the validation CE (the adaptive scheduler), the row is
     logged, and a better key metric exports the student to ``best/``."""
     extra = {"train_s": state.train_seconds}
@@ -201,15 +203,15 @@ def _after_eval(run: Run, state, source, student: Student, reporter, at: int, me
         before = scheduler.phi
         scheduler.update(metrics["val_ce"])
         if scheduler.phi != before:
-            state.phi_path = [*state.phi_path, [at, scheduler.phi]]
+            state.phi_path = [*state.phi_path, [done, scheduler.phi]]
         extra["phi"] = scheduler.phi
-    reporter.log(at, "eval", {**metrics, **extra})
+    reporter.log(done, "eval", {**metrics, **extra})
     state.last_eval = metrics
-    if at == 0:
+    if done == 0:
         state.initial = metrics
     value = metrics[run.validator.key_metric]
     if run.validator.better(value, state.best):
-        state.best, state.best_step = value, at
+        state.best, state.best_step = value, done
         export_model(
             student.model(), run.tokenizer, os.path.join(run.settings.run_dir, "best"), peft=run.settings.peft
         )

@@ -140,7 +140,7 @@ def test_a_new_method_is_one_registry_entry(tmp_path, monkeypatch):
     planner counts its sampler. Nothing else names it."""
 
     def even_steps(scheduler, r, step, total, buffer_full, gkd_lambda):
-        return offpolicy.Plan("sgo", generate=True) if step % 2 == 0 else offpolicy.Plan("data")
+        return offpolicy.Decision("sgo", generate=True) if step % 2 == 0 else offpolicy.Decision("data")
 
     c = tiny(tmp_path, method="alternate", optim__steps=4)
     c.eval.generate, c.eval.interval = False, 4

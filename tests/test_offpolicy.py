@@ -80,11 +80,11 @@ def test_each_source_comes_with_its_probability():
     gkd = shares("gkd", True)
     assert abs(gkd["sgo"] - 0.3) < tol and gkd["replay"] == 0
     assert shares("onpolicy", True)["sgo"] == 1.0 and shares("imitkd", True)["replay"] == 1.0
-    assert methods.get("imitkd").strategy(s, 0.5, 0, 1, False, 0.5) == offpolicy.Plan(
+    assert methods.get("imitkd").strategy(s, 0.5, 0, 1, False, 0.5) == offpolicy.Decision(
         "replay", generate=True, store=True
     )
     assert methods.get("kd").strategy is None  # ground truth only: the feeder's default
-    assert offpolicy.ground_truth(s, 0.0, 0, 1, False, 0.5) == offpolicy.Plan("data")
+    assert offpolicy.ground_truth(s, 0.0, 0, 1, False, 0.5) == offpolicy.Decision("data")
 
 
 def test_buffer_is_fifo_bounded_and_samples_distinct_rows():
@@ -94,12 +94,12 @@ def test_buffer_is_fifo_bounded_and_samples_distinct_rows():
     buf.add([([3], [30]), ([4], [40]), ([5], [50])])
     assert buf.full and [p[0] for p, _ in buf.rows[0]] == [3, 4, 5]  # the oldest left first
     for step in range(20):
-        got = buf.sample(3, seed=0, step=step)
+        got = buf.draw(3, seed=0, step=step)
         assert sorted(p[0] for p, _ in got) == [3, 4, 5]  # without replacement within a batch
-    seen = {buf.sample(1, seed=0, step=step)[0][0][0] for step in range(200)}
+    seen = {buf.draw(1, seed=0, step=step)[0][0][0] for step in range(200)}
     assert seen == {3, 4, 5}
     with pytest.raises(ValueError, match="cannot sample 4"):
-        buf.sample(4, seed=0, step=0)
+        buf.draw(4, seed=0, step=0)
     again = offpolicy.ReplayBuffer(3)
     again.load(buf.state())
     assert list(again.rows[0]) == list(buf.rows[0])
@@ -117,10 +117,10 @@ def test_buffer_shards_make_replay_independent_of_the_process_count():
         two[1].add(rows[4:])
     assert one.full and all(b.full for b in two)  # 5 per shard: 8 rows of the 10 pushed each
     for step in range(5):
-        assert one.sample(8, 3, step) == two[0].sample(4, 3, step) + two[1].sample(4, 3, step)
+        assert one.draw(8, 3, step) == two[0].draw(4, 3, step) + two[1].draw(4, 3, step)
     moved = offpolicy.ReplayBuffer(5, shards=(2, 3))
     moved.load(one.state())
-    assert moved.sample(4, 3, 9) == two[1].sample(4, 3, 9)
+    assert moved.draw(4, 3, 9) == two[1].draw(4, 3, 9)
     with pytest.raises(ValueError, match="do not split over this host's 2 data shards"):
         two[0].add([([1], [1])])
 
