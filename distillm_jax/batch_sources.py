@@ -103,15 +103,37 @@ class Ordered:
         return [self.rows[i] for i in next(self._indices)]
 
 
+class Source(Ordered):
+    """A method's batches: ``for_step(index, params)`` gives step ``index``'s micro-batches on the
+    devices; ``inner`` (the feeder, the rollouts) keeps the state a resumed run needs, in the
+    ``RunState`` field ``field``, every host's shards merged by ``merge``."""
+
+    field: str
+    merge: Callable
+
+    def save(self, state: RunState) -> None:
+        setattr(state, self.field, type(self).merge(distributed.gather_objects(self.inner.state())))
+
+    def load(self, state: RunState) -> None:
+        saved = getattr(state, self.field)
+        if saved is not None:
+            self.inner.load(saved)
+
+    def close(self) -> None:
+        """Stop the source's threads, if any."""
+
+
 def _placed(run: Run, b: dict) -> tuple[dict, int]:
     """A host batch on the devices, and its real tokens."""
     tokens = sum(int(b[k].sum()) for k in ("attention_mask", "decoder_attention_mask") if k in b)
     return run.batches.to_devices(b), tokens
 
 
-class Feed(Ordered):
+class Feed(Source):
     """Ground truth, a cache, or (SGO methods) the student's samples: an ``offpolicy.Feeder`` over the
     rows' order, its fresh SGOs sampled by a ``GenerationWorker`` and kept on the devices."""
+
+    field, merge = "feeder", offpolicy.merge_states
 
     def __init__(self, run: Run, rows: list, model_of: Callable, total: int):
         super().__init__(run, rows, run.settings.seed)
@@ -123,7 +145,7 @@ class Feed(Ordered):
                 lambda params, prompts, key: run.sampler.sgo(model_of(params), prompts, new, o.sampling, key),
                 threaded=o.overlap,
             )
-        self.feeder = offpolicy.Feeder(
+        self.inner = self.feeder = offpolicy.Feeder(
             s.method.strategy or offpolicy.ground_truth,
             offpolicy.AdaptiveScheduler(o.loss_eps, o.replay_ratio, phi=o.init_phi),
             offpolicy.ReplayBuffer(max(o.capacity // run.batches.num_shards, 1), run.batches.shards),
@@ -136,10 +158,10 @@ class Feed(Ordered):
             gkd_lambda=o.gkd_lambda,
         )
 
-    def for_step(self, at: int, params) -> tuple[list[tuple[dict, object]], dict]:
-        """Step ``at``'s micro-batches on the devices, each with its real tokens (an int, or a device
+    def for_step(self, index: int, params) -> tuple[list[tuple[dict, object]], dict]:
+        """Step ``index``'s micro-batches on the devices, each with its real tokens (an int, or a device
         scalar for fresh SGOs), and the step's info (``offpolicy.Feeder.rows_for``)."""
-        micro, info = self.feeder.rows_for(at, params)
+        micro, info = self.feeder.rows_for(index, params)
         out = []
         for m in micro:
             if isinstance(m, offpolicy.Pending):
@@ -148,22 +170,17 @@ class Feed(Ordered):
                 out.append(_placed(self.run, host_batch(self.run, m)))
         return out, info
 
-    def save(self, state: RunState) -> None:
-        state.feeder = offpolicy.merge_states(distributed.gather_objects(self.feeder.state()))
-
-    def load(self, state: RunState) -> None:
-        if state.feeder is not None:
-            self.feeder.load(state.feeder)
-
     def close(self) -> None:
         if self.feeder.worker is not None:
             self.feeder.worker.close()
 
 
-class Rollouts(Ordered):
+class Rollouts(Source):
     """MiniLLM's rollout rounds (``minillm.Rollouts``) on the training prompts: ``minillm.rollouts``
     prompts a round, sampled a micro-batch at a time from the teacher-mixed policy with ``offpolicy.*``
     settings, scored once by the student that sampled them and the teacher."""
+
+    field, merge = "rollout", minillm.merge_states
 
     def __init__(self, run: Run, rows: list, model_of: Callable, teacher_state):
         super().__init__(run, rows, run.settings.seed)
@@ -181,7 +198,7 @@ class Rollouts(Ordered):
             out = score_step(params, teacher_state, run.batches.to_devices(run.batches.host(rows)))
             return tuple(np.asarray(distributed.local_rows(x), np.float32) for x in out)
 
-        self.rollouts = minillm.Rollouts(
+        self.inner = minillm.Rollouts(
             s.rollouts.ppo_epochs,
             s.rollouts.rollouts // s.optim.micro,
             s.optim.grad_accum,
@@ -192,8 +209,8 @@ class Rollouts(Ordered):
             shards=run.batches.shards,
         )
 
-    def for_step(self, at: int, params) -> tuple[list[tuple[dict, int]], dict]:
-        parts, info = self.rollouts.for_step(at, params)
+    def for_step(self, index: int, params) -> tuple[list[tuple[dict, int]], dict]:
+        parts, info = self.inner.for_step(index, params)
         out = []
         for rows, (old_logp, teacher_logp) in parts:
             out.append(
@@ -203,16 +220,6 @@ class Rollouts(Ordered):
                 )
             )
         return out, info
-
-    def save(self, state: RunState) -> None:
-        state.rollout = minillm.merge_states(distributed.gather_objects(self.rollouts.state()))
-
-    def load(self, state: RunState) -> None:
-        if state.rollout is not None:
-            self.rollouts.load(state.rollout)
-
-    def close(self) -> None:
-        pass
 
 
 def make(run: Run, rows: list, total: int, model_of: Callable, teacher_state) -> Feed | Rollouts:
