@@ -29,9 +29,9 @@ class Schedule:
     save_every: int
     log_every: int
 
-    def due(self, at: int, every: int) -> bool:
-        """Whether step ``at`` (updates done) ends an interval of ``every``; the last step ends all."""
-        return at % every == 0 or at == self.total
+    def due(self, done: int, every: int) -> bool:
+        """Whether ``done`` updates end an interval of ``every``; the last step ends every interval."""
+        return done % every == 0 or done == self.total
 
 
 class StopRequest:
@@ -62,11 +62,11 @@ class StopRequest:
         return signal.Signals(self.signal).name if self.signal else "another process"
 
 
-def inject_fault(at: int, before_kill) -> None:
+def inject_fault(done: int, before_kill) -> None:
     """``DISTILLM_KILL_AT_STEP`` (and, with several processes, ``DISTILLM_KILL_PROCESS``): the tests'
     way to signal a run after a step — ``DISTILLM_KILL_SIGNAL`` KILL (the default: a preemption without
     notice; ``before_kill()`` first lets pending checkpoint writes finish), TERM (a notice) or INT."""
-    if os.environ.get("DISTILLM_KILL_AT_STEP") != str(at):
+    if os.environ.get("DISTILLM_KILL_AT_STEP") != str(done):
         return
     only = os.environ.get("DISTILLM_KILL_PROCESS")
     if only is not None and only != str(jax.process_index()):
@@ -81,8 +81,10 @@ class Interval:
     """What the loop gathers between two log rows: each micro-batch's metrics (device arrays, read only
     when the row is written), real tokens, and each step's batch-source info."""
 
-    def __init__(self, accum: int):
-        self.accum = accum
+    def __init__(self, accum: int, *, sgo: bool = False, adaptive: bool = False, hosts_share: float = 1.0):
+        """``accum``: micro-batches per step; ``sgo``: add the batch sources' metrics (``adaptive``: φ
+        too); ``hosts_share``: all data shards over this host's (a buffer's rows → all hosts')."""
+        self.accum, self.sgo, self.adaptive, self.hosts_share = accum, sgo, adaptive, hosts_share
         self._reset()
 
     def _reset(self) -> None:
@@ -98,16 +100,7 @@ class Interval:
         self.metrics.append(metrics)
         self.tokens.append(tokens)
 
-    def row(
-        self,
-        at: int,
-        asked_stop: bool,
-        where_saved: Callable[[], str],
-        *,
-        sgo: bool,
-        adaptive: bool,
-        hosts_share: float,
-    ):
+    def row(self, done: int, asked_stop: bool, where_saved: Callable[[], str]) -> tuple[dict, bool]:
         """(the log row, whether any host asked to stop). Every host's news is gathered (each knows its
         own signals, tokens and SGO lengths); a non-finite metric is a ``TrainingError`` naming the step
         and ``where_saved()``, the last good checkpoint."""
@@ -118,7 +111,7 @@ class Interval:
         rows = local[0]
         bad = next((i for i, r in enumerate(rows) if not all(np.isfinite(v) for v in r.values())), None)
         if bad is not None:
-            bad_step = at - len(rows) // self.accum + bad // self.accum + 1
+            bad_step = done - len(rows) // self.accum + bad // self.accum + 1
             values = ", ".join(f"{k} {float(v)}" for k, v in rows[bad].items() if not np.isfinite(v))
             raise TrainingError(
                 f"non-finite training metrics at step {bad_step} ({values}): lower optim.lr or check the "
@@ -127,25 +120,24 @@ class Interval:
         seconds = max(time.time() - self.start, 1e-9)
         mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
         mean["tokens_per_s"] = sum(h["tokens"] for h in every_host) / seconds
-        if sgo:
-            mean.update(
-                self._sources(seconds, [x for h in every_host for x in h["sgo_len"]], hosts_share, adaptive)
-            )
+        if self.sgo:
+            mean.update(self._sources(seconds, [x for h in every_host for x in h["sgo_len"]]))
         self._reset()
         return mean, any(h["stop"] for h in every_host)
 
-    def _sources(self, seconds: float, sgo_lengths: list, hosts_share: float, adaptive: bool) -> dict:
+    def _sources(self, seconds: float, sgo_lengths: list) -> dict:
         """The SGO metrics: φ (``adaptive``: DistiLLM's scheduler; the others have none), the share of
         each batch source, the buffer size, the mean SGO length, and the seconds the loop was blocked on
         generation (paper mode: all of it; overlap mode: what training did not hide) out of the
         interval's wall-clock."""
         infos = self.infos
         out = {
-            "buffer": infos[-1]["buffer"] * hosts_share,  # rows in all hosts' buffers (each holds as many)
+            "buffer": infos[-1]["buffer"]
+            * self.hosts_share,  # rows in all hosts' buffers (each holds as many)
             "gen_s": sum(i["gen_s"] for i in infos),
             "interval_s": seconds,
         }
-        if adaptive:
+        if self.adaptive:
             out["phi"] = infos[-1]["phi"]
         for source in ("data", "sgo", "replay"):
             out[f"src_{source}"] = float(np.mean([i["source"] == source for i in infos]))

@@ -88,9 +88,11 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
     reporter = reporting.Reporter(
         s.run_dir, schedule.total, state.step, desc=stage or os.path.basename(s.run_dir) or "train"
     )
-    interval, stopping = Interval(s.optim.grad_accum), False
-    done = state.step  # optimizer updates done
     hosts_share = run.batches.num_shards / len(run.batches.shards)
+    interval = Interval(
+        s.optim.grad_accum, sgo=s.method.sgo, adaptive=s.method.adaptive, hosts_share=hosts_share
+    )
+    done, stopping = state.step, False  # optimizer updates done
 
     def evaluate(done: int) -> None:  # the validation losses (→ φ), the metric (→ best/)
         metrics = run.validator.evaluate(
@@ -128,14 +130,7 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
                 )
                 alone = stop.signal is not None and jax.process_count() == 1
                 if schedule.due(done, schedule.log_every) or due_eval or due_save or alone:  # log
-                    row, stopping = interval.row(
-                        done,
-                        stop.signal is not None,
-                        ckpt.describe_latest,
-                        sgo=s.method.sgo,
-                        adaptive=s.method.adaptive,
-                        hosts_share=hosts_share,
-                    )
+                    row, stopping = interval.row(done, stop.signal is not None, ckpt.describe_latest)
                     reporter.log(done, "train", row)
                 if due_eval or due_save or stopping:  # the training clock leaves these out
                     jax.block_until_ready(student.params)
