@@ -6,6 +6,8 @@ full [B, T, V] logits of both models exist at once. Run from the repository root
 
     python bench/losses.py                  # B=4, T=1024, V in {32000, 151936}, every divergence
     python bench/losses.py --quick          # tiny shapes, seconds: checks the script itself
+    python bench/losses.py --batch 1 --seq 256 512 1024 2048 --vocab 32000 65536 151936 \
+        --divergences srkl --plot scale.png  # how the cost grows with length and vocabulary
 
 A configuration whose compiled scratch memory does not fit the device is reported without a time.
 """
@@ -29,7 +31,9 @@ MIB = 2**20
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument(
+        "--seq", type=int, nargs="+", default=[1024], help="sequence lengths (a grid with --vocab)"
+    )
     p.add_argument("--vocab", type=int, nargs="+", default=[32000, 151936])
     p.add_argument("--hidden", type=int, default=1024, help="student hidden size")
     p.add_argument("--teacher-hidden", type=int, default=2048)
@@ -46,9 +50,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--quick", action="store_true", help="tiny shapes, for testing the script")
     p.add_argument("--table-from", metavar="JSON", help="print the table of a saved run and exit")
+    p.add_argument("--plot", metavar="PNG", help="draw time and memory against length, per vocabulary")
     args = p.parse_args(argv)
     if args.quick:
-        args.batch, args.seq, args.vocab, args.hidden, args.teacher_hidden = 2, 40, [300], 16, 24
+        args.batch, args.vocab, args.hidden, args.teacher_hidden = 2, [300], 16, 24
+        args.seq = [40, 80] if args.plot else [40]
         args.chunk_size, args.repeats = 16, 1
     return args
 
@@ -68,10 +74,10 @@ def loss_fn(name: str, chunked: bool, chunk_size: int):
     return plain
 
 
-def make_inputs(args: argparse.Namespace, vocab: int) -> tuple[jax.Array, ...]:
+def make_inputs(args: argparse.Namespace, vocab: int, t: int) -> tuple[jax.Array, ...]:
     dtype = jnp.dtype(args.dtype)
     k = jax.random.split(jax.random.key(0), 4)
-    b, t, ds, dt = args.batch, args.seq, args.hidden, args.teacher_hidden
+    b, ds, dt = args.batch, args.hidden, args.teacher_hidden
     return (
         jax.random.normal(k[0], (b, t, ds), dtype),
         jax.random.normal(k[1], (b, t, dt), dtype),
@@ -85,6 +91,7 @@ def measure(args: argparse.Namespace, vocab: int, name: str, chunked: bool, inpu
     step = jax.jit(jax.value_and_grad(loss_fn(name, chunked, args.chunk_size), argnums=(0, 2)))
     compiled = step.lower(*inputs).compile()
     row = {
+        "seq": int(inputs[0].shape[1]),
         "vocab": vocab,
         "divergence": name,
         "form": "chunked" if chunked else "plain",
@@ -106,15 +113,15 @@ def table(rows: list[dict]) -> str:
     """Markdown: one line per (vocab, divergence), plain and chunked side by side, with ratios
     (chunked / plain: below 1 means the chunked form needs less)."""
     out = [
-        "| V | divergence | plain temp MiB | chunked temp MiB | memory ratio | plain ms | chunked ms "
+        "| T | V | divergence | plain temp MiB | chunked temp MiB | memory ratio | plain ms | chunked ms "
         "| time ratio | value rel. diff |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    by_key = {(r["vocab"], r["divergence"], r["form"]): r for r in rows}
-    for vocab, name, form in by_key:
-        if form != "plain" or (vocab, name, "chunked") not in by_key:
+    by_key = {(r.get("seq"), r["vocab"], r["divergence"], r["form"]): r for r in rows}
+    for seq, vocab, name, form in by_key:
+        if form != "plain" or (seq, vocab, name, "chunked") not in by_key:
             continue
-        p, c = by_key[vocab, name, "plain"], by_key[vocab, name, "chunked"]
+        p, c = by_key[seq, vocab, name, "plain"], by_key[seq, vocab, name, "chunked"]
         ms = lambda r: "—" if r["ms"] is None else f"{r['ms']:.1f}"  # noqa: E731
         t_ratio = "—" if None in (p["ms"], c["ms"]) else f"{c['ms'] / p['ms']:.2f}×"
         diff = (
@@ -123,7 +130,7 @@ def table(rows: list[dict]) -> str:
             else f"{abs(c['value'] - p['value']) / max(abs(p['value']), 1e-30):.1e}"
         )
         out.append(
-            f"| {vocab} | {name} | {p['temp_mib']:.1f} | {c['temp_mib']:.1f} "
+            f"| {seq or '—'} | {vocab} | {name} | {p['temp_mib']:.1f} | {c['temp_mib']:.1f} "
             f"| {c['temp_mib'] / p['temp_mib']:.3f} | {ms(p)} | {ms(c)} | {t_ratio} | {diff} |"
         )
     return "\n".join(out)
@@ -138,21 +145,59 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         return saved["rows"]
     print(f"# {machine_note()}", flush=True)
     print(
-        f"# B={args.batch} T={args.seq} hidden student/teacher={args.hidden}/{args.teacher_hidden} "
-        f"dtype={args.dtype} chunk_size={args.chunk_size}; value+grad w.r.t. student hidden and head",
+        f"# B={args.batch} T={'/'.join(map(str, args.seq))} "
+        f"hidden student/teacher={args.hidden}/{args.teacher_hidden} dtype={args.dtype} "
+        f"chunk_size={args.chunk_size}; value+grad w.r.t. student hidden and head",
         flush=True,
     )
     rows = []
-    for vocab in args.vocab:
-        inputs = make_inputs(args, vocab)
-        for name in args.divergences:
-            for chunked in (False, True):
-                rows.append(measure(args, vocab, name, chunked, inputs))
-                print(json.dumps(rows[-1]), flush=True)
-        del inputs
+    for seq in args.seq:
+        for vocab in args.vocab:
+            inputs = make_inputs(args, vocab, seq)
+            for name in args.divergences:
+                for chunked in (False, True):
+                    rows.append(measure(args, vocab, name, chunked, inputs))
+                    print(json.dumps(rows[-1]), flush=True)
+            del inputs
     print(table(rows))
     write_rows(args.json, args, rows)
+    if args.plot:
+        plot(rows, args.plot)
     return rows
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Time and compiled scratch memory against sequence length, one line per vocabulary and form
+    (plain solid, chunked dashed), for the first divergence measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    name = rows[0]["divergence"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, vocab in enumerate(sorted({r["vocab"] for r in rows})):
+        for form, style in (("plain", "-"), ("chunked", "--")):
+            mine = sorted(
+                (r for r in rows if (r["vocab"], r["divergence"], r["form"]) == (vocab, name, form)),
+                key=lambda r: r["seq"],
+            )
+            seqs = [r["seq"] for r in mine]
+            label = f"V={vocab} {form}"
+            axes[0].plot(
+                seqs, [r["ms"] or float("nan") for r in mine], style, color=f"C{i}", marker="o", label=label
+            )
+            axes[1].plot(seqs, [r["temp_mib"] for r in mine], style, color=f"C{i}", marker="o", label=label)
+    for ax, what in zip(axes, ("ms per value + gradient", "compiled scratch MiB"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel(what)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{name}: plain vs chunked loss as length and vocabulary grow")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

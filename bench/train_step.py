@@ -67,8 +67,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--chunk-size",
         type=int,
-        default=0,
-        help="our side's loss.chunk_size (0: the plain form, the default of a run's config)",
+        default=-1,
+        help="our side's loss.chunk_size (-1: what a run's default config chooses, "
+        "losses.auto_chunk_size; 0: the plain form)",
     )
     p.add_argument("--peers", nargs="+", choices=list(PAIRS), default=list(PAIRS), help="which peers to run")
     p.add_argument("--breakdown", action="store_true", help="also time the teacher forward and the loss")
@@ -435,6 +436,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     torch.set_num_threads(threads)
     print(f"# {machine_note()}; torch {torch.__version__} on cpu ({threads} threads)", flush=True)
     t_config, s_config = hf_configs(args.quick)
+    if args.chunk_size < 0:  # the form a run gets with no speed flag
+        args.chunk_size = losses.auto_chunk_size(s_config.vocab_size, args.dtype, jax.default_backend())
+    print(
+        f"# our loss form: {'chunked, ' + str(args.chunk_size) if args.chunk_size else 'plain'}", flush=True
+    )
     t_hf, t_ours = load_pair(t_config, 0, args.dtype)
     batch = make_batch(args.batch, args.seq, t_config.vocab_size)
     tokens = args.batch * args.seq

@@ -80,6 +80,11 @@ def check(config: ConfigDict) -> None:
         raise ConfigError(str(e)) from None
     if not 0.0 <= config.loss.kd_ratio <= 1.0:
         raise ConfigError(f"loss.kd_ratio must be in [0, 1], got {config.loss.kd_ratio}")
+    if config.loss.chunk_size < -1:
+        raise ConfigError(
+            f"loss.chunk_size must be -1 (chosen for the run), 0 (plain) or positions per chunk, "
+            f"got {config.loss.chunk_size}"
+        )
     d = config.data
     if not 0 < d.max_prompt_length < d.max_length:
         raise ConfigError(
@@ -207,7 +212,7 @@ def _check_methods(config: ConfigDict) -> None:
         g = config[group]
         if g.temperature < 0 or not 0 < g.top_p <= 1 or g.get("top_k", 0) < 0:
             raise ConfigError(f"{group}: need temperature >= 0, top_p in (0, 1] and top_k >= 0")
-    if not entry.chunked and config.loss.chunk_size:
+    if not entry.chunked and config.loss.chunk_size > 0:
         raise ConfigError(f"method {method} has no chunked loss; set loss.chunk_size=0")
     for role in ("teacher", "student"):
         lo = config[role].lora

@@ -84,7 +84,10 @@ def get_config() -> ConfigDict:
     c.loss.lam = 0.9  # symkl
     c.loss.lm_coef = 0.0  # weight of the LM loss on data.lm_source
     c.loss.lm_kd_ratio = 0.0  # the LM loss: (1 − it)·CE + it·FKL to the teacher (MiniLLM's: 0.5)
-    c.loss.chunk_size = 0  # > 0: chunked large-vocabulary loss (Qwen/Llama-size vocabularies)
+    # The loss form: -1 = chosen for the run by vocabulary, backend and dtype (losses.auto_chunk_size:
+    # chunked from 32k entries on CPU and in bfloat16); 0 = the plain form; > 0 = chunked, this many
+    # positions at a time (the full [batch, length, vocab] logits never exist).
+    c.loss.chunk_size = -1
 
     c.optim = ConfigDict()
     c.optim.batch_size = 32  # global, per optimizer update: batch_size = micro-batch * grad_accum

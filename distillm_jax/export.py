@@ -11,7 +11,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from distillm_jax import config as cfglib
-from distillm_jax import distributed, lora, models, settings, sharding, step
+from distillm_jax import distributed, lora, models, planner, settings, sharding, step
 from distillm_jax.checkpointing import Checkpoints
 from distillm_jax.data import tokenizers as toklib
 from distillm_jax.run import build_model
@@ -41,7 +41,7 @@ def export_checkpoint(config: ConfigDict, at: int | None = None, out_dir: str | 
     """Write the student of ``config.run_dir``'s checkpoint ``at`` (default: the latest) as an HF
     checkpoint; returns its directory."""
     cfglib.check(config)
-    s = settings.build(config)
+    s = settings.build(config, planner.hf_config(config.student).vocab_size)
     ckpt = Checkpoints(os.path.join(s.run_dir, "checkpoints"), keep=s.checkpoint_keep)
     try:
         steps = ckpt.manager.all_steps()

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
-from distillm_jax import lora, methods, models
+from distillm_jax import lora, methods, models, settings
 from distillm_jax import sharding as shd
 from distillm_jax.models import hub
 
@@ -135,7 +135,7 @@ def plan(config: ConfigDict, devices: int) -> dict[str, float]:
 
     cross = p if d["enc_dec"] else 0  # the decoder also attends over the prompt
     acts = d["enc_layers"] * layer(p, p) + d["layers"] * layer(t, t + cross)
-    logits = 4 * rows * (c.loss.chunk_size or t) * d["vocab"] * 4 / tensor
+    logits = 4 * rows * (settings.chunk_size(c, d["vocab"]) or t) * d["vocab"] * 4 / tensor
     out["activations (est.)"] = ACTIVATION_SCALE * (acts + logits)
 
     # The largest sampler the run holds: evaluation samples the student; the method's own samplers

@@ -41,7 +41,8 @@ class Run:
 
     def __init__(self, config: ConfigDict, *, evaluate_only: bool = False):
         cfglib.check(config)
-        self.settings = s = settings.build(config)
+        vocab = planner.hf_config(config.student).vocab_size  # config.json only: no weights read yet
+        self.settings = s = settings.build(config, vocab)
         d = s.data
         self.mesh = sharding.make_mesh(**config.mesh)
         self.task = tasks.get(d.task, d.languages)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 from ml_collections import ConfigDict
 
 from distillm_jax import config as cfglib
-from distillm_jax import methods, minillm, step
+from distillm_jax import losses, methods, minillm, step
 from distillm_jax.data import batching
 
 
@@ -137,8 +138,19 @@ class Settings:
         return group.max_new_tokens or self.data.lengths.max_response
 
 
-def loss_config(c: ConfigDict) -> step.LossConfig:
-    """What the train step scores a batch by, for ``c.method``."""
+def chunk_size(c: ConfigDict, vocab: int) -> int:
+    """``loss.chunk_size`` resolved: as set when >= 0; -1 (the default) chosen from the student's
+    vocabulary, its compute dtype and the backend (``losses.auto_chunk_size``), for a method whose loss
+    has a chunked form."""
+    if c.loss.chunk_size >= 0:
+        return int(c.loss.chunk_size)
+    if not methods.get(c.method).chunked:
+        return 0
+    return losses.auto_chunk_size(vocab, c.student.dtype, jax.default_backend())
+
+
+def loss_config(c: ConfigDict, vocab: int) -> step.LossConfig:
+    """What the train step scores a batch by, for ``c.method`` and a student of ``vocab`` entries."""
     method = methods.get(c.method)
     return step.LossConfig(
         divergence=c.loss.name,
@@ -146,7 +158,7 @@ def loss_config(c: ConfigDict) -> step.LossConfig:
         params=tuple(cfglib.loss_params(c).items()),
         lm_coef=float(c.loss.lm_coef),
         lm_kd_ratio=float(c.loss.lm_kd_ratio),
-        chunk_size=int(c.loss.chunk_size),
+        chunk_size=chunk_size(c, vocab),
         objective=method.objective,
         distillm2_beta=float(c.distillm2.beta),
         minillm=minillm.Settings(
@@ -164,8 +176,9 @@ def _fields(cls, group: ConfigDict, **given) -> dict:
     return out
 
 
-def build(c: ConfigDict) -> Settings:
-    """The settings of a config that ``config.check`` accepted."""
+def build(c: ConfigDict, vocab: int) -> Settings:
+    """The settings of a config that ``config.check`` accepted, for a student of ``vocab`` entries (its
+    config.json's: ``planner.hf_config``)."""
     d, o, e = c.data, c.offpolicy, c.eval
     lengths = batching.Lengths(d.max_prompt_length, d.max_length)
     lo = c.student.lora
@@ -179,7 +192,7 @@ def build(c: ConfigDict) -> Settings:
         eval=Eval(**_fields(Eval, e, sampling=Sampling.of(e))),
         sgo=SGO(**_fields(SGO, o, sampling=Sampling.of(o))),
         rollouts=Rollouts(float(c.minillm.mix_alpha), int(c.minillm.rollouts), int(c.minillm.ppo_epochs)),
-        loss=loss_config(c),
+        loss=loss_config(c, vocab),
         seqkd=Sampling.of(c.seqkd),
         distillm2=Sampling.of(c.distillm2),
         checkpoint_interval=int(c.checkpoint.interval),

@@ -69,7 +69,7 @@ def test_activation_estimate_matches_the_compiled_step():
     student = trainer.build_model(c.student, None, trainable=True)
     teacher = trainer.build_model(c.teacher, None, trainable=False)
     fn, params, opt = step.make_train_step(
-        student, teacher, settings.build(c).optim.adamw(10), settings.loss_config(c)
+        student, teacher, settings.build(c, 4096).optim.adamw(10), settings.loss_config(c, 4096)
     )
     rows = [(list(range(3, 67)), [*range(5, 68), 1])] * 8
     batch = {
