@@ -30,7 +30,7 @@ from train_step import step_flops
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 from configs import base
-from distillm_jax import sharding, step, trainer
+from distillm_jax import losses, sharding, step, trainer
 
 NOMINAL_BF16_FLOP_S = {  # vendor dense bfloat16 peaks (no sparsity), for the second MFU column
     "NVIDIA H200": 989e12,
@@ -49,7 +49,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (the first compiles)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    p.add_argument("--chunk-size", type=int, default=0, help="> 0: the chunked divergence")
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=-1,
+        help="loss.chunk_size (-1: what a run's default config chooses, losses.auto_chunk_size; 0: plain)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny shapes, for testing the script")
     p.add_argument("--json", help="also write the row to this file")
     args = p.parse_args(argv)
@@ -84,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     teacher = trainer.build_model(teacher_spec, mesh, trainable=False)
     student = trainer.build_model(student_spec, mesh, trainable=True)
     tx = step.make_optimizer(1e-4, total_steps=1000)
+    if args.chunk_size < 0:  # the form a run gets with no speed flag
+        args.chunk_size = losses.auto_chunk_size(s_cfg.vocab_size, args.dtype, jax.default_backend())
     loss = step.LossConfig(divergence="srkl", params=(("alpha", 0.1),), chunk_size=args.chunk_size)
     train_step, params, opt_state = step.make_train_step(student, teacher, tx, loss)
     teacher_state = nnx.state(teacher)
@@ -111,14 +118,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     mem = compiled.memory_analysis()
     compiled_bytes = int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes)
 
-    times, losses = [], []
+    times, step_losses = [], []
     for i in range(args.warmup + args.steps):
         start = time.perf_counter()
         params, opt_state, metrics = train_step(params, opt_state, teacher_state, batch)
-        losses.append(float(metrics["loss"]))  # waits for the step
+        step_losses.append(float(metrics["loss"]))  # waits for the step
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
+    teacher_s = _teacher_forward_s(teacher, teacher_state, batch, args.steps)
     tokens = args.batch * args.seq
     n_t, t_fwd = step_flops(_hf_like(t_cfg), tokens)
     n_s, s_fwd = step_flops(_hf_like(s_cfg), tokens)
@@ -136,13 +144,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         "chunk_size": args.chunk_size,
         "step_s": step_s,
         "times_s": times,
-        "losses": losses,
+        "losses": step_losses,
         "tok_s": tokens / step_s,
         "flops_per_step": flops,
         "xla_flops_per_step": xla_flops,
         "flop_s": flops / step_s,
         "matmul_peak_flop_s": peak,
         "mfu": flops / step_s / peak,
+        "teacher_forward_s": teacher_s,  # where the step's time goes: the teacher's share ...
+        "teacher_mfu": t_fwd / teacher_s / peak,
+        "student_mfu": 3 * s_fwd / max(step_s - teacher_s, 1e-9) / peak,  # ... and the rest's
         "nominal_peak_flop_s": nominal,
         "mfu_nominal": flops / step_s / nominal if nominal else None,
         "peak_memory_bytes": stats.get("peak_bytes_in_use"),
@@ -154,6 +165,25 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     return [row]
 
 
+def _teacher_forward_s(teacher, teacher_state, batch: dict, steps: int) -> float:
+    """Median seconds of the teacher's forward (to its logits, as the step runs it) alone: the step's
+    time minus this is the student's forward, backward, loss and update, so an MFU below target says
+    which side holds the rest."""
+    graphdef = nnx.graphdef(teacher)
+
+    @jax.jit
+    def forward(state, ids, mask):
+        return nnx.merge(graphdef, state)(ids, mask).sum()
+
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        jax.block_until_ready(forward(teacher_state, batch["input_ids"], batch["attention_mask"]))
+        if i:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def _hf_like(c: ConfigDict):
     """The attributes ``train_step.step_flops`` reads from an HF GPT-2 config."""
     return argparse.Namespace(n_embd=c.n_embd, n_layer=c.n_layer, n_inner=None, vocab_size=c.vocab_size)
@@ -162,8 +192,9 @@ def _hf_like(c: ConfigDict):
 def table(rows: list[dict]) -> str:
     out = [
         "| device | teacher / student (non-emb. + head) | dtype | batch x seq | step ms | tokens/s "
-        "| TFLOP/s | MFU (measured matmul peak) | MFU (nominal peak) | peak memory GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| TFLOP/s | MFU (measured matmul peak) | MFU (nominal peak) | teacher fwd ms (its MFU) "
+        "| rest of the step: student MFU | loss form | peak memory GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         nominal = f"{r['mfu_nominal']:.0%}" if r["mfu_nominal"] else "—"
@@ -173,9 +204,19 @@ def table(rows: list[dict]) -> str:
             f"| {r['device']} | {r['teacher_flop_params_m']:.0f}M / {r['student_flop_params_m']:.0f}M "
             f"| {r['dtype']} | {r['batch']} x {r['seq']} | {1e3 * r['step_s']:.1f} | {r['tok_s']:.0f} "
             f"| {r['flop_s'] / 1e12:.2f} | {r['mfu']:.0%} of {r['matmul_peak_flop_s'] / 1e12:.1f} "
-            f"| {nominal} | {mem / 2**30:.2f}{mem_note} |"
+            f"| {nominal} | {_breakdown(r)} | {_form(r)} | {mem / 2**30:.2f}{mem_note} |"
         )
     return "\n".join(out)
+
+
+def _breakdown(r: dict) -> str:
+    if "teacher_forward_s" not in r:
+        return "— | —"  # recorded before the breakdown was added
+    return f"{1e3 * r['teacher_forward_s']:.1f} ({r['teacher_mfu']:.0%}) | {r['student_mfu']:.0%}"
+
+
+def _form(r: dict) -> str:
+    return f"chunked, {r['chunk_size']}" if r.get("chunk_size") else "plain"
 
 
 if __name__ == "__main__":

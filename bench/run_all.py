@@ -108,6 +108,7 @@ BENCHES = (
         "speedup.py",
         "Student-generated outputs end to end: DistiLLM vs GKD (ours and TRL's) and the SGO baselines",
         cpu=(("", ()), ("_gpt2", ("--family", "gpt2"))),
+        accelerator=(("", ()), ("_gpt2", ("--family", "gpt2"))),
         quick=(("_gpt2", ("--quick", "--family", "gpt2", "--arms", "distillm", "trl_gkd_positions")),),
         plot=True,
         target="DistiLLM, with its scheduler engaged (SGO and replay steps), reaches on-policy GKD's best "

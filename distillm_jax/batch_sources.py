@@ -105,19 +105,20 @@ class Ordered:
 
 class Source(Ordered):
     """A method's batches: ``for_step(index, params)`` gives step ``index``'s micro-batches on the
-    devices; ``inner`` (the feeder, the rollouts) keeps the state a resumed run needs, in the
-    ``RunState`` field ``field``, every host's shards merged by ``merge``."""
+    devices; its stateful part (the feeder, the rollouts) is the attribute named ``field``, as is the
+    ``RunState`` field that keeps what a resumed run needs, every host's shards merged by ``merge``."""
 
     field: str
     merge: Callable
 
     def save(self, state: RunState) -> None:
-        setattr(state, self.field, type(self).merge(distributed.gather_objects(self.inner.state())))
+        kept = getattr(self, self.field).state()
+        setattr(state, self.field, type(self).merge(distributed.gather_objects(kept)))
 
     def load(self, state: RunState) -> None:
         saved = getattr(state, self.field)
         if saved is not None:
-            self.inner.load(saved)
+            getattr(self, self.field).load(saved)
 
     def close(self) -> None:
         """Stop the source's threads, if any."""
@@ -145,7 +146,7 @@ class Feed(Source):
                 lambda params, prompts, key: run.sampler.sgo(model_of(params), prompts, new, o.sampling, key),
                 threaded=o.overlap,
             )
-        self.inner = self.feeder = offpolicy.Feeder(
+        self.feeder = offpolicy.Feeder(
             s.method.strategy or offpolicy.ground_truth,
             offpolicy.AdaptiveScheduler(o.loss_eps, o.replay_ratio, phi=o.init_phi),
             offpolicy.ReplayBuffer(max(o.capacity // run.batches.num_shards, 1), run.batches.shards),
@@ -198,7 +199,7 @@ class Rollouts(Source):
             out = score_step(params, teacher_state, run.batches.to_devices(run.batches.host(rows)))
             return tuple(np.asarray(distributed.local_rows(x), np.float32) for x in out)
 
-        self.inner = minillm.Rollouts(
+        self.rollout = minillm.Rollouts(
             s.rollouts.ppo_epochs,
             s.rollouts.rollouts // s.optim.micro,
             s.optim.grad_accum,
@@ -210,7 +211,7 @@ class Rollouts(Source):
         )
 
     def for_step(self, index: int, params) -> tuple[list[tuple[dict, int]], dict]:
-        parts, info = self.inner.for_step(index, params)
+        parts, info = self.rollout.for_step(index, params)
         out = []
         for rows, (old_logp, teacher_logp) in parts:
             out.append(

@@ -7,6 +7,12 @@ either side: rows are left-aligned first, and positions count real tokens only, 
 what it would alone. Encoder-decoder models run the encoder once; the decoder caches cross-attention keys
 and values.
 
+The cache grows in segments (``segment_ends``): the loop runs once per segment, each over a cache just
+long enough for the tokens of that segment, so that a step attends over the slots filled so far (rounded
+up) rather than the whole sequence's — on CPU, where decoding is bound by the bytes it reads, the
+attention over empty slots was a quarter or more of a step. Each segment compiles its own loop body, so
+there are few (``MAX_SEGMENTS``) and none shorter than ``MIN_SEGMENT`` tokens.
+
 MiniLLM draws its rollouts from a teacher-student mixture: with ``mix_model`` the teacher runs in
 lockstep with the student in the same loop (each with its own cache, both fed every drawn token), and
 each token comes from ``mix_alpha * p_teacher + (1 - mix_alpha) * q_student``.
@@ -26,6 +32,16 @@ from distillm_jax.models import layers as L
 
 Array = jax.Array
 NEG_INF = -jnp.inf
+MIN_SEGMENT = 32  # new tokens
+MAX_SEGMENTS = 4
+
+
+def segment_ends(n_new: int) -> tuple[int, ...]:
+    """Where the decode loop's segments end, in new tokens: at most ``MAX_SEGMENTS`` of equal length
+    (the last may be shorter), none of them under ``MIN_SEGMENT`` but the last (so short generations
+    keep one loop, one compiled body)."""
+    length = max(MIN_SEGMENT, -(-n_new // MAX_SEGMENTS))
+    return (*range(length, n_new, length), n_new)
 
 
 def _ban_repeated_ngrams(logits: Array, seq: Array, length: Array, n: int) -> Array:
@@ -99,7 +115,7 @@ def _compiled(
     static settings; its outputs keep the prompts' row sharding ``rows`` (each host then reads the rows
     it fed, no all-gather). The mixer's state and alpha are arguments, so one compilation serves every
     alpha and every teacher checkpoint of that graph."""
-    n_new, temperature, top_k, top_p, eos, pad, ngram, start = settings
+    n_new, temperature, top_k, top_p, eos, pad, ngram, start, ends = settings
     greedy = temperature == 0.0
 
     def advance(net, ids, kv_valid, positions, cache, index):
@@ -123,16 +139,18 @@ def _compiled(
         heads = [net.head() for net in nets]
         if not encoder_decoder:
             prompt_ids, prompt_mask = _left_align(prompt_ids, prompt_mask)
-        slots = n_new + 1 if encoder_decoder else p + n_new
+        offset = 1 if encoder_decoder else p  # generated token i goes to slot offset + i
+        slots = offset + ends[0]  # the cache's length in the first segment
         caches = [new_cache(net, prompt_ids, prompt_mask, b, slots) for net in nets]
+        seq = jnp.full((b, offset + n_new), pad, jnp.int32)
         if encoder_decoder:  # prefill the decoder's start token
-            seq = jnp.full((b, slots), pad, jnp.int32).at[:, 0].set(start)
+            seq = seq.at[:, 0].set(start)
             kv_valid = jnp.zeros((b, slots), jnp.int32).at[:, 0].set(1)
-            first, positions, offset = seq[:, :1], None, 1  # generated token i goes to slot offset + i
+            first, positions = seq[:, :1], None
         else:  # prefill the prompt
-            seq = jnp.full((b, slots), pad, jnp.int32).at[:, :p].set(prompt_ids)
+            seq = seq.at[:, :p].set(prompt_ids)
             kv_valid = jnp.zeros((b, slots), jnp.int32).at[:, :p].set(prompt_mask)
-            first, positions, offset = prompt_ids, L.default_positions(prompt_mask), p
+            first, positions = prompt_ids, L.default_positions(prompt_mask)
         hs, caches = zip(
             *(advance(net, first, kv_valid, positions, c, 0) for net, c in zip(nets, caches, strict=True)),
             strict=True,
@@ -184,7 +202,15 @@ def _compiled(
             jnp.zeros((b, n_new), bool),
             rng,
         )
-        _, _, seq, _, _, _, out_mask, _ = jax.lax.while_loop(cond, body, init)
+        carry = init
+        for j, end in enumerate(ends):
+            if j:  # the next segment's slots, zeroed and not yet valid
+                i, caches, seq, kv_valid, *rest = carry
+                caches = tuple(L.grow_kv_cache(c, offset + end) for c in caches)
+                kv_valid = jnp.pad(kv_valid, ((0, 0), (0, offset + end - kv_valid.shape[1])))
+                carry = (i, caches, seq, kv_valid, *rest)
+            carry = jax.lax.while_loop(lambda c, end=end: cond(c) & (c[0] < end), body, carry)
+        _, _, seq, _, _, _, out_mask, _ = carry
         return seq[:, offset : offset + n_new], out_mask
 
     return jax.jit(run, out_shardings=None if rows is None else (rows, rows))
@@ -294,6 +320,7 @@ def generate(
         pad,
         no_repeat_ngram_size,
         start,
+        segment_ends(max_new_tokens),
     )
     graphdef, state = nnx.split(model)
     mix_graphdef, mixer = None, None

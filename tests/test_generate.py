@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 from scipy import stats
 
+from distillm_jax import generate as gen
 from distillm_jax import models, sharding
 from distillm_jax.generate import _filter, _sample, generate
 from distillm_jax.models import layers as L
@@ -180,10 +181,36 @@ def test_compiles_once_per_shape():
     from distillm_jax.generate import _compiled
 
     # the settings generate() derives for gpt2's config (eos = pad = start = 1), greedy, 4 new tokens
-    fn = _compiled(nnx.graphdef(model), False, (4, 0.0, 0, 1.0, 1, 1, 0, 1), None, None)
+    fn = _compiled(nnx.graphdef(model), False, (4, 0.0, 0, 1.0, 1, 1, 0, 1, (4,)), None, None)
     assert fn._cache_size() == 1  # the second call reused the first compilation
     generate(model, ids[:, 1:], mask[:, 1:], 4)  # a new prompt length: exactly one more
     assert fn._cache_size() == 2
+
+
+def test_segment_ends_cover_the_generation_in_few_long_segments():
+    for n in (1, 8, 31, 32, 33, 100, 130, 256, 1000):
+        ends = gen.segment_ends(n)
+        assert ends[-1] == n and list(ends) == sorted(set(ends)) and len(ends) <= gen.MAX_SEGMENTS
+        lengths = np.diff((0, *ends))
+        assert (lengths[:-1] >= gen.MIN_SEGMENT).all() and (lengths[:-1] == lengths[0]).all()
+    assert gen.segment_ends(256) == (64, 128, 192, 256)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5"])
+def test_a_cache_grown_in_segments_generates_what_one_cache_does(name, monkeypatch):
+    """Two segments of 4 tokens (the cache grown once; T5's cross-attention entries kept) against
+    transformers (greedy, left-padded prompts) and against one segment (sampled, n-gram bans reading the
+    whole sequence)."""
+    model, ids, mask = load(name)
+    sampled = dict(temperature=1.0, top_k=20, no_repeat_ngram_size=2, rng=jax.random.key(3), eos_token_id=-1)
+    monkeypatch.setattr(gen, "MIN_SEGMENT", 1000)
+    whole = [np.asarray(x) for x in generate(model, ids, mask, N, **sampled)]
+    monkeypatch.setattr(gen, "MIN_SEGMENT", 4)
+    assert gen.segment_ends(N) == (4, 8)
+    tokens, valid = generate(model, ids, mask, N, eos_token_id=-1)
+    assert_same_tokens(tokens, valid, hf_generate(name, ids, mask, eos_token_id=None), pad=-1)
+    for got, expected in zip(generate(model, ids, mask, N, **sampled), whole, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), expected)
 
 
 def test_bad_inputs():

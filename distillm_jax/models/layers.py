@@ -339,6 +339,17 @@ def init_kv_cache(layers: int, batch: int, slots: int, kv_heads: int, head_dim: 
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(layers)]
 
 
+def grow_kv_cache(caches: list[Cache], slots: int) -> list[Cache]:
+    """The caches with their self-attention slots ("k", "v") zero-padded to ``slots``; other entries (a
+    decoder's cross-attention keys and values) as they are. The sampler grows its cache as tokens fill
+    it, so that attention reads only the slots filled so far (rounded up to a segment)."""
+
+    def grow(x: Array) -> Array:
+        return jnp.pad(x, ((0, 0), (0, 0), (0, slots - x.shape[2]), (0, 0)))
+
+    return [{**c, "k": grow(c["k"]), "v": grow(c["v"])} for c in caches]
+
+
 class MLP(nnx.Module):
     """Gated (act(x W_gate) * x W_up) W_down, or plain act(x W_in + b) W_out + b."""
 
