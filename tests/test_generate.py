@@ -239,13 +239,18 @@ def test_logits_helper_is_what_generation_uses():
     np.testing.assert_array_equal(first, logits[:, -1].argmax(-1))
 
 
-def test_inverse_cdf_sampler_matches_softmax_and_skips_removed_tokens():
-    logits = jnp.tile(jnp.array([[0.0, -jnp.inf, 1.0, -jnp.inf, 2.0, 0.5]]), (20000, 1))
+@pytest.mark.parametrize("block", [128, 3, 2])
+def test_inverse_cdf_sampler_matches_softmax_and_skips_removed_tokens(block, monkeypatch):
+    """One block, and blocks of 3 or 2 entries (one wholly removed, the last partly padding)."""
+    monkeypatch.setattr(gen, "DRAW_BLOCK", block)
+    row = [0.0, -jnp.inf, 1.0, -jnp.inf, -jnp.inf, -jnp.inf, 2.0, 0.5, -jnp.inf, 0.0, -jnp.inf]
+    logits = jnp.tile(jnp.array([row]), (20000, 1))
     draws = np.asarray(_sample(jax.random.key(7), logits))
-    counts = np.bincount(draws, minlength=6)
-    assert counts[1] == 0 and counts[3] == 0
-    p = np.exp([0.0, 1.0, 2.0, 0.5])
-    assert stats.chisquare(counts[[0, 2, 4, 5]], 20000 * p / p.sum()).pvalue > 1e-3
+    counts = np.bincount(draws, minlength=len(row))
+    kept = np.isfinite(row)
+    assert counts[~kept].sum() == 0
+    p = np.exp(np.array(row)[kept])
+    assert stats.chisquare(counts[kept], 20000 * p / p.sum()).pvalue > 1e-3
 
 
 # MiniLLM's teacher-mixed sampling: tokens drawn from alpha * p_mixer + (1 - alpha) * q_model.
