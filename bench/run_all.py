@@ -308,7 +308,7 @@ def render(results_dir: str, tag: str) -> str:
         "do not edit by hand (findings written by hand live in `bench/notes/`). Every figure is measured "
         "side by side with its peer in the same run on the machine named above its table: quote the "
         "ratios, not the absolute times. Machines: `cpu` is a 2-core x86_64 VM unless its line says "
-        "otherwise; accelerator results come from runs on a lent GPU.",
+        "otherwise; accelerator results come from runs of `bench/device_check.sh` on a lent GPU.",
         "",
     ]
     for bench in BENCHES:
