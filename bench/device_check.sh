@@ -24,6 +24,7 @@ if [[ "${1:-}" == "--wheels" ]]; then
   exec python3 -m pip wheel -q --no-deps -w .whl "${WHEELS[@]}"
 fi
 
+PY=${PYTHON:-python3}  # the device image's python3 holds jax and torch
 OUT=${OUT:-runs/device_check}
 DEADLINE_S=${DEADLINE_S:-520}
 RESULTS=$(mktemp -d)
@@ -31,13 +32,13 @@ mkdir -p "$OUT"
 LOG="$OUT/device_check.log"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 start=$SECONDS
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
-  python3 -c "import jax, flax, torch, transformers; print('jax', jax.__version__, jax.devices()[0].device_kind,
+  "$PY" -c "import jax, flax, torch, transformers; print('jax', jax.__version__, jax.devices()[0].device_kind,
 '| flax', flax.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)" 2>&1
 } | tee -a "$LOG"
 
@@ -51,7 +52,7 @@ bench() {  # bench CAP_S NAME...: run_all's accelerator variants of NAME, stoppe
   fi
   echo "== $* (cap ${cap}s, ${left}s left)" | tee -a "$LOG"
   # shellcheck disable=SC2086  # EXTRA: more run_all arguments (--quick: a dry run of this script anywhere)
-  timeout -k 5 "$cap" python3 bench/run_all.py --only "$@" --results "$RESULTS" --out "$RESULTS/BENCHMARKS.md" \
+  timeout -k 5 "$cap" "$PY" bench/run_all.py --only "$@" --results "$RESULTS" --out "$RESULTS/BENCHMARKS.md" \
     --log "$RESULTS/stderr.log" ${EXTRA:-} >>"$LOG" 2>&1
   echo "== $*: exit $? after $((SECONDS - start))s" | tee -a "$LOG"
 }
@@ -62,5 +63,6 @@ bench 60 losses
 bench 150 speedup
 bench 60 scale
 bench 60 forward
+rm -rf "$RESULTS/runs"  # training runs of a --quick dry run
 tar czf "$OUT/results.tgz" -C "$RESULTS" . && ls -l "$RESULTS" | tee -a "$LOG"
 echo "== done in $((SECONDS - start))s" | tee -a "$LOG"
