@@ -44,6 +44,17 @@ def segment_ends(n_new: int) -> tuple[int, ...]:
     return (*range(length, n_new, length), n_new)
 
 
+def cache_slots_held(prompt_len: int, n_new: int, encoder_decoder: bool) -> int:
+    """The most key/value slots per layer a sampler holds at once (what a memory plan must budget):
+    the self-attention cache of the last segment and, while it is grown from the previous one, that one
+    too; plus, for an encoder-decoder, the cross-attention entries over the prompt. A decoder-only
+    cache holds prompt and new tokens; an encoder-decoder's own cache only the start and new tokens."""
+    offset = 1 if encoder_decoder else prompt_len
+    ends = segment_ends(n_new)
+    held = offset + ends[-1] + (offset + ends[-2] if len(ends) > 1 else 0)
+    return held + (prompt_len if encoder_decoder else 0)
+
+
 def _ban_repeated_ngrams(logits: Array, seq: Array, length: Array, n: int) -> Array:
     """HF's no_repeat_ngram_size: forbid every token that would complete an n-gram already present
     in ``seq[:, :length]`` (prompt, padding included as HF does, and generated tokens)."""

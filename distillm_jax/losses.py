@@ -333,41 +333,58 @@ def _masked_sum(token_fn: Callable[[Array, Array], Array], s: Array, t: Array, m
     return jnp.sum(jnp.where(m != 0, token_fn(s, t), 0.0))
 
 
+def _targets_first(mask: Array, *xs: Array) -> tuple[Array, ...]:
+    """``mask`` and each ``[B, T, ...]`` of ``xs`` with every row's target positions moved, in order, to
+    the front of the row. The loss is a masked sum, so only the order of its terms changes; the chunks
+    past the row with the most targets then hold none and are not computed: prompt and padding
+    positions cost no logits. The gather runs along the sequence, so batch sharding is kept."""
+    order = jnp.argsort(mask == 0, axis=1, stable=True)
+    take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+    return tuple(take(x) for x in (mask, *xs))
+
+
+def _chunks_with_targets(mask: Array, chunk: int) -> Array:
+    """How many leading chunks of a ``_targets_first`` mask hold a target (the loop's trip count)."""
+    return -(-jnp.max(jnp.sum(mask != 0, axis=1)) // chunk)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _chunked_sum(token_fn, chunk, hs, ht, ws, wt, mask):
-    """Σ over masked tokens of token_fn(hs @ ws, ht @ wt), one chunk of the sequence at a time."""
-
-    def body(total, xs):
-        hs_c, ht_c, m_c = xs
-        return total + _masked_sum(token_fn, _logits(hs_c, ws), _logits(ht_c, wt), m_c), None
-
+    """Σ over masked tokens of token_fn(hs @ ws, ht @ wt), one chunk of the sequence at a time, over the
+    leading chunks that hold targets (``mask`` comes from ``_targets_first``)."""
     xs = (_to_chunks(hs, chunk), _to_chunks(ht, chunk), _to_chunks(mask, chunk))
-    return jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)[0]
+
+    def body(i, total):
+        hs_c, ht_c, m_c = (x[i] for x in xs)
+        return total + _masked_sum(token_fn, _logits(hs_c, ws), _logits(ht_c, wt), m_c)
+
+    return jax.lax.fori_loop(0, _chunks_with_targets(mask, chunk), body, jnp.zeros((), jnp.float32))
 
 
 def _chunked_sum_fwd(token_fn, chunk, hs, ht, ws, wt, mask):
     # symbolic_zeros=True: each argument arrives as CustomVJPPrimal(value, perturbed).
     want_h, want_w = hs.perturbed, ws.perturbed
     hs, ht, ws, wt, mask = hs.value, ht.value, ws.value, wt.value, mask.value
+    xs = (_to_chunks(hs, chunk), _to_chunks(ht, chunk), _to_chunks(mask, chunk))
 
-    def body(carry, xs):
-        total, dws = carry
-        hs_c, ht_c, m_c = xs
+    def body(i, carry):
+        total, dws, dhs = carry
+        hs_c, ht_c, m_c = (x[i] for x in xs)
         t_logits = _logits(ht_c, wt)
         value, vjp = jax.vjp(lambda s: _masked_sum(token_fn, s, t_logits, m_c), _logits(hs_c, ws))
         # d loss / d logits, in the matmul dtype (bf16 for bf16 models, as mixed precision does).
         d_logits = vjp(jnp.ones((), jnp.float32))[0].astype(ws.dtype)
         if want_w:  # accumulate in float32 inside the matmul: no per-chunk [Ds, V] temporary
             dws = dws + jnp.einsum("bcd,bcv->dv", hs_c, d_logits, preferred_element_type=jnp.float32)
-        dhs_c = None
         if want_h:
             dhs_c = jnp.einsum("bcv,dv->bcd", d_logits, ws, preferred_element_type=jnp.float32)
-            dhs_c = dhs_c.astype(hs.dtype)
-        return (total + value, dws), dhs_c
+            dhs = dhs.at[i].set(dhs_c.astype(hs.dtype))
+        return total + value, dws, dhs
 
-    xs = (_to_chunks(hs, chunk), _to_chunks(ht, chunk), _to_chunks(mask, chunk))
     dws0 = jnp.zeros(ws.shape if want_w else (), jnp.float32)
-    (total, dws), dhs = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dws0), xs)
+    dhs0 = jnp.zeros(xs[0].shape, hs.dtype) if want_h else None  # chunks without targets: zero
+    init = (jnp.zeros((), jnp.float32), dws0, dhs0)
+    total, dws, dhs = jax.lax.fori_loop(0, _chunks_with_targets(mask, chunk), body, init)
     dhs = _from_chunks(dhs, hs.shape[1]) if want_h else None
     return total, (dhs, dws.astype(ws.dtype) if want_w else None)
 
@@ -433,14 +450,17 @@ def chunked_divergence(
         raise ValueError(f"{what}: chunk_size must be a positive int, got {chunk_size!r}")
     token_fn = functools.partial(_token_values, spec, params)
     chunk = min(chunk_size, hs[1])
+    targets, student_hidden, teacher_hidden = _targets_first(
+        jnp.asarray(mask) != 0, student_hidden, jax.lax.stop_gradient(teacher_hidden)
+    )
     total = _chunked_sum(
         token_fn,
         chunk,
         student_hidden,
-        jax.lax.stop_gradient(teacher_hidden),
+        teacher_hidden,
         student_head,
         jax.lax.stop_gradient(teacher_head),
-        (jnp.asarray(mask) != 0).astype(jnp.float32),
+        targets.astype(jnp.float32),
     )
     return total / jnp.maximum(jnp.sum(mask != 0), 1).astype(jnp.float32)
 
@@ -463,9 +483,14 @@ def chunked_cross_entropy(
         nll = -jnp.take_along_axis(log_probs, jnp.where(m != 0, lab, 0)[..., None], axis=-1)[..., 0]
         return jnp.sum(jnp.where(m != 0, nll, 0.0))
 
+    def add_chunk(total, x):  # chunks without targets (past every row's last one) are skipped
+        nll = jax.lax.cond(jnp.any(x[2]), chunk_nll, lambda *_: jnp.zeros((), jnp.float32), *x)
+        return total + nll, None
+
     chunk = min(chunk_size, hidden.shape[1])
-    xs = (_to_chunks(hidden, chunk), _to_chunks(labels.astype(jnp.int32), chunk), _to_chunks(mask, chunk))
-    total = jax.lax.scan(lambda acc, x: (acc + chunk_nll(*x), None), jnp.zeros((), jnp.float32), xs)[0]
+    targets, hidden, labels = _targets_first(jnp.asarray(mask) != 0, hidden, labels.astype(jnp.int32))
+    xs = (_to_chunks(hidden, chunk), _to_chunks(labels, chunk), _to_chunks(targets, chunk))
+    total = jax.lax.scan(add_chunk, jnp.zeros((), jnp.float32), xs)[0]
     return total / jnp.maximum(jnp.sum(mask != 0), 1).astype(jnp.float32)
 
 

@@ -23,7 +23,7 @@ from ml_collections import ConfigDict
 
 from distillm_jax import lora, methods, models, settings
 from distillm_jax import sharding as shd
-from distillm_jax.generate import segment_ends
+from distillm_jax.generate import cache_slots_held
 from distillm_jax.models import hub
 
 GIB = 2**30
@@ -147,11 +147,9 @@ def plan(config: ConfigDict, devices: int) -> dict[str, float]:
     if samplers:
         gen_rows = math.ceil(max(c.eval.batch_size, o.batch_size // o.grad_accum) / data)
 
-        # the sampler grows its cache a segment at a time: while the last one is added, both are held
-        ends = segment_ends(total_len - p)
-        held_len = total_len + (total_len - (ends[-1] - ends[-2]) if len(ends) > 1 else 0)
+        held_len = cache_slots_held(p, total_len - p, d["enc_dec"])  # the cache grows in segments
 
-        def cache(model: dict) -> float:  # K and V of every position (T5: cross-attention's are the prompt's)
+        def cache(model: dict) -> float:  # K and V of every slot held
             kv = 2 * model["layers"] * gen_rows * held_len * model["kv"] * el / tensor
             return kv + 2 * gen_rows * model["vocab"] * 4  # and a step's logits
 

@@ -119,3 +119,26 @@ def test_chunked_cross_entropy_matches_plain(chunk_size):
     np.testing.assert_allclose(v1, v0, rtol=1e-6)
     for a, b in zip(g0, g1, strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_positions_without_targets_cost_no_logits():
+    """Prompt and padding positions are moved behind each row's targets and their chunks are never
+    computed: a non-finite hidden state there (which any logits computed from it would carry into the
+    head's gradient) leaves the divergence, CE and their gradients those of the plain form."""
+    hs, ht, ws, wt, _ = inputs()
+    mask = jnp.zeros((B, T), jnp.int32).at[:, 1::4].set(1)  # 3 targets a row: one chunk of 3 computed
+    labels = jax.random.randint(jax.random.key(7), (B, T), 0, V)
+    poisoned = jnp.where(mask[..., None] != 0, hs, jnp.inf)
+    v0, (dh0, dw0) = value_and_student_grads(plain, "srkl", (hs, ht, ws, wt, mask))
+    v1, (dh1, dw1) = value_and_student_grads(chunked, "srkl", (poisoned, ht, ws, wt, mask), chunk_size=3)
+    np.testing.assert_allclose(v1, v0, rtol=1e-5)
+    np.testing.assert_allclose(dh1, dh0, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(dw1, dw0, atol=1e-5, rtol=1e-5)
+
+    def ce(hidden, head):
+        return losses.chunked_cross_entropy(hidden, head, labels, mask, chunk_size=3)
+
+    (c0, g0), (c1, g1) = (jax.value_and_grad(ce, argnums=(0, 1))(h, ws) for h in (hs, poisoned))
+    np.testing.assert_allclose(c1, c0, rtol=1e-6)
+    for a, b in zip(g0, g1, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)

@@ -1,5 +1,6 @@
 """The sampler against transformers' generate, its sampling distribution, EOS handling, sharding, errors."""
 
+import re
 from pathlib import Path
 
 import jax
@@ -211,6 +212,41 @@ def test_a_cache_grown_in_segments_generates_what_one_cache_does(name, monkeypat
     assert_same_tokens(tokens, valid, hf_generate(name, ids, mask, eos_token_id=None), pad=-1)
     for got, expected in zip(generate(model, ids, mask, N, **sampled), whole, strict=True):
         np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5"])
+def test_the_cache_grows_a_segment_at_a_time_and_the_plan_counts_what_is_held(name, monkeypatch):
+    """The work segments save, read off the compiled sampler: its loops carry self-attention caches of
+    exactly the slots each segment needs (a change that allocated the whole cache up front fails here),
+    and ``cache_slots_held``, the planner's figure, is the last two of them plus T5's cross-attention."""
+    model, ids, mask = load(name)
+    b, p = ids.shape
+    monkeypatch.setattr(gen, "MIN_SEGMENT", 4)
+    n = 16
+    assert gen.segment_ends(n) == (4, 8, 12, 16)
+    lowered, compiled = {}, gen._compiled
+
+    def spy(*key):
+        fn = compiled(*key)
+
+        def call(*args):
+            lowered["text"] = fn.lower(*args).as_text()
+            return fn(*args)
+
+        return call
+
+    monkeypatch.setattr(gen, "_compiled", spy)
+    generate(model, ids, mask, n)
+    c = model.config
+    heads, dim = c.heads, (c.d_kv if name == "t5" else c.d_model // c.heads)
+    cache = re.compile(rf"tensor<{b}x{heads}x(\d+)x{dim}xf32>")
+    carried = [line for line in lowered["text"].splitlines() if "stablehlo.while" in line]
+    slots = sorted({int(s) for line in carried for s in cache.findall(line)})
+    offset, cross = (1, {p}) if name == "t5" else (p, set())
+    grown = [offset + end for end in (4, 8, 12, 16)]
+    assert set(slots) == set(grown) | cross, slots
+    assert gen.cache_slots_held(p, n, name == "t5") == grown[-1] + grown[-2] + len(cross) * p
+    assert gen.cache_slots_held(p, 4, name == "t5") == offset + 4 + len(cross) * p  # one segment: no growth
 
 
 def test_bad_inputs():
