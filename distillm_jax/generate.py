@@ -44,12 +44,18 @@ def segment_ends(n_new: int) -> tuple[int, ...]:
     return (*range(length, n_new, length), n_new)
 
 
+def first_new_slot(prompt_len: int, encoder_decoder: bool) -> int:
+    """The cache slot of the first generated token: after the prompt in a decoder-only cache, after the
+    start token in an encoder-decoder's own (the prompt lives in the encoder)."""
+    return 1 if encoder_decoder else prompt_len
+
+
 def cache_slots_held(prompt_len: int, n_new: int, encoder_decoder: bool) -> int:
     """The most key/value slots per layer a sampler holds at once (what a memory plan must budget):
     the self-attention cache of the last segment and, while it is grown from the previous one, that one
     too; plus, for an encoder-decoder, the cross-attention entries over the prompt. A decoder-only
     cache holds prompt and new tokens; an encoder-decoder's own cache only the start and new tokens."""
-    offset = 1 if encoder_decoder else prompt_len
+    offset = first_new_slot(prompt_len, encoder_decoder)
     ends = segment_ends(n_new)
     held = offset + ends[-1] + (offset + ends[-2] if len(ends) > 1 else 0)
     return held + (prompt_len if encoder_decoder else 0)
@@ -166,7 +172,7 @@ def _compiled(
         heads = [net.head() for net in nets]
         if not encoder_decoder:
             prompt_ids, prompt_mask = _left_align(prompt_ids, prompt_mask)
-        offset = 1 if encoder_decoder else p  # generated token i goes to slot offset + i
+        offset = first_new_slot(p, encoder_decoder)  # generated token i goes to slot offset + i
         slots = offset + ends[0]  # the cache's length in the first segment
         caches = [new_cache(net, prompt_ids, prompt_mask, b, slots) for net in nets]
         seq = jnp.full((b, offset + n_new), pad, jnp.int32)

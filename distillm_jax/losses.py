@@ -348,30 +348,49 @@ def _chunks_with_targets(mask: Array, chunk: int) -> Array:
     return -(-jnp.max(jnp.sum(mask != 0, axis=1)) // chunk)
 
 
+def _label_nll(s_logits: Array, labels: Array, m: Array) -> Array:
+    """Σ over masked tokens of −log q(label): the CE reported beside a divergence."""
+    picked = jnp.take_along_axis(s_logits, jnp.where(m != 0, labels, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(m != 0, jax.nn.logsumexp(s_logits, axis=-1) - picked, 0.0))
+
+
+def _chunk_inputs(chunk, hs, ht, mask, labels):
+    xs = [_to_chunks(x, chunk) for x in (hs, ht, mask)]
+    return xs + ([] if labels is None else [_to_chunks(labels, chunk)])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _chunked_sum(token_fn, chunk, hs, ht, ws, wt, mask):
-    """Σ over masked tokens of token_fn(hs @ ws, ht @ wt), one chunk of the sequence at a time, over the
-    leading chunks that hold targets (``mask`` comes from ``_targets_first``)."""
-    xs = (_to_chunks(hs, chunk), _to_chunks(ht, chunk), _to_chunks(mask, chunk))
+def _chunked_sum(token_fn, chunk, hs, ht, ws, wt, mask, labels):
+    """(Σ over masked tokens of token_fn(hs @ ws, ht @ wt), Σ of the student's −log q(labels) or 0 when
+    ``labels`` is None), one chunk of the sequence at a time, over the leading chunks that hold targets
+    (``mask`` comes from ``_targets_first``). The second sum is reported only: it has no gradient."""
+    xs = _chunk_inputs(chunk, hs, ht, mask, labels)
 
-    def body(i, total):
-        hs_c, ht_c, m_c = (x[i] for x in xs)
-        return total + _masked_sum(token_fn, _logits(hs_c, ws), _logits(ht_c, wt), m_c)
+    def body(i, sums):
+        hs_c, ht_c, m_c, *lab = (x[i] for x in xs)
+        s_logits = _logits(hs_c, ws)
+        nll = _label_nll(s_logits, lab[0], m_c) if lab else 0.0
+        return sums[0] + _masked_sum(token_fn, s_logits, _logits(ht_c, wt), m_c), sums[1] + nll
 
-    return jax.lax.fori_loop(0, _chunks_with_targets(mask, chunk), body, jnp.zeros((), jnp.float32))
+    zero = jnp.zeros((), jnp.float32)
+    return jax.lax.fori_loop(0, _chunks_with_targets(mask, chunk), body, (zero, zero))
 
 
-def _chunked_sum_fwd(token_fn, chunk, hs, ht, ws, wt, mask):
+def _chunked_sum_fwd(token_fn, chunk, hs, ht, ws, wt, mask, labels):
     # symbolic_zeros=True: each argument arrives as CustomVJPPrimal(value, perturbed).
     want_h, want_w = hs.perturbed, ws.perturbed
     hs, ht, ws, wt, mask = hs.value, ht.value, ws.value, wt.value, mask.value
-    xs = (_to_chunks(hs, chunk), _to_chunks(ht, chunk), _to_chunks(mask, chunk))
+    labels = None if labels is None else labels.value
+    xs = _chunk_inputs(chunk, hs, ht, mask, labels)
 
     def body(i, carry):
-        total, dws, dhs = carry
-        hs_c, ht_c, m_c = (x[i] for x in xs)
+        total, nll, dws, dhs = carry
+        hs_c, ht_c, m_c, *lab = (x[i] for x in xs)
         t_logits = _logits(ht_c, wt)
-        value, vjp = jax.vjp(lambda s: _masked_sum(token_fn, s, t_logits, m_c), _logits(hs_c, ws))
+        s_logits = _logits(hs_c, ws)
+        value, vjp = jax.vjp(lambda s: _masked_sum(token_fn, s, t_logits, m_c), s_logits)
+        if lab:
+            nll = nll + _label_nll(s_logits, lab[0], m_c)
         # d loss / d logits, in the matmul dtype (bf16 for bf16 models, as mixed precision does).
         d_logits = vjp(jnp.ones((), jnp.float32))[0].astype(ws.dtype)
         if want_w:  # accumulate in float32 inside the matmul: no per-chunk [Ds, V] temporary
@@ -379,22 +398,26 @@ def _chunked_sum_fwd(token_fn, chunk, hs, ht, ws, wt, mask):
         if want_h:
             dhs_c = jnp.einsum("bcv,dv->bcd", d_logits, ws, preferred_element_type=jnp.float32)
             dhs = dhs.at[i].set(dhs_c.astype(hs.dtype))
-        return total + value, dws, dhs
+        return total + value, nll, dws, dhs
 
     dws0 = jnp.zeros(ws.shape if want_w else (), jnp.float32)
     dhs0 = jnp.zeros(xs[0].shape, hs.dtype) if want_h else None  # chunks without targets: zero
-    init = (jnp.zeros((), jnp.float32), dws0, dhs0)
-    total, dws, dhs = jax.lax.fori_loop(0, _chunks_with_targets(mask, chunk), body, init)
+    zero = jnp.zeros((), jnp.float32)
+    total, nll, dws, dhs = jax.lax.fori_loop(
+        0, _chunks_with_targets(mask, chunk), body, (zero, zero, dws0, dhs0)
+    )
     dhs = _from_chunks(dhs, hs.shape[1]) if want_h else None
-    return total, (dhs, dws.astype(ws.dtype) if want_w else None)
+    return (total, nll), (dhs, dws.astype(ws.dtype) if want_w else None)
 
 
 def _chunked_sum_bwd(token_fn, chunk, residuals, g):
+    g = g[0]  # the reported CE's cotangent is dropped: it has no gradient
     if isinstance(g, SymbolicZero):
         g = jnp.zeros((), jnp.float32)
     d_hidden, d_head = (None if d is None else (g * d).astype(d.dtype) for d in residuals)
-    # The teacher side and the mask are constants of the loss (the teacher is trained elsewhere).
-    return d_hidden, None, d_head, None, None
+    # The teacher side, the mask and the labels are constants of the loss (the teacher is trained
+    # elsewhere).
+    return d_hidden, None, d_head, None, None, None
 
 
 _chunked_sum.defvjp(_chunked_sum_fwd, _chunked_sum_bwd, symbolic_zeros=True)
@@ -427,8 +450,39 @@ def chunked_divergence(
       matmuls, as mixed-precision backward passes do). The teacher is treated as a constant
       (stop_gradient), as in distillation.
     """
+    return _chunked_divergence(
+        name, student_hidden, teacher_hidden, student_head, teacher_head, mask, None, chunk_size, kw
+    )[0]
+
+
+def chunked_divergence_and_ce(
+    name: str,
+    student_hidden: Array,
+    teacher_hidden: Array,
+    student_head: Array,
+    teacher_head: Array,
+    mask: Array,
+    labels: Array,
+    *,
+    chunk_size: int = 128,
+    **kw: float,
+) -> tuple[Array, Array]:
+    """``chunked_divergence`` and the student's cross-entropy on ``labels`` [B, T] over the same mask,
+    from the same chunk logits: the CE a pure distillation step (``kd_ratio = 1``) only reports then
+    costs no head pass of its own. The CE has no gradient (it is a metric here); a loss that trains on
+    CE uses ``chunked_cross_entropy``."""
+    return _chunked_divergence(
+        name, student_hidden, teacher_hidden, student_head, teacher_head, mask, labels, chunk_size, kw
+    )
+
+
+def _chunked_divergence(
+    name, student_hidden, teacher_hidden, student_head, teacher_head, mask, labels, chunk_size, kw
+):
     spec, params = _resolve(name, kw)
     what = f"chunked_divergence {name!r}"
+    if labels is not None and jnp.shape(labels) != jnp.shape(mask):
+        raise ValueError(f"{what}: labels {jnp.shape(labels)} and mask {jnp.shape(mask)} differ, both [B, T]")
     shapes = [jnp.shape(x) for x in (student_hidden, teacher_hidden, student_head, teacher_head)]
     (hs, ht, ws, wt), m = shapes, jnp.shape(mask)
     if (
@@ -450,10 +504,11 @@ def chunked_divergence(
         raise ValueError(f"{what}: chunk_size must be a positive int, got {chunk_size!r}")
     token_fn = functools.partial(_token_values, spec, params)
     chunk = min(chunk_size, hs[1])
-    targets, student_hidden, teacher_hidden = _targets_first(
-        jnp.asarray(mask) != 0, student_hidden, jax.lax.stop_gradient(teacher_hidden)
+    extra = () if labels is None else (jnp.asarray(labels).astype(jnp.int32),)
+    targets, student_hidden, teacher_hidden, *labels = _targets_first(
+        jnp.asarray(mask) != 0, student_hidden, jax.lax.stop_gradient(teacher_hidden), *extra
     )
-    total = _chunked_sum(
+    total, nll = _chunked_sum(
         token_fn,
         chunk,
         student_hidden,
@@ -461,8 +516,10 @@ def chunked_divergence(
         student_head,
         jax.lax.stop_gradient(teacher_head),
         targets.astype(jnp.float32),
+        labels[0] if labels else None,
     )
-    return total / jnp.maximum(jnp.sum(mask != 0), 1).astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(mask != 0), 1).astype(jnp.float32)
+    return total / count, jax.lax.stop_gradient(nll) / count
 
 
 def chunked_cross_entropy(

@@ -135,21 +135,29 @@ def _distill_loss(
     ce_only_reported = cfg.kd_ratio == 1.0
     sg = jax.lax.stop_gradient if ce_only_reported else (lambda x: x)
     s_logits = None if cfg.chunk_size else layers.logits(hs, ws)
-    if cfg.chunk_size:
+    ht, wt = (None, None) if cfg.kd_ratio == 0.0 else jax.lax.stop_gradient(hidden_and_head(teacher, batch))
+    # Padded vocabularies may differ (Qwen2.5-7B 152064 rows, 0.5B 151936); both cover the tokenizer
+    # (checked at start-up), so the rows past the shorter one are padding: compare the shared ones.
+    v = ws.shape[-1] if wt is None else min(ws.shape[-1], wt.shape[-1])
+    # A reported-only CE comes out of the divergence's own chunk loop (no head pass of its own) when the
+    # divergence sees the student's whole vocabulary.
+    ce_in_divergence = cfg.chunk_size and ce_only_reported and v == ws.shape[-1]
+    if ce_in_divergence:
+        ce = None
+    elif cfg.chunk_size:
         ce = losses.chunked_cross_entropy(sg(hs), sg(ws), labels, mask, chunk_size=cfg.chunk_size)
     else:
         ce = losses.cross_entropy(sg(s_logits), labels, mask)
     metrics, loss = {"ce": ce}, ce
     if cfg.kd_ratio > 0.0:
-        ht, wt = jax.lax.stop_gradient(hidden_and_head(teacher, batch))
-        # Padded vocabularies may differ (Qwen2.5-7B 152064 rows, 0.5B 151936); both cover the tokenizer
-        # (checked at start-up), so the rows past the shorter one are padding: compare the shared ones.
-        v = min(ws.shape[-1], wt.shape[-1])
         kw = dict(cfg.params)
-        if cfg.chunk_size:
-            d = losses.chunked_divergence(
-                cfg.divergence, hs, ht, ws[:, :v], wt[:, :v], mask, chunk_size=cfg.chunk_size, **kw
+        chunked = dict(chunk_size=cfg.chunk_size, **kw)
+        if ce_in_divergence:
+            d, metrics["ce"] = losses.chunked_divergence_and_ce(
+                cfg.divergence, hs, ht, ws, wt[:, :v], mask, labels, **chunked
             )
+        elif cfg.chunk_size:
+            d = losses.chunked_divergence(cfg.divergence, hs, ht, ws[:, :v], wt[:, :v], mask, **chunked)
         else:
             t_logits = layers.logits(ht, wt[:, :v])
             d = losses.divergence(cfg.divergence, s_logits[..., :v], t_logits, mask, **kw)

@@ -142,3 +142,26 @@ def test_positions_without_targets_cost_no_logits():
     np.testing.assert_allclose(c1, c0, rtol=1e-6)
     for a, b in zip(g0, g1, strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5])
+def test_divergence_and_reported_ce_from_one_chunk_loop(chunk_size):
+    """The CE a pure distillation step reports comes out of the divergence's chunk loop: the divergence
+    and its gradients are the chunked form's, the CE is the plain cross-entropy, and it carries no
+    gradient."""
+    hs, ht, ws, wt, mask = inputs()
+    labels = jax.random.randint(jax.random.key(7), (B, T), 0, V)
+    both = lambda h, w: losses.chunked_divergence_and_ce(  # noqa: E731
+        "jsd", h, ht, w, wt, mask, labels, chunk_size=chunk_size, beta=0.3
+    )
+    d1, ce = jax.jit(both)(hs, ws)
+    grads = jax.jit(jax.grad(lambda h, w: both(h, w)[0], argnums=(0, 1)))(hs, ws)
+    args = (hs, ht, ws, wt, mask)
+    d0, (dh0, dw0) = value_and_student_grads(chunked, "jsd", args, chunk_size=chunk_size, beta=0.3)
+    np.testing.assert_allclose(d1, d0, rtol=1e-6)
+    np.testing.assert_allclose(grads[0], dh0, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(grads[1], dw0, rtol=1e-5, atol=1e-7)
+    logits = jnp.einsum("btd,dv->btv", hs, ws, preferred_element_type=jnp.float32)
+    np.testing.assert_allclose(ce, losses.cross_entropy(logits, labels, mask), rtol=1e-6)
+    ce_grads = jax.grad(lambda h, w: both(h, w)[1], argnums=(0, 1))(hs, ws)
+    assert all(not np.any(np.asarray(g)) for g in ce_grads)

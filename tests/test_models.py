@@ -60,6 +60,44 @@ def test_logits_match_transformers_reference(name):
     assert_logits_close(got, ref["logits"], mask)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "mistral", "t5"])
+def test_causal_query_blocks_match_transformers(name, monkeypatch):
+    """Causal self-attention by query blocks (keys after a block's end skipped), forced down to blocks of
+    two positions here, against the transformers logits (left-padded rows included: their all-masked
+    queries average a shorter prefix and must not reach a valid position); gradients equal the
+    whole-sequence form's."""
+    ref = reference(name)
+    model = models.from_pretrained(str(FIXTURES / name))
+    blocked = []
+    whole = L.dot_attention
+
+    def spy(q, k, *rest):
+        blocked.append(q.shape[1] < k.shape[2])
+        return whole(q, k, *rest)
+
+    monkeypatch.setattr(L, "dot_attention", spy)
+    monkeypatch.setattr(L, "CAUSAL_BLOCK", 2)
+    got, mask = run(model, ref)
+    assert any(blocked), "the causal path never split its queries"
+    assert_logits_close(got, ref["logits"], mask)
+
+    graphdef, state = nnx.split(model)
+    args = [jnp.asarray(ref[k]) for k in ("input_ids", "attention_mask", "decoder_input_ids") if k in ref]
+    args += [jnp.asarray(mask)] if "decoder_input_ids" in ref else []
+    keep = jnp.asarray(mask, jnp.float32)[..., None]
+
+    def loss(state):
+        logits = nnx.merge(graphdef, state)(*args)
+        return jnp.sum(jnp.tanh(logits) * keep)
+
+    grads = jax.jit(jax.grad(loss))(state)
+    monkeypatch.setattr(L, "CAUSAL_BLOCK", 10**6)
+    want = jax.jit(jax.grad(loss))(state)
+    scale = max(float(jnp.abs(w).max()) for w in jax.tree.leaves(want))  # float32 summation order only
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=2e-6 * scale)
+
+
 @pytest.mark.parametrize("name", DECODER_ONLY)
 def test_hidden_and_head_give_the_logits(name):
     ref = reference(name)

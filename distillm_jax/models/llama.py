@@ -95,6 +95,7 @@ class Block(nnx.Module):
             inv_freq=L.rope_inv_freq(self.head_dim, dict(self.rope)),
             cache=cache,
             cache_index=cache_index,
+            causal=True,
         )
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), cache

@@ -99,8 +99,9 @@ class Block(nnx.Module):
         self.mlp = L.MLP(d, cfg.d_ff, cfg.act, gated=cfg.gated, bias=False, rngs=rngs, std=mlp_std, **kw)
 
     def __call__(self, x, mask, bias, *, cache=None, cache_index=0, cross=None, cross_mask=None):
+        causal = self.cross is not None  # the decoder's self-attention
         h, cache = self.attn(
-            self.attn_norm(x), mask, scale=1.0, bias=bias, cache=cache, cache_index=cache_index
+            self.attn_norm(x), mask, scale=1.0, bias=bias, cache=cache, cache_index=cache_index, causal=causal
         )
         x = x + h
         if self.cross is not None:
