@@ -141,7 +141,7 @@ def _distill_loss(
     v = ws.shape[-1] if wt is None else min(ws.shape[-1], wt.shape[-1])
     # A reported-only CE comes out of the divergence's own chunk loop (no head pass of its own) when the
     # divergence sees the student's whole vocabulary.
-    ce_in_divergence = cfg.chunk_size and ce_only_reported and v == ws.shape[-1]
+    ce_in_divergence = cfg.chunk_size > 0 and ce_only_reported and v == ws.shape[-1]
     if ce_in_divergence:
         ce = None
     elif cfg.chunk_size:
