@@ -122,6 +122,17 @@ def _sample(key: Array, logits: Array) -> Array:
     return block * DRAW_BLOCK + jnp.argmax(inner >= jnp.minimum(u, inner[:, -1:]), axis=-1)
 
 
+def _step_logits(last: Array, head_rows: Array) -> Array:
+    """float32 logits [B, V] of the last position ``last`` [B, 1, D] against the output embedding as
+    rows ``head_rows`` [V, D]. A tied head is stored this way (``head().T`` of the embedding's ``[D, V]``
+    view is the table itself, no copy); an untied one is transposed once, before the loop. Each
+    decode step then reads V contiguous rows of D: on CPU that skinny matmul ran 1.3-1.5x faster than
+    against the ``[D, V]`` layout, and the head is a fifth to a quarter of a decode step."""
+    return jnp.einsum(
+        "bd,vd->bv", last[:, -1], head_rows.astype(last.dtype), preferred_element_type=jnp.float32
+    )
+
+
 def _left_align(ids: Array, mask: Array) -> tuple[Array, Array]:
     """Move every row's padding to the left, keeping token order (a stable sort on the mask)."""
     order = jnp.argsort(mask != 0, axis=1, stable=True)
@@ -169,7 +180,7 @@ def _compiled(
         if mixer is not None:
             nets.append(nnx.merge(mix_graphdef, mixer[0]))
         b, p = prompt_ids.shape
-        heads = [net.head() for net in nets]
+        heads = [net.head().T for net in nets]  # [V, D] rows: see _step_logits
         if not encoder_decoder:
             prompt_ids, prompt_mask = _left_align(prompt_ids, prompt_mask)
         offset = first_new_slot(p, encoder_decoder)  # generated token i goes to slot offset + i
@@ -196,7 +207,7 @@ def _compiled(
 
         def body(carry):
             i, caches, seq, kv_valid, lasts, done, out_mask, rng = carry
-            logits = [L.logits(last, head)[:, -1] for last, head in zip(lasts, heads, strict=True)]
+            logits = [_step_logits(last, head) for last, head in zip(lasts, heads, strict=True)]
             if mixer is not None:  # padded vocabularies may differ: keep the entries both have
                 v = min(x.shape[-1] for x in logits)
                 logits = [x[:, :v] for x in logits]

@@ -349,9 +349,8 @@ def _chunks_with_targets(mask: Array, chunk: int) -> Array:
 
 
 def _label_nll(s_logits: Array, labels: Array, m: Array) -> Array:
-    """Σ over masked tokens of −log q(label): the CE reported beside a divergence."""
-    picked = jnp.take_along_axis(s_logits, jnp.where(m != 0, labels, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(m != 0, jax.nn.logsumexp(s_logits, axis=-1) - picked, 0.0))
+    """Σ over masked tokens of −log q(label): a chunk's share of the cross-entropy."""
+    return -jnp.sum(label_log_probs(s_logits, labels, m))
 
 
 def _chunk_inputs(chunk, hs, ht, mask, labels):
@@ -536,9 +535,7 @@ def chunked_cross_entropy(
 
     @jax.checkpoint
     def chunk_nll(h, lab, m):
-        log_probs = jax.nn.log_softmax(_logits(h, head), axis=-1)
-        nll = -jnp.take_along_axis(log_probs, jnp.where(m != 0, lab, 0)[..., None], axis=-1)[..., 0]
-        return jnp.sum(jnp.where(m != 0, nll, 0.0))
+        return _label_nll(_logits(h, head), lab, m)
 
     def add_chunk(total, x):  # chunks without targets (past every row's last one) are skipped
         nll = jax.lax.cond(jnp.any(x[2]), chunk_nll, lambda *_: jnp.zeros((), jnp.float32), *x)
