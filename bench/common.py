@@ -52,6 +52,20 @@ def matmul_peak_flop_s(dtype: str = "float32", n: int = 2048, repeats: int = 10)
     return 2.0 * n**3 / best
 
 
+def stream_bytes_per_s(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes/s of the fastest of ``repeats`` jitted sums over a float32 array far larger than any cache:
+    the memory bandwidth a computation that streams its operands once (a decode step) can reach."""
+    x = jax.numpy.ones((megabytes * 2**20 // 4,), jax.numpy.float32)
+    total = jax.jit(jax.numpy.sum)
+    jax.block_until_ready(total(x))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(total(x))
+        best = min(best, time.perf_counter() - start)
+    return x.nbytes / best
+
+
 def temp_bytes(compiled: jax.stages.Compiled) -> int:
     """Scratch memory XLA reserves for one call of a compiled function (beyond inputs and outputs)."""
     return int(compiled.memory_analysis().temp_size_in_bytes)

@@ -66,6 +66,44 @@ def test_forward_and_generate_measure_both_sides(quick):
     assert {r["model"] for r in generate} == {"gpt2", "t5"} and all(r["ratio"] > 0 for r in generate)
 
 
+def test_generation_floor_counts_what_a_decode_step_reads(quick):
+    """The bytes-read floor, against an independent count from transformers' parameters: the
+    decoder's weights and the head every step, not the encoder, the embedding rows or the
+    cross-attention's key/value projections; the keys and values filled so far."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import generate as bench_generate
+    from common import torch_and_ours
+
+    b, p, new = 3, 5, 4
+    for name, config in bench_generate.hf_configs(quick=True).items():
+        hf, ours = torch_and_ours(config)
+        v, d = config.vocab_size, config.d_model if name == "t5" else config.n_embd
+        if name == "gpt2":
+            skip = ("transformer.wte", "transformer.wpe", "lm_head")
+            kept = [n for n, _ in hf.named_parameters() if not n.startswith(skip)]
+            layers, width, filled = config.n_layer, config.n_embd, p + (new - 1) / 2
+            cross = 0
+        else:
+            cross_kv = ("EncDecAttention.k.weight", "EncDecAttention.v.weight")
+            kept = [
+                n
+                for n, _ in hf.named_parameters()
+                if n.startswith("decoder.") and "embed_tokens" not in n and not n.endswith(cross_kv)
+            ]
+            layers, width, filled = (
+                config.num_decoder_layers,
+                config.num_heads * config.d_kv,
+                1 + (new - 1) / 2,
+            )
+            cross = 2 * layers * b * width * p * 4
+        params = dict(hf.named_parameters())
+        weights = 4 * (sum(params[n].numel() for n in kept) + v * d)
+        kv = 2 * layers * b * width * 4 * filled
+        assert bench_generate.decode_bytes(ours, b, p, new) == int(new * (weights + cross + kv)), name
+    rows_ = rows(quick, "generate")["rows"]
+    assert all(r["floor_s"] > 0 and r["stream_bytes_per_s"] > 0 for r in rows_)
+
+
 def test_train_step_matches_trl_and_torch(quick):
     (row,) = rows(quick, "train_step")["rows"]
     # Same weights, same batch: the first step's loss agrees with TRL's GKD (JSD) and with the torch
