@@ -66,7 +66,10 @@ def decode_bytes(model, batch: int, prompt: int, new: int) -> int:
         caches = jax.eval_shape(lambda: model.init_cache(batch, 1))
         filled = prompt + (new - 1) / 2
     per_slot = sum(c[n].size * c[n].dtype.itemsize for c in caches for n in ("k", "v"))
-    cross = sum(x.size * x.dtype.itemsize for c in caches for n, x in c.items() if n not in ("k", "v"))
+    # the cross-attention's keys and values ([B, heads, prompt, head_dim]; not the encoder mask beside them)
+    cross = sum(
+        x.size * x.dtype.itemsize for c in caches for n, x in c.items() if n not in ("k", "v") and x.ndim == 4
+    )
     return int(new * (weights + cross + per_slot * filled))
 
 
