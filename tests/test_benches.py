@@ -64,13 +64,14 @@ def test_forward_and_generate_measure_both_sides(quick):
     assert [r["model"] for r in forward] == ["gpt2", "llama"] and all(r["ratio"] > 0 for r in forward)
     generate = rows(quick, "generate")["rows"]
     assert {r["model"] for r in generate} == {"gpt2", "t5"} and all(r["ratio"] > 0 for r in generate)
+    assert all(r["floor_s"] > 0 and r["stream_bytes_per_s"] > 0 for r in generate)  # the bytes-read floor
 
 
-def test_generation_floor_counts_what_a_decode_step_reads(quick):
+def test_generation_floor_counts_what_a_decode_step_reads(monkeypatch):
     """The bytes-read floor, against an independent count from transformers' parameters: the
     decoder's weights and the head every step, not the encoder, the embedding rows or the
     cross-attention's key/value projections; the keys and values filled so far."""
-    sys.path.insert(0, str(ROOT / "bench"))
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import generate as bench_generate
     from common import torch_and_ours
 
@@ -100,8 +101,6 @@ def test_generation_floor_counts_what_a_decode_step_reads(quick):
         weights = 4 * (sum(params[n].numel() for n in kept) + v * d)
         kv = 2 * layers * b * width * 4 * filled
         assert bench_generate.decode_bytes(ours, b, p, new) == int(new * (weights + cross + kv)), name
-    rows_ = rows(quick, "generate")["rows"]
-    assert all(r["floor_s"] > 0 and r["stream_bytes_per_s"] > 0 for r in rows_)
 
 
 def test_train_step_matches_trl_and_torch(quick):
@@ -134,13 +133,13 @@ def test_speedup_runs_trl_gkd_beside_ours(quick):
     assert (quick / "results" / "speedup_cpu_gpt2.png").stat().st_size > 1000
 
 
-def test_trl_positions_hook_counts_from_the_first_real_token():
+def test_trl_positions_hook_counts_from_the_first_real_token(monkeypatch):
     """The fixed TRL arm's hook: a left-padded row gets the positions ``generate`` gives it, so its
     logits equal the unpadded row's; without the hook (TRL as shipped) they do not."""
     import torch
     import transformers
 
-    sys.path.insert(0, str(ROOT / "bench"))
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
     from trl_gkd import positions_from_mask
 
     torch.manual_seed(0)
