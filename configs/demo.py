@@ -13,11 +13,12 @@ by sampling without the n-gram ban).
 Why 32 rows and 5e-3, from measurements (2-core CPU, 2026-12-02): with the 4000 rows the teacher saw, or
 256, or 128, the SRKL student's validation CE falls or stays flat for the whole run at 1e-3 to 5e-3 (the
 teacher's soft labels keep it from overfitting), so φ stays 0 and DistiLLM is SRKL KD. At 64 rows φ rose
-once, late (step 225 of 400); at 32 rows (300 steps = 300 epochs) the CE rises by 0.1 twice, φ climbs
-to 0.2-0.3 and one step in five to seven trains on student outputs, fresh or replayed. Rates of 1e-2 make φ
-climb anywhere, but by a jump in CE that hurts both SRKL students (SFT then wins): a shock, not the drift the
-scheduler is for. ``offpolicy.capacity`` 128 rows (4 batches) keeps the paper's buffer-to-run ratio
-(its 4000 rows are ~1.4 % of a 20-epoch Dolly run's samples), so replay starts soon after φ does.
+once, late (step 225 of 400); at 32 rows (300 steps = 300 epochs) the CE rises by 0.1 two or three times,
+φ climbs to 0.2-0.3 and one step in five to seven trains on student outputs, fresh or replayed. Rates of
+1e-2 make φ climb anywhere, but by a jump in CE that hurts both SRKL students (SFT then wins): a shock,
+not the drift the scheduler is for. ``offpolicy.capacity`` 128 rows (4 batches) keeps the paper's
+buffer-to-run ratio (its 4000 rows are ~1.4 % of a 20-epoch Dolly run's samples), so replay starts soon
+after φ does.
 
 ``:tiny`` shortens everything for the tests (a tiny teacher trained on the spot). ``:gpt2`` is the same
 task with a decoder-only pair: a GPT-2-shaped teacher (4 layers, width 128) trained by SFT on the spot
