@@ -69,9 +69,9 @@ ARMS = {  # name: (paper method, overrides)
     "imitkd": ("imitkd", {}),
     "onpolicy": ("onpolicy", {}),
     "onpolicy_overlap": ("onpolicy", {"offpolicy__overlap": True}),
-    "gkd_onpolicy": ("gkd", {"offpolicy__gkd_lambda": 1.0}),
-    "trl_gkd": ("gkd", {"offpolicy__gkd_lambda": 1.0}),  # TRL's GKDTrainer, bench/trl_gkd.py
-    "trl_gkd_positions": ("gkd", {"offpolicy__gkd_lambda": 1.0}),  # the same, position ids fixed
+    "gkd_onpolicy": ("gkd_onpolicy", {"offpolicy__gkd_lambda": 1.0}),
+    "trl_gkd": ("gkd_onpolicy", {"offpolicy__gkd_lambda": 1.0}),  # TRL's GKDTrainer, bench/trl_gkd.py
+    "trl_gkd_positions": ("gkd_onpolicy", {"offpolicy__gkd_lambda": 1.0}),  # the same, position ids fixed
     "minillm": ("minillm", MINILLM),  # policy gradient, rollouts from 0.2·teacher + 0.8·student
     "minillm_lr": ("minillm", {**MINILLM, "optim__lr": 5e-3, "optim__end_lr": 5e-3}),
     "distillm2": ("distillm2", {}),  # contrastive SKL / SRKL on responses generated once by both models

@@ -11,6 +11,17 @@ from ml_collections import ConfigDict
 
 from configs import base, paper, tiny
 
+# ``:scripts``: where each method's student starts and its rows per GPU in the authors' scripts for GPT-2
+# base (scripts/gpt2/<method>/*_base.sh, train_0.1B_1.5B.sh); the paper's text: all from the init, batch 32.
+SCRIPTS = {
+    "sft": ("pretrained", 8),
+    "kd": ("pretrained", 2),
+    "seqkd": ("pretrained", 2),
+    "gkd": ("init", 2),
+    "imitkd": ("init", 8),
+    "distillm": ("init", 8),
+}
+
 
 def get_config(arg: str = "") -> ConfigDict:
     c = paper.distillm(
@@ -24,4 +35,5 @@ def get_config(arg: str = "") -> ConfigDict:
         loss="sfkl",  # the official GPT-2 base script's adaptive-sfkl
     )
     paper.dolly(c)
-    return tiny.variant(c, arg, "gpt2_dolly", teacher=tiny.gpt2(64, 2, 4), student=tiny.gpt2(32, 1, 2))
+    teacher, student = tiny.gpt2(64, 2, 4), tiny.gpt2(32, 1, 2)
+    return tiny.variant(c, arg, "gpt2_dolly", teacher, student, SCRIPTS)

@@ -20,7 +20,10 @@ METHODS = {
     "kd": ("fkl", {}),
     "seqkd": ("fkl", {}),
     "imitkd": ("fkl", {}),
-    "gkd": ("jsd", {"beta": 0.1}),  # with probability offpolicy.gkd_lambda = 0.5 on fresh SGOs
+    # With probability offpolicy.gkd_lambda = 0.5 fresh SGOs into the buffer and a step on a buffer sample
+    # (the DistiLLM authors' mixed-jsd); gkd_onpolicy: a step on the fresh SGOs (GKD's paper, TRL).
+    "gkd": ("jsd", {"beta": 0.1}),
+    "gkd_onpolicy": ("jsd", {"beta": 0.1}),
     "onpolicy": ("srkl", {"alpha": 0.1}),
     # Not a divergence on batches: the policy gradient of the reverse KL (val_rkl is what it lowers).
     "minillm": ("rkl", {}),
@@ -45,6 +48,20 @@ def method(c: ConfigDict, name: str) -> ConfigDict:
         c.loss.chunk_size = 0
     if name == "minillm":
         minillm(c)
+    return c
+
+
+GPUS = 4  # the paper's runs: 4 GPUs (A100); the scripts give rows per GPU
+
+
+def scripts(c: ConfigDict, table: dict[str, tuple[str, int]]) -> ConfigDict:
+    """``c``'s method started and batched as the authors' script for the pair does (``:scripts``):
+    ``table`` maps a method to (where its student starts, rows per GPU); the paper's text instead starts
+    every student from the SFT'd init at the pair's batch (the default). A method the table does not
+    name has no script: it keeps the paper's setting."""
+    if c.method in table:
+        c.student.start, per_gpu = table[c.method]
+        c.optim.batch_size, c.optim.grad_accum = per_gpu * GPUS, 1
     return c
 
 
@@ -113,6 +130,20 @@ def dolly(c: ConfigDict) -> ConfigDict:
     files: a directory with ``train.jsonl`` / ``validation.jsonl`` / ``test.jsonl`` and those split names."""
     c.data.task, c.data.source = "dolly", "MiniLLM/dolly?data_files=train:raw.jsonl,test:valid.jsonl"
     c.data.train_split, c.data.valid_split, c.data.test_split = "train[1000:]", "train[:1000]", "test"
+    c.data.test_sets = TEST_SETS
     c.data.max_valid_rows = 1000
     c.data.max_prompt_length, c.data.max_length = 256, 512
     return c
+
+
+# The paper's other instruction-following test sets (its Table 1), as the authors evaluate them: MiniLLM's
+# processed copies on the hub (the files their eval scripts read; each row's prompt is Dolly's template),
+# S-NI and UnNI the "11_" folder the eval scripts read (the last of four response-length buckets), UnNI
+# capped at its first 10,000 rows as their --dev-num does.
+# Self-Instruct holds 242 of the 252 user-oriented tasks (the 10 with the longest prompts are left out).
+TEST_SETS = (
+    "self-inst=MiniLLM/self-inst?data_files=test:valid.jsonl",  # 242 rows
+    "vicuna=MiniLLM/Vicuna?data_files=test:valid.jsonl",  # 80 questions, GPT-3.5's answers as references
+    "sinst=MiniLLM/sinst?data_files=test:11_/valid.jsonl",  # 1,694 rows of 37 tasks, up to 10 references
+    "uinst=MiniLLM/uinst?data_files=test:11_/valid.jsonl#test[:10000]",  # its first 10,000 rows
+)

@@ -104,6 +104,9 @@ def apply(c: ConfigDict, name: str, teacher: ConfigDict, student: ConfigDict) ->
     c.student.seed = 1
     c.data.source = str(SAMPLES / c.data.task)  # train.jsonl / validation.jsonl in the task's columns
     c.data.train_split, c.data.valid_split, c.data.test_split = "train", "validation", "test"
+    if c.data.test_sets:  # the Dolly configs' other test sets: a few rows each, as the hub's files hold them
+        names = [entry.split("=", 1)[0] for entry in c.data.test_sets]
+        c.data.test_sets = tuple(f"{n}={SAMPLES / n}" + ("#test[:4]" if n == "uinst" else "") for n in names)
     c.data.max_prompt_length = 48
     c.data.max_length = 64
     c.data.max_train_rows = 0
@@ -126,20 +129,36 @@ def apply(c: ConfigDict, name: str, teacher: ConfigDict, student: ConfigDict) ->
     return c
 
 
-def variant(c: ConfigDict, arg: str, name: str, teacher: ConfigDict, student: ConfigDict) -> ConfigDict:
+def variant(
+    c: ConfigDict,
+    arg: str,
+    name: str,
+    teacher: ConfigDict,
+    student: ConfigDict,
+    scripts: dict[str, tuple[str, int]] | None = None,
+) -> ConfigDict:
     """What ``get_config(arg)`` of a paper config returns: ``arg`` is a comma-separated list of ``tiny``
-    (the tiny variant; the tiny models are only used then) and at most one method of the paper
-    (``configs/gpt2_dolly.py:gkd``, ``:tiny,imitkd``); ``""``: DistiLLM on the full setup."""
+    (the tiny variant; the tiny models are only used then), at most one method of the paper
+    (``configs/gpt2_dolly.py:gkd``, ``:tiny,imitkd``) and ``scripts`` (the method starts and batches as
+    the authors' script for the pair, ``scripts``: ``paper.scripts``); ``""``: DistiLLM on the full
+    setup."""
     parts = [p for p in arg.split(",") if p]
     methods = [p for p in parts if p in paper.METHODS]
-    unknown = [p for p in parts if p != "tiny" and p not in paper.METHODS]
+    unknown = [p for p in parts if p not in ("tiny", "scripts") and p not in paper.METHODS]
     if unknown or len(methods) > 1:
         raise ValueError(
-            f"configs/{name}.py takes 'tiny' and/or one method of {', '.join(paper.METHODS)} "
+            f"configs/{name}.py takes 'tiny', 'scripts' and/or one method of {', '.join(paper.METHODS)} "
             f"(comma-separated), got {arg!r}"
+        )
+    if "scripts" in parts and scripts is None:
+        raise ValueError(
+            f"configs/{name}.py has no 'scripts' setting: the authors released scripts for the GPT-2, OPT "
+            "and OpenLLaMA pairs only (gpt2_dolly, opt_dolly, openllama_dolly)"
         )
     if methods:
         paper.method(c, methods[0])
+    if "scripts" in parts:
+        paper.scripts(c, scripts)
     if "tiny" in parts:
         apply(c, name, teacher, student)
         c.run_dir = c.run_dir if not methods or methods[0] == "distillm" else f"{c.run_dir}_{methods[0]}"

@@ -17,6 +17,7 @@ from distillm_jax.models import hub
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 DTYPES = ("float32", "bfloat16")
+STARTS = ("init", "pretrained")  # student.start
 
 
 class ConfigError(ValueError):
@@ -51,13 +52,16 @@ def _compare(config: ConfigDict, base: ConfigDict, prefix: str = "") -> None:
             _compare(value, default, name + ".")
             continue
         ok = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
+        if default is None:  # an optional number (``placeholder(float)``): None = not set
+            ok = value is None or (isinstance(value, int | float) and not isinstance(value, bool))
         if isinstance(default, int) and isinstance(value, bool) and not isinstance(default, bool):
             ok = False
         if isinstance(default, tuple | list):
             ok = isinstance(value, tuple | list)
         if not ok:
             raise ConfigError(
-                f"config key {name!r} must be {type(default).__name__} (like {default!r}), got {value!r}"
+                f"config key {name!r} must be {'a number or None' if default is None else type(default).__name__}"
+                f" (like {default!r}), got {value!r}"
             )
 
 
@@ -75,6 +79,10 @@ def check(config: ConfigDict) -> None:
         for key in ("source", "lm_source"):
             if config.data[key] and not sources.is_local(config.data[key]):
                 sources.parse_hub(config.data[key])
+        for _, source, split in test_sets(config):
+            sources.parse_split(split)
+            if source and not sources.is_local(source):
+                sources.parse_hub(source)
         losses.validate(config.loss.name, **loss_params(config))
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -112,14 +120,24 @@ def check(config: ConfigDict) -> None:
             )
         if spec.path and hub.is_local(spec.path) and not os.path.isdir(os.path.expanduser(spec.path)):
             raise ConfigError(f"{role}.path {spec.path} is not a checkpoint directory")
+        if spec.dropout is not None and not 0.0 <= spec.dropout < 1.0:
+            raise ConfigError(
+                f"{role}.dropout must be in [0, 1) (every dropout site of the model at that rate; "
+                f"unset: the checkpoint's own rates), got {spec.dropout}"
+            )
         if spec.train_steps < 0 or spec.train_epochs < 0 or spec.train_rows < 0:
             raise ConfigError(f"{role}.train_steps, train_epochs and train_rows must be >= 0")
         if not spec.path and "model_type" not in spec.config:
             raise ConfigError(f"{role}.config needs a model_type (e.g. 't5') to build a new model")
+    if config.student.get("start", "init") not in STARTS:
+        raise ConfigError(f"student.start must be one of {', '.join(STARTS)}, got {config.student.start!r}")
     for key in ("source", "lm_source"):
         src = d[key]
         if src and sources.is_local(src) and not os.path.exists(os.path.expanduser(src)):
             raise ConfigError(f"data.{key} {src} does not exist")
+    for name, src, _ in test_sets(config)[1:]:
+        if sources.is_local(src) and not os.path.exists(os.path.expanduser(src)):
+            raise ConfigError(f"data.test_sets: {name}'s source {src} does not exist")
     _check_one_file(d)
     if config.loss.lm_coef > 0 and not d.lm_source:
         raise ConfigError("loss.lm_coef > 0 needs data.lm_source (plain text with a 'text' column)")
@@ -223,6 +241,29 @@ def _check_methods(config: ConfigDict) -> None:
                 f"{', '.join(LORA_TARGETS)}; got rank {lo.rank}, alpha {lo.alpha}, dropout {lo.dropout}, "
                 f"targets {tuple(lo.targets)}"
             )
+
+
+def test_sets(config: ConfigDict) -> list[tuple[str, str, str]]:
+    """The test stage's sets as (name, source, split): the task's own (``data.source`` at
+    ``data.test_split``), then each of ``data.test_sets`` ("name=source[#split]"); none without a
+    test split."""
+    d = config.data
+    if not d.test_split:
+        return []
+    out = [(d.task, d.source, d.test_split)]
+    for entry in d.test_sets:
+        name, eq, rest = str(entry).partition("=")
+        source, _, split = rest.partition("#")
+        if not eq or not name.strip() or not source.strip() or "/" in name:
+            raise ConfigError(
+                f"data.test_sets entry {entry!r}: write name=source or name=source#split "
+                "(e.g. vicuna=MiniLLM/Vicuna?data_files=test:valid.jsonl)"
+            )
+        out.append((name.strip(), source.strip(), split.strip() or d.test_split))
+    names = [n for n, _, _ in out]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"data.test_sets: two test sets share a name ({', '.join(names)})")
+    return out
 
 
 def compared(config: ConfigDict) -> list[str]:

@@ -3,7 +3,7 @@ re-exports it) and change what their setup needs; every key a run accepts is def
 package so that an installed ``distillm_jax`` checks configs, and a typo in a config file or an override
 (``--config.optim.lr=1e-4``) is an error, not a silently ignored setting."""
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 
 def model_spec(path: str = "", dtype: str = "float32") -> ConfigDict:
@@ -14,6 +14,10 @@ def model_spec(path: str = "", dtype: str = "float32") -> ConfigDict:
             "seed": 0,  # initialisation seed of a new model
             "dtype": dtype,  # compute dtype: float32 or bfloat16
             "param_dtype": "",  # "" = dtype; the student's params stay float32 for AdamW unless set
+            # Dropout in its training steps (never in evaluation, sampling, or as a frozen teacher): unset
+            # = the rates of the checkpoint's config.json, as transformers trains it (GPT-2 / OPT / T5:
+            # 0.1); a number sets every dropout site of the model to it (0: none).
+            "dropout": config_dict.placeholder(float),
             # A first stage of SFT on the task (the paper's fine-tuned teacher and the student's "init"),
             # from `path` (a pretrained model) or from `config`, in run_dir/teacher or run_dir/student_sft;
             # the checkpoint with the best validation CE goes on. train_steps, else train_epochs.
@@ -56,6 +60,11 @@ def get_config() -> ConfigDict:
 
     c.teacher = model_spec(dtype="float32")
     c.student = model_spec()
+    # Where the distillation stages' student starts: "init" = its SFT stage's best checkpoint when
+    # student.train_steps / train_epochs are set (the paper's text: every student from the SFT'd init),
+    # else student.path; "pretrained" = student.path as given, no SFT stage (the authors' KD, SeqKD and
+    # SFT scripts; a paper config's ``:scripts``).
+    c.student.start = "init"
     c.tokenizer = ""  # "" = the student's checkpoint; "demo" / "bytes": built-in; else a directory
 
     c.data = ConfigDict()
@@ -67,6 +76,10 @@ def get_config() -> ConfigDict:
     c.data.train_split = "train"  # splits may be sliced: train[1000:], train[:10%]
     c.data.valid_split = "validation"
     c.data.test_split = ""  # the pipeline's last stage: every model on it over eval.seeds ("" = none)
+    # More test sets for that stage, each scored the same way in a table of its own: "name=source" (a
+    # source as data.source, its split test_split) or "name=source#split" (a split of its own, e.g. the
+    # first 10,000 rows: test[:10000]). The Dolly configs: the paper's Self-Instruct, Vicuna, S-NI, UnNI.
+    c.data.test_sets = ()
     c.data.max_prompt_length = 256
     c.data.max_length = 512
     c.data.max_train_rows = 0  # 0 = all

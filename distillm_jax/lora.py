@@ -2,7 +2,7 @@
 
     model = lora.apply(model, rank=8, alpha=16, dropout=0.05, targets=("q", "v"))
     graph, trainable, frozen = nnx.split(model, lora.TRAINABLE, ...)    # optimise `trainable` only
-    lora.set_dropout_key(model, key)             # inside the jitted step, after nnx.merge: dropout on
+    dropout.set_key(model, key)                  # inside the jitted step, after nnx.merge: dropout on
     models.save_pretrained(lora.merged(model), out_dir)      # a plain HF checkpoint, adapters folded in
     lora.save_peft(model, out_dir)                           # or the adapters alone, in PEFT's layout
 
@@ -86,7 +86,6 @@ def apply(
             alpha=alpha,
             dropout=dropout,
             key=jax.random.fold_in(root, index),
-            index=index,
             param_dtype=w.dtype,
         )
         sharding = getattr(w, "sharding", None)  # None for a tracer (apply under eval_shape)
@@ -96,14 +95,6 @@ def apply(
                 factor.set_value(jax.device_put(factor.get_value(), replicated))
         setattr(block, "lora_" + name, adapter)
     return model
-
-
-def set_dropout_key(model: nnx.Module, key: jax.Array | None) -> None:
-    """Turn adapter dropout on for the following forward passes with ``key`` (each adapter folds in its
-    own index, so masks differ between adapters), or off with ``None``. Meant for the model merged
-    inside a jitted train step; a model without a key (generation, evaluation) never drops."""
-    for *_, adapter in _adapters(model):
-        adapter.dropout_key = None if key is None else L.DropoutKey(jax.random.fold_in(key, adapter.index))
 
 
 def merged(model: nnx.Module) -> nnx.Module:

@@ -26,6 +26,9 @@ class Method:
     # The samplers it runs while it trains or prepares, each a tuple of the models one loop holds KV
     # caches for (the memory planner counts the largest).
     samplers: tuple[tuple[str, ...], ...] = ()
+    # The student's dropout is on in its train steps (the authors train in model.train()); MiniLLM's
+    # policy trains in eval mode ("no dropout for RL", microsoft/LMOps), so its steps drop nothing.
+    dropout: bool = True
 
     @property
     def sgo(self) -> bool:
@@ -54,7 +57,13 @@ REGISTRY: dict[str, Method] = {
         ),
         Method(
             "gkd",
-            "fresh SGOs with probability λ, else ground truth",
+            "with probability λ fresh SGOs into the buffer and a step on a buffer sample, else ground truth",
+            strategy=offpolicy.replay_with_lambda,
+            samplers=(("student",),),
+        ),
+        Method(
+            "gkd_onpolicy",
+            "GKD as its paper and TRL run it: a step on fresh SGOs with probability λ, else ground truth",
             strategy=offpolicy.fresh_with_lambda,
             samplers=(("student",),),
         ),
@@ -68,6 +77,7 @@ REGISTRY: dict[str, Method] = {
             rows="rollouts",
             chunked=False,
             samplers=(("student", "teacher"),),
+            dropout=False,
         ),
         Method(
             "distillm2",

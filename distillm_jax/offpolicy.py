@@ -4,8 +4,9 @@ DistiLLM's second idea: train on ground truth until the student's validation los
 the student's own samples with a probability ``φ`` that rises each time it gets worse, and reuse those
 samples from a replay buffer instead of generating every step (generation is what makes on-policy
 distillation slow). The baselines are other data strategies over the same pieces: ImitKD generates every
-step into the buffer and trains on a buffer sample; GKD trains on fresh samples with a fixed probability
-λ; ``onpolicy`` on fresh samples every step.
+step into the buffer and trains on a buffer sample; GKD, as the DistiLLM authors run it, does the same
+with a fixed probability λ (else ground truth); GKD as its own paper (and TRL) runs it trains on the
+fresh samples themselves with probability λ; ``onpolicy`` on fresh samples every step.
 
 Everything here is host-side: the choice of source is a pure function of (seed, step, scheduler state,
 buffer size), so every host of a pod picks the same source for a step (docs/architecture.md §7), and a
@@ -124,10 +125,18 @@ def replay_every_step(
     return Decision("replay", generate=True, store=True)
 
 
+def replay_with_lambda(
+    scheduler: AdaptiveScheduler, r: float, step: int, total: int, buffer_full: bool, gkd_lambda: float
+) -> Decision:
+    """GKD as the DistiLLM authors run it (``mixed-jsd``): with probability λ fresh SGOs into the buffer
+    and a step on a buffer sample (ImitKD's step), else ground truth."""
+    return Decision("replay", generate=True, store=True) if r < gkd_lambda else Decision("data")
+
+
 def fresh_with_lambda(
     scheduler: AdaptiveScheduler, r: float, step: int, total: int, buffer_full: bool, gkd_lambda: float
 ) -> Decision:
-    """GKD: fresh SGOs with probability λ, else ground truth."""
+    """GKD as its paper and TRL run it: a step on fresh SGOs with probability λ, else ground truth."""
     return Decision("sgo", generate=True) if r < gkd_lambda else Decision("data")
 
 

@@ -9,9 +9,9 @@ last checkpoint, so the same command, killed anywhere, picks up where it stopped
 3. ``distill``: the configured method from them -> ``run_dir``; then each method of ``compare`` (e.g.
    ``kd``: the same loss on ground truth only; ``sft``) for the same steps from the same init ->
    ``run_dir/<method>``.
-4. ``test``: teacher, init and every trained student (its ``best/``) on ``data.test_split``, sampled with
-   every seed of ``eval.seeds``: one table of mean ± std, with each student's batch sources and final φ
-   -> ``run_dir/test.json``.
+4. ``test``: teacher, init and every trained student (its ``best/``) on ``data.test_split`` and on each of
+   ``data.test_sets``, sampled with every seed of ``eval.seeds``: a table of mean ± std per set, with
+   each student's batch sources and final φ -> ``run_dir/test.json`` (``test_<set>.json`` for the others).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ class Stage:
 
 
 def trains_first(spec: ConfigDict) -> bool:
-    return bool(spec.train_steps or spec.train_epochs)
+    """The spec has an SFT stage that later stages start from (``student.start`` "pretrained": none)."""
+    return bool(spec.train_steps or spec.train_epochs) and spec.get("start", "init") == "init"
 
 
 def sft_config(c: ConfigDict, role: str) -> ConfigDict:
@@ -204,7 +205,7 @@ def run(config: ConfigDict) -> dict:
     _check_same_run(config)  # last: it records the run's config in its folder
     _warn_untuned_teacher(config)
     todo = stages(config)
-    count = len(todo) + bool(config.data.test_split)
+    count = len(todo) + bool(cfglib.test_sets(config))
     results = {}
     for i, stage in enumerate(todo, 1):
         results[result_key(stage.name)] = _run_stage(stage, i, count)
@@ -219,7 +220,7 @@ def run(config: ConfigDict) -> dict:
         results["teacher"] = {"final": trainer.evaluate_model(teacher, (seed,))}
     if jax.process_index() == 0 and len(arms) > 1:  # the demo's table, on the validation rows
         print(comparison(results, arms[1:]))
-    if config.data.test_split:
+    if cfglib.test_sets(config):
         results["test"] = test(config, distilled, count, results)
     return results
 
@@ -230,32 +231,41 @@ def stopped(results: dict) -> bool:
 
 
 def test(config: ConfigDict, distilled: ConfigDict, index: int, results: dict | None = None) -> dict:
-    """Stage 4: each model of the pipeline on the test split, over ``eval.seeds``; cached in test.json."""
-    path = os.path.join(config.run_dir, "test.json")
-    lead = jax.process_index() == 0
-    if os.path.exists(path):
+    """Stage 4: each model of the pipeline on every test set, over ``eval.seeds``: the scores of the task's
+    own set (``test.json``), with the others' under ``"sets"`` (``test_<name>.json``); each set's
+    scores are cached as soon as they are complete, so a stopped stage continues with the next set."""
+    lead, seeds = jax.process_index() == 0, tuple(config.eval.seeds)
+    sets = cfglib.test_sets(config)
+    out: dict = {}
+    for k, (name, source, split) in enumerate(sets):
+        path = os.path.join(config.run_dir, "test.json" if k == 0 else f"test_{name}.json")
+        if os.path.exists(path):
+            if lead:
+                print(f"stage {index}/{index} test {name}: done before ({path})")
+            with open(path) as f:
+                scores = json.load(f)
+        else:
+            if lead:
+                print(f"stage {index}/{index} test {name}: {split} over seeds {seeds} -> {path}")
+            scores = {}
+            for model, role, where in _test_models(config, distilled):
+                spec = ConfigDict(distilled[role].to_dict())
+                spec.path, spec.lora.rank = where, 0  # exports are merged checkpoints
+                c = override(distilled, student=spec, method="sft")
+                c.data.source = source
+                c.data.valid_split, c.data.max_valid_rows = split, 0
+                scores[model] = trainer.evaluate_model(c, seeds)
+            if lead:
+                with open(path + ".tmp", "w") as f:
+                    json.dump(scores, f, indent=1)
+                os.replace(path + ".tmp", path)
         if lead:
-            print(f"stage {index}/{index} test: done before ({path})")
-        with open(path) as f:
-            scores = json.load(f)
-    else:
-        seeds = tuple(config.eval.seeds)
-        if lead:
-            print(f"stage {index}/{index} test: {config.data.test_split} over seeds {seeds} -> {path}")
-        scores = {}
-        for name, role, where in _test_models(config, distilled):
-            spec = ConfigDict(distilled[role].to_dict())
-            spec.path, spec.lora.rank = where, 0  # exports are merged checkpoints
-            c = override(distilled, student=spec, method="sft")
-            c.data.valid_split, c.data.max_valid_rows = config.data.test_split, 0
-            scores[name] = trainer.evaluate_model(c, seeds)
-        if lead:
-            with open(path + ".tmp", "w") as f:
-                json.dump(scores, f, indent=1)
-            os.replace(path + ".tmp", path)
-    if lead:
-        print(test_table(scores, config, results or {}))
-    return scores
+            print(test_table(scores, config, results or {}, f"{name}: {split}"))
+        if k == 0:
+            out.update(scores)
+        else:
+            out.setdefault("sets", {})[name] = scores
+    return out
 
 
 def _test_models(config: ConfigDict, distilled: ConfigDict) -> list[tuple[str, str, str]]:
@@ -270,9 +280,9 @@ def _test_models(config: ConfigDict, distilled: ConfigDict) -> list[tuple[str, s
     return [x for x in out if x[2]]
 
 
-def test_table(scores: dict, config: ConfigDict, results: dict) -> str:
-    """The test scores, and for each trained student how its steps were fed (``results``: the stages'
-    summaries)."""
+def test_table(scores: dict, config: ConfigDict, results: dict, title: str = "") -> str:
+    """One test set's scores, and for each trained student how its steps were fed (``results``: the
+    stages' summaries)."""
     metric = next(k for k in next(iter(scores.values())) if k not in ("val_ce", "scores") and "_std" not in k)
     seeds = len(tuple(config.eval.seeds))
     rows = [("model", f"{metric} (mean ± std, {seeds} seeds)", "test CE", *FED)]
@@ -280,7 +290,7 @@ def test_table(scores: dict, config: ConfigDict, results: dict) -> str:
     for name, s in scores.items():
         fed = fed_by(results.get(trained.get(name, ""), {}))
         rows.append((name, f"{s[metric]:.2f} ± {s[metric + '_std']:.2f}", f"{s['val_ce']:.4f}", *fed))
-    return f"test ({config.data.test_split}):\n" + reporting.table(rows)
+    return f"test ({title or config.data.test_split}):\n" + reporting.table(rows)
 
 
 FED = ("steps data / SGO / replay", "final φ")

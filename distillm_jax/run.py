@@ -19,14 +19,15 @@ from distillm_jax.validation import Validator
 
 def build_model(spec: ConfigDict, mesh, *, trainable: bool) -> nnx.Module:
     """A checkpoint (``spec.path``) or a new random model (``spec.config``), placed on ``mesh``. A
-    trained model keeps float32 params unless ``param_dtype`` says otherwise (AdamW's updates are small)."""
+    trained model keeps float32 params unless ``param_dtype`` says otherwise (AdamW's updates are small);
+    its dropout rates are the checkpoint's or ``spec.dropout`` (they act only in its train steps)."""
     dtype = jnp.dtype(spec.dtype)
     param_dtype = jnp.dtype(spec.param_dtype or ("float32" if trainable else spec.dtype))
+    kw = dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh, dropout=spec.get("dropout"))
     if spec.path:
-        model = models.from_pretrained(spec.path, dtype=dtype, mesh=mesh, param_dtype=param_dtype)
+        model = models.from_pretrained(spec.path, **kw)
     else:
-        hf = planner.hf_config(spec)  # from spec.config
-        model = models.create(hf, dtype=dtype, param_dtype=param_dtype, mesh=mesh, seed=spec.seed)
+        model = models.create(planner.hf_config(spec), seed=spec.seed, **kw)  # from spec.config
     lo = spec.lora
     if trainable and lo.rank:  # adapters on the frozen weights (kept in the param dtype they load in)
         lora.apply(

@@ -31,10 +31,12 @@ def tokenize(
     lengths: batching.Lengths,
     *,
     encoder_decoder: bool,
-) -> tuple[list[Row], list[str]]:
-    """(prompt, response) token ids of a split's rows, and the reference texts. Each process tokenizes
-    every n-th row and all of them are put back in order; skipped and cut rows are counted aloud."""
+) -> tuple[list[Row], list[str | list[str]]]:
+    """(prompt, response) token ids of a split's rows, and their references (a text, or several: the
+    metric takes the best). Each process tokenizes every n-th row and all of them are put back in
+    order; skipped and cut rows are counted aloud."""
     pairs = tasks.to_pairs(task, rows, encoder_decoder=encoder_decoder)
+    refs = [tasks.references(task, row, r) for row, (_, r) in zip(rows, pairs, strict=True) if r.strip()]
     kept = [x for x in pairs if x[1].strip()]  # an empty response is skipped (and counted)
     processes, me = jax.process_count(), jax.process_index()
     tokenized, skipped = batching.tokenize_pairs(
@@ -51,7 +53,7 @@ def tokenize(
             f"skipped {skipped['empty_response']} with an empty or missing response; "
             f"cut {skipped['prompt_truncated']} prompts longer than {lengths.max_prompt_length} tokens"
         )
-    return tokenized, [r for _, r in pairs if r.strip()]
+    return tokenized, refs
 
 
 class Batches:

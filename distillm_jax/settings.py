@@ -130,7 +130,6 @@ class Settings:
     checkpoint_interval: int  # 0: at every evaluation
     checkpoint_keep: int
     log_interval: int
-    lora_dropout: bool  # the student's LoRA adapters drop out (a key per micro-batch)
     peft: bool  # exports also write the adapters in PEFT's layout
 
     def new_tokens(self, group: SGO | Eval) -> int:
@@ -198,6 +197,5 @@ def build(c: ConfigDict, vocab: int) -> Settings:
         checkpoint_interval=int(c.checkpoint.interval),
         checkpoint_keep=int(c.checkpoint.keep),
         log_interval=int(c.log_interval),
-        lora_dropout=bool(lo.rank and lo.dropout),
         peft=bool(lo.peft),
     )

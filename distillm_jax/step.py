@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from distillm_jax import lora, losses, minillm
-from distillm_jax.models import layers
+from distillm_jax.models import dropout, layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,8 +240,8 @@ def split_student(student: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.Sta
 
 class TrainStep:
     """``step(params, opt_state, teacher_state, batch, rng=None) -> (params, opt_state, metrics)``: the
-    jitted train step with the student's frozen part bound. ``rng`` (a key) turns on LoRA dropout for the
-    call; ``lower`` and ``_cache_size`` reach the jitted function (benchmarks, memory planning)."""
+    jitted train step with the student's frozen part bound. ``rng`` (a key) turns on the student's
+    dropout for the call (``models.dropout``); ``lower`` and ``_cache_size`` reach the jitted function (benchmarks, memory planning)."""
 
     def __init__(self, jitted: Callable, frozen: nnx.State):
         self.jitted, self.frozen = jitted, frozen
@@ -275,8 +275,8 @@ def make_train_step(
     def step(params, opt_state, frozen, teacher_state, batch, rng):
         def loss_fn(p):
             model = nnx.merge(s_graph, p, frozen)
-            if rng is not None:
-                lora.set_dropout_key(model, rng)
+            if rng is not None:  # the student's dropout (and its LoRA adapters'): this step only
+                dropout.set_key(model, rng)
             t_model = None if t_graph is None else nnx.merge(t_graph, teacher_state)
             return distill_loss(model, t_model, batch, cfg)
 

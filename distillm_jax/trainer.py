@@ -23,6 +23,7 @@ from distillm_jax import batch_sources, methods, preflight, reporting, runstate,
 from distillm_jax import config as cfglib
 from distillm_jax.checkpointing import Checkpoints
 from distillm_jax.export import export_checkpoint, export_model
+from distillm_jax.models import dropout
 from distillm_jax.loop import Interval, Schedule, StopRequest, TrainingError, inject_fault
 from distillm_jax.run import Run, build_model
 from distillm_jax.validation import DRAW_SEED_STRIDE
@@ -51,15 +52,18 @@ class Student:
         )
         self.eval_step = step.make_eval_step(run.student, run.teacher, s.loss)
         self.teacher_state = None if run.teacher is None else nnx.state(run.teacher)
-        self.dropout_key = jax.random.key(s.seed + 0xD0) if s.lora_dropout else None
+        # The student's dropout (its family's sites, its LoRA adapters'), as its method trains: a key per
+        # micro-batch.
+        on = s.method.dropout and dropout.active(run.student)
+        self.dropout_key = jax.random.key(s.seed + 0xD0) if on else None
         self.accum = s.optim.grad_accum
 
     def model(self, params=None) -> nnx.Module:
         return nnx.merge(self.graph, self.params if params is None else params, self.rest)
 
     def update(self, batch: dict, done: int, micro: int) -> dict:
-        """One micro-batch of update ``done`` + 1 (``done``: updates so far); LoRA dropout draws a key per
-        micro-batch (the same on a resume)."""
+        """One micro-batch of update ``done`` + 1 (``done``: updates so far); dropout draws a key per
+        micro-batch from (seed, update, micro-batch): the same on a resume."""
         key = (
             None
             if self.dropout_key is None

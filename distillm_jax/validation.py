@@ -25,7 +25,7 @@ class Validator:
         tokenizer,
         metric: str,
         rows: Sequence[Row],
-        references: Sequence[str],
+        references: Sequence[str | Sequence[str]],
         settings: Eval,
         new_tokens: int,
     ):

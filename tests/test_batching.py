@@ -21,8 +21,11 @@ def test_tokenize_truncates_and_counts_skips(tok):
     assert skipped == {"empty_response": 1, "prompt_truncated": 1}
     assert [len(p) for p, _ in rows] == [3, 8]
     assert rows[0][1][-1] == tok.eos_token_id and len(rows[1][1]) == 4  # response + EOS
-    long, _ = batching.tokenize_pairs([("Hi", " ".join(["Ben"] * 10))], tok, LENGTHS)
-    assert len(long[0][1]) == LENGTHS.max_response  # cut to the room left, EOS included in the count
+    long, _ = batching.tokenize_pairs([("Hi", " ".join(["Ben"] * 20))], tok, LENGTHS)
+    # decoder-only: cut to the room its prompt leaves in max_length (as the authors' data), EOS counted
+    assert len(long[0][0]) + len(long[0][1]) == LENGTHS.max_length > len(long[0][0]) + LENGTHS.max_response
+    enc, _ = batching.tokenize_pairs([("Hi", " ".join(["Ben"] * 20))], tok, LENGTHS, encoder_decoder=True)
+    assert len(enc[0][1]) == LENGTHS.max_response  # encoder-decoder: the decoder's own length
 
 
 @pytest.mark.parametrize("kind", ["llama", "t5"])
@@ -64,6 +67,22 @@ def test_decoder_only_layout(tok):
     for i, (_, resp) in enumerate(rows):
         np.testing.assert_array_equal(b["labels"][i][b["loss_mask"][i] == 1], resp)
     np.testing.assert_array_equal(b["prompt_ids"][1], [0] * 7 + [9])
+
+
+def test_a_long_response_takes_the_room_its_prompt_leaves():
+    """A response longer than max_length − max_prompt_length moves its row left into the prompt slots a
+    short prompt left free; the sampler's prompt columns still hold the prompt right-aligned, and the
+    row computes what it would anywhere (positions count real tokens)."""
+    rows = [([5, 6], list(range(20, 30)) + [1]), ([9, 8, 7], [30, 1])]  # 2 + 11 = 13 of 14 slots
+    b = batching.decoder_only_batch(rows, LENGTHS, pad=0)
+    np.testing.assert_array_equal(b["input_ids"][0], [0, 5, 6, *range(20, 30), 1])
+    np.testing.assert_array_equal(b["attention_mask"][0], [0] + [1] * 13)
+    np.testing.assert_array_equal(b["labels"][0][b["loss_mask"][0] == 1], rows[0][1])
+    np.testing.assert_array_equal(b["prompt_ids"][0], [0] * 6 + [5, 6])
+    np.testing.assert_array_equal(b["prompt_mask"][0], [0] * 6 + [1, 1])
+    np.testing.assert_array_equal(b["input_ids"][1], [0] * 5 + [9, 8, 7, 30, 1] + [0] * 4)  # as before
+    too_long = batching.decoder_only_batch([([5, 6], list(range(20, 40)))], LENGTHS, pad=0)
+    np.testing.assert_array_equal(too_long["input_ids"][0], [5, 6, *range(20, 32)])  # cut to the room
 
 
 def test_encoder_decoder_layout():

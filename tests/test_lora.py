@@ -15,7 +15,7 @@ from transformers import AutoConfig
 
 from configs import tiny
 from distillm_jax import lora, models, sharding, step
-from distillm_jax.models import hf_io
+from distillm_jax.models import dropout, hf_io
 from distillm_jax.models import layers as L
 
 HF = {
@@ -131,7 +131,7 @@ def test_dropout_only_with_a_key_under_jit():
     def run(params, frozen, key):
         m = nnx.merge(graph, params, frozen)
         if key is not None:
-            lora.set_dropout_key(m, key)
+            dropout.set_key(m, key)
         return m(ids, mask)
 
     plain = np.asarray(run(params, frozen, None))
@@ -141,8 +141,8 @@ def test_dropout_only_with_a_key_under_jit():
     assert np.abs(dropped - plain).max() > 1e-3
     np.testing.assert_array_equal(np.asarray(run(params, frozen, k0)), dropped)
     assert np.abs(np.asarray(run(params, frozen, k1)) - dropped).max() > 1e-3
-    lora.set_dropout_key(model, k0)  # each adapter its own key, so masks differ between adapters
-    keys = [jax.random.key_data(a.dropout_key[...]).tobytes() for a in adapters(model)]
+    dropout.set_key(model, k0)  # each adapter its own key, so masks differ between adapters
+    keys = [jax.random.key_data(a.drop.keys.key).tobytes() for a in adapters(model)]
     assert len(set(keys)) == len(keys) == 6
 
 

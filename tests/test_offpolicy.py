@@ -77,8 +77,13 @@ def test_each_source_comes_with_its_probability():
     )
     filling = shares("distillm", False)  # until the buffer is full every SGO step generates
     assert abs(filling["sgo"] - 0.6) < tol and filling["replay"] == 0
-    gkd = shares("gkd", True)
-    assert abs(gkd["sgo"] - 0.3) < tol and gkd["replay"] == 0
+    gkd = shares("gkd", True)  # the DistiLLM authors' GKD: λ of the steps generate, then replay
+    assert abs(gkd["replay"] - 0.3) < tol and gkd["sgo"] == 0
+    assert methods.get("gkd").strategy(s, 0.2, 0, 1, False, 0.3) == offpolicy.Decision(
+        "replay", generate=True, store=True
+    )
+    fresh = shares("gkd_onpolicy", True)  # GKD's own paper and TRL: λ of the steps on fresh SGOs
+    assert abs(fresh["sgo"] - 0.3) < tol and fresh["replay"] == 0
     assert shares("onpolicy", True)["sgo"] == 1.0 and shares("imitkd", True)["replay"] == 1.0
     assert methods.get("imitkd").strategy(s, 0.5, 0, 1, False, 0.5) == offpolicy.Decision(
         "replay", generate=True, store=True

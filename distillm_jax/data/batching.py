@@ -3,11 +3,13 @@
 Fixed shapes (docs/architecture.md §6): every batch has the configured lengths, so each jitted function
 compiles once. Layouts:
 
-- decoder-only, ``[B, max_length]``: the prompt right-aligned in the first ``max_prompt_length`` slots
-  (left padding), then the response and its EOS, then padding. ``labels[t]`` is the token at ``t + 1``;
-  ``loss_mask[t]`` marks the positions whose label is a response token or the EOS — never the prompt
-  or padding. ``prompt_ids``/``prompt_mask`` are the first ``max_prompt_length`` columns, ready for the
-  sampler.
+- decoder-only, ``[B, max_length]``: prompt, response and its EOS, then padding. A response gets the
+  room its prompt leaves (``max_length`` − the prompt's length, as the authors' data does), so the row
+  starts where its prompt ends at slot ``max_prompt_length`` (left padding) unless the response needs
+  the room before it; positions count real tokens only, so where a row sits changes nothing.
+  ``labels[t]`` is the token at ``t + 1``; ``loss_mask[t]`` marks the positions whose label is a
+  response token or the EOS — never the prompt or padding. ``prompt_ids``/``prompt_mask`` hold the
+  prompt alone, right-aligned in ``max_prompt_length`` columns: what the sampler reads.
 - encoder-decoder: ``input_ids`` [B, max_prompt_length] (right padding), ``decoder_input_ids``
   [B, max_length - max_prompt_length] = start token + response, ``labels`` = response + EOS.
 """
@@ -33,8 +35,14 @@ class Lengths:
 
     @property
     def max_response(self) -> int:
-        """Room for the response and its EOS."""
+        """Room for a response and its EOS after any prompt: an encoder-decoder's decoder length, and the
+        sampler's new tokens (a decoder-only training row's response may take what a shorter prompt
+        leaves: ``response_room``)."""
         return self.max_length - self.max_prompt_length
+
+    def response_room(self, prompt: Sequence[int], encoder_decoder: bool) -> int:
+        """Room for the response (and its EOS) of a row with this (cut) prompt."""
+        return self.max_response if encoder_decoder else self.max_length - len(prompt)
 
 
 def tokenize_pairs(
@@ -71,7 +79,7 @@ def tokenize_pairs(
             p = p[:room]
         if encoder_decoder:
             p = [*p, eos]
-        out.append((p, [*r, eos][: lengths.max_response]))
+        out.append((p, [*r, eos][: lengths.response_room(p, encoder_decoder)]))
     return out, skipped
 
 
@@ -80,11 +88,15 @@ def decoder_only_batch(rows: Sequence[tuple[list[int], list[int]]], lengths: Len
     ids = np.full((b, total), pad, np.int32)
     mask = np.zeros((b, total), np.int32)
     response = np.zeros((b, total), bool)
+    prompt_ids, prompt_mask = np.full((b, p), pad, np.int32), np.zeros((b, p), np.int32)
     for i, (prompt, resp) in enumerate(rows):
-        ids[i, p - len(prompt) : p] = prompt
-        ids[i, p : p + len(resp)] = resp
-        mask[i, p - len(prompt) : p + len(resp)] = 1
-        response[i, p : p + len(resp)] = True
+        resp = resp[: total - len(prompt)]
+        start = min(p - len(prompt), total - len(prompt) - len(resp))  # the prompt ends at slot p if it can
+        end = start + len(prompt)
+        ids[i, start:end], ids[i, end : end + len(resp)] = prompt, resp
+        mask[i, start : end + len(resp)] = 1
+        response[i, end : end + len(resp)] = True
+        prompt_ids[i, p - len(prompt) :], prompt_mask[i, p - len(prompt) :] = prompt, 1
     labels = np.concatenate([ids[:, 1:], np.full((b, 1), pad, np.int32)], axis=1)
     loss_mask = np.concatenate([response[:, 1:], np.zeros((b, 1), bool)], axis=1).astype(np.int32)
     return {
@@ -92,8 +104,8 @@ def decoder_only_batch(rows: Sequence[tuple[list[int], list[int]]], lengths: Len
         "attention_mask": mask,
         "labels": labels,
         "loss_mask": loss_mask,
-        "prompt_ids": ids[:, :p].copy(),
-        "prompt_mask": mask[:, :p].copy(),
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
     }
 
 

@@ -16,10 +16,14 @@ DOLLY_TAIL = ". Write a response that appropriately completes the request.\n\n"
 
 
 def _text(row: dict, *names: str) -> str:
-    """The first of ``names`` the row has; a missing or empty cell (None in CSV files) is ""."""
+    """The first of ``names`` the row has; a missing or empty cell (None in CSV files) is ""; a cell
+    holding several references (a list: S-NI's outputs) gives its first, the one a model trains on."""
     for name in names:
-        if row.get(name) is not None:
-            return str(row[name])
+        value = row.get(name)
+        if isinstance(value, list):
+            return str(value[0]) if value else ""
+        if value is not None:
+            return str(value)
     return ""
 
 
@@ -77,6 +81,7 @@ class Task:
     metric: str  # "rougeL", "bleu", or "" for language-model data
     hub_id: str | None  # the default source: a hub dataset in sources.py's form (None: built in)
     to_pair: Callable[[dict, bool], tuple[str, str]] | None
+    references_in: tuple[str, ...] = ()  # columns that may list several references for the metric
 
 
 # The hub forms that load with datasets >= 4 today (sources.py): Samsung/samsum was deleted (a copy in the
@@ -90,6 +95,7 @@ TASKS: dict[str, Task] = {
         "rougeL",
         "MiniLLM/dolly?data_files=train:raw.jsonl,test:valid.jsonl",
         _dolly,
+        ("response", "output"),
     ),
     "samsum": Task(
         "samsum",
@@ -166,6 +172,16 @@ def check_columns(task: Task, rows: Sequence[dict], source: str) -> None:
             f"dataset {source} lacks column(s) {', '.join(missing)} needed by task {task.name!r}; "
             f"it has: {', '.join(sorted(have))}"
         )
+
+
+def references(task: Task, row: dict, response: str) -> str | list[str]:
+    """What the metric compares a generation with: every reference the row lists (the metric takes the
+    best, as the paper's evaluation does), else its ``response``."""
+    for name in task.references_in:
+        value = row.get(name)
+        if isinstance(value, list) and len(value) > 1:
+            return [str(v) for v in value]
+    return response
 
 
 def to_pairs(task: Task, rows: Sequence[dict], *, encoder_decoder: bool) -> list[tuple[str, str]]:

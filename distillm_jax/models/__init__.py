@@ -11,6 +11,7 @@ chunked loss), ``head()`` (the [D, V] output embedding) and ``init_cache(batch, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from types import ModuleType
@@ -70,10 +71,12 @@ def load_hf_config(directory: str):
     return AutoConfig.from_pretrained(directory)
 
 
-def _builder(hf_config, param_dtype, dtype, seed: int = 0):
-    """(family, its Config, a function building the model) for a transformers config."""
+def _builder(hf_config, param_dtype, dtype, seed: int = 0, dropout: float | None = None):
+    """(family, its Config, a function building the model) for a transformers config; ``dropout``
+    (not None) sets every dropout site of the family to that rate (``dropout.Rates.override``)."""
     family = _family(hf_config.model_type, "the config")
     cfg = family.Config.from_hf(hf_config)
+    cfg = dataclasses.replace(cfg, dropout=cfg.dropout.override(dropout))
 
     def build() -> nnx.Module:
         model = family.Model(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype, dtype=dtype)
@@ -95,25 +98,42 @@ def abstract_params(hf_config, param_dtype=jnp.float32) -> nnx.State:
     return nnx.state(abstract_model(hf_config, param_dtype), nnx.Param)
 
 
-def create(hf_config, *, dtype=jnp.float32, param_dtype=None, mesh: Mesh | None = None, seed: int = 0):
-    """A randomly initialised model for a transformers config, created directly in its shardings."""
-    _, _, build = _builder(hf_config, param_dtype or dtype, dtype, seed)
+def create(
+    hf_config,
+    *,
+    dtype=jnp.float32,
+    param_dtype=None,
+    mesh: Mesh | None = None,
+    seed: int = 0,
+    dropout: float | None = None,
+):
+    """A randomly initialised model for a transformers config, created directly in its shardings;
+    ``dropout`` as in ``from_pretrained``."""
+    _, _, build = _builder(hf_config, param_dtype or dtype, dtype, seed, dropout)
     graphdef, abstract = nnx.split(nnx.eval_shape(build))
     out = None if mesh is None else shd.state_shardings(abstract, mesh)
     return nnx.merge(graphdef, jax.jit(lambda: nnx.split(build())[1], out_shardings=out)())
 
 
-def from_pretrained(path_or_hub_id: str, dtype=jnp.float32, mesh: Mesh | None = None, param_dtype=None):
+def from_pretrained(
+    path_or_hub_id: str,
+    dtype=jnp.float32,
+    mesh: Mesh | None = None,
+    param_dtype=None,
+    dropout: float | None = None,
+):
     """Load an HF checkpoint (local directory, or hub id ``org/name[@revision]``) into our NNX model,
     torch-free (safetensors, or ``pytorch_model.bin`` read by a restricted unpickler).
 
     ``dtype`` is the compute dtype; ``param_dtype`` (default: ``dtype``) the dtype parameters are kept
-    in. With a ``mesh`` every tensor goes straight to its sharding.
+    in. With a ``mesh`` every tensor goes straight to its sharding. Dropout sits where the family's
+    transformers model has it, at its config's rates (``dropout``: every site at this rate instead), and
+    acts only in a training step (``models.dropout``).
     """
     directory = hub.local_dir(path_or_hub_id)
     hf_config = load_hf_config(directory)
     param_dtype = param_dtype or dtype
-    family, cfg, build = _builder(hf_config, param_dtype, dtype)
+    family, cfg, build = _builder(hf_config, param_dtype, dtype, dropout=dropout)
     graphdef, abstract = nnx.split(nnx.eval_shape(build))
     tensors = hf_io.open_checkpoint(directory)
     if hasattr(family, "canonical_keys"):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from distillm_jax.models import layers as L
+from distillm_jax.models.dropout import Dropout, Rates
 from distillm_jax.models.hf_io import Rule, merge_heads, split_heads, with_prefix
 
 MODEL_TYPES = ("gpt2",)
@@ -27,6 +28,7 @@ class Config(L.FullMultiHead):
     act: str
     bias: bool = True
     window: None = None
+    dropout: Rates = Rates()
 
     @classmethod
     def from_hf(cls, c) -> Config:
@@ -43,6 +45,7 @@ class Config(L.FullMultiHead):
             heads=c.n_head,
             eps=c.layer_norm_epsilon,
             act=c.activation_function,
+            dropout=Rates(embed=c.embd_pdrop, attn=c.attn_pdrop, resid=c.resid_pdrop),
         )
 
 
@@ -56,9 +59,11 @@ class Model(L.CausalLM):
         self.wpe = L.param(rngs, (cfg.positions, cfg.d_model), ("positions", "embed"), param_dtype)
         self.layers = nnx.List([L.NormBlock(cfg, pre_norm=True, rngs=rngs, **kw) for _ in range(cfg.layers)])
         self.ln_f = L.LayerNorm(cfg.d_model, cfg.eps, **kw)
+        self.embed_drop = Dropout(cfg.dropout.get("embed"))
 
     def embed_inputs(self, input_ids, positions):
-        return self.wte(input_ids) + jnp.take(self.wpe[...], positions, axis=0).astype(self.dtype)
+        x = self.wte(input_ids) + jnp.take(self.wpe[...], positions, axis=0).astype(self.dtype)
+        return self.embed_drop(x)
 
     def finish(self, x):
         return self.ln_f(x)

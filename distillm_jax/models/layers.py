@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from distillm_jax.models.dropout import Dropout
+
 Array = jax.Array
 Cache = dict[str, Array]
 MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so an all-masked row softmaxes to uniform, not NaN
@@ -172,15 +174,12 @@ class LoRAParam(nnx.Param):
     (``nnx.split(model, LoRAParam, ...)``) and leaves every other parameter frozen."""
 
 
-class DropoutKey(nnx.Variable):
-    """The PRNG key an adapter's dropout uses; present only while ``lora.set_dropout_key`` set one."""
-
-
 class LoRA(nnx.Module):
     """The low-rank update ``(alpha / rank) * (dropout(x) A) B`` of a kernel whose first ``n_in`` dims
     are inputs: A [prod(in), rank] starts random, B [rank, prod(out)] zero, so a fresh adapter changes
     nothing. Factors are kept in the kernel's dtype and replicated (they are small); the update is
-    computed in the projection's compute dtype. Dropout runs only while ``dropout_key`` holds a DropoutKey."""
+    computed in the projection's compute dtype. Its input dropout runs only in a training step
+    (``dropout.set_key``)."""
 
     def __init__(
         self,
@@ -191,7 +190,6 @@ class LoRA(nnx.Module):
         alpha: float,
         dropout: float,
         key,
-        index: int,
         param_dtype,
     ):
         fan_in = math.prod(shape[:n_in])
@@ -200,8 +198,8 @@ class LoRA(nnx.Module):
         self.a = LoRAParam(a, axes=(None, None))
         self.b = LoRAParam(jnp.zeros((rank, math.prod(shape[n_in:])), param_dtype), axes=(None, None))
         self.n_in, self.out_shape = n_in, tuple(shape[n_in:])
-        self.rank, self.alpha, self.dropout, self.index = rank, alpha, dropout, index
-        self.dropout_key = nnx.data(None)
+        self.rank, self.alpha, self.dropout = rank, alpha, dropout
+        self.drop = Dropout(dropout)
 
     def delta(self) -> Array:
         """The update as an [prod(in), prod(out)] float32 matrix, ``(alpha / rank) A B``."""
@@ -209,10 +207,7 @@ class LoRA(nnx.Module):
 
     def __call__(self, x: Array, dtype) -> Array:
         lead = x.shape[: x.ndim - self.n_in]
-        x = x.reshape(*lead, -1).astype(dtype)
-        if self.dropout_key is not None and self.dropout > 0:
-            keep = jax.random.bernoulli(self.dropout_key[...], 1.0 - self.dropout, x.shape)
-            x = jnp.where(keep, x / jnp.asarray(1.0 - self.dropout, dtype), jnp.zeros((), dtype))
+        x = self.drop(x.reshape(*lead, -1).astype(dtype))
         y = (x @ self.a[...].astype(dtype)) @ self.b[...].astype(dtype)
         return (y * jnp.asarray(self.alpha / self.rank, dtype)).reshape(*lead, *self.out_shape)
 
@@ -228,9 +223,11 @@ def adapted(block: nnx.Module, name: str, x: Array, y: Array) -> Array:
 # Attention.
 
 
-def dot_attention(q: Array, k: Array, v: Array, mask: Array, bias: Array | None, scale: float) -> Array:
+def dot_attention(
+    q: Array, k: Array, v: Array, mask: Array, bias: Array | None, scale: float, drop: Dropout | None = None
+) -> Array:
     """Grouped-query attention. q [B, Tq, H, Dh]; k, v [B, Hkv, S, Dh]; mask [B, 1, Tq, S]; bias
-    broadcastable to [B, H, Tq, S]. Softmax in float32."""
+    broadcastable to [B, H, Tq, S]. Softmax in float32; ``drop``: dropout on the probabilities."""
     b, tq, h, dh = q.shape
     hkv = k.shape[1]
     qg = q.reshape(b, tq, hkv, h // hkv, dh)
@@ -241,6 +238,8 @@ def dot_attention(q: Array, k: Array, v: Array, mask: Array, bias: Array | None,
         scores = scores + bias.astype(jnp.float32).reshape(bias.shape[0], hkv, h // hkv, *bias.shape[2:])
     scores = jnp.where(mask[:, :, None], scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if drop is not None:
+        probs = drop(probs)
     return jnp.einsum("bkgqs,bksd->bqkgd", probs, v).reshape(b, tq, h, v.shape[-1])
 
 
@@ -248,7 +247,9 @@ CAUSAL_BLOCK = 64  # the smallest query block of ``causal_attention``; shorter s
 CAUSAL_BLOCKS = 8  # at most this many blocks: the unrolled graph stays small at long sequence lengths
 
 
-def causal_attention(q: Array, k: Array, v: Array, mask: Array, bias: Array | None, scale: float) -> Array:
+def causal_attention(
+    q: Array, k: Array, v: Array, mask: Array, bias: Array | None, scale: float, drop: Dropout | None = None
+) -> Array:
     """``dot_attention`` for causal self-attention over a whole sequence (query slot i is key slot i,
     no cache), by query blocks that attend only to the keys up to their own end. The keys after a
     block's end are masked for all of its queries, so leaving them out changes no valid output (up to
@@ -259,13 +260,13 @@ def causal_attention(q: Array, k: Array, v: Array, mask: Array, bias: Array | No
     t = q.shape[1]
     n = min(CAUSAL_BLOCKS, t // CAUSAL_BLOCK)
     if n < 2 or k.shape[2] != t:
-        return dot_attention(q, k, v, mask, bias, scale)
+        return dot_attention(q, k, v, mask, bias, scale, drop)
     ends = [round(t * (i + 1) / n) for i in range(n)]
     outs = []
     for start, end in zip([0, *ends[:-1]], ends, strict=True):
         part = None if bias is None else bias[:, :, start:end, :end]
         rows = mask[:, :, start:end, :end]
-        outs.append(dot_attention(q[:, start:end], k[:, :, :end], v[:, :, :end], rows, part, scale))
+        outs.append(dot_attention(q[:, start:end], k[:, :, :end], v[:, :, :end], rows, part, scale, drop))
     return jnp.concatenate(outs, axis=1)
 
 
@@ -287,6 +288,7 @@ class Attention(nnx.Module):
         out_bias: bool = False,
         qk_norm_eps: float | None = None,
         std: float | tuple[float, float, float] = 0.02,
+        dropout: float = 0.0,
     ):
         if heads % kv_heads:
             raise ValueError(f"attention heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
@@ -307,6 +309,7 @@ class Attention(nnx.Module):
         norm = dict(param_dtype=param_dtype, dtype=dtype, axes="head_dim")
         self.q_norm = RMSNorm(head_dim, qk_norm_eps, **norm) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps, **norm) if qk_norm_eps is not None else None
+        self.drop = Dropout(dropout)  # on the attention probabilities
         self.dtype = dtype
 
     def _proj(self, x: Array, name: str) -> Array:
@@ -356,7 +359,7 @@ class Attention(nnx.Module):
                 kv = {n: jax.lax.dynamic_update_slice(cache[n], kv[n].astype(cache[n].dtype), at) for n in kv}
                 cache = kv
         attend = causal_attention if causal and cache is None and cross is None else dot_attention
-        out = attend(q, kv["k"], kv["v"], mask, bias, scale)
+        out = attend(q, kv["k"], kv["v"], mask, bias, scale, self.drop)
         y = adapted(self, "o", out, jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(self.dtype)))
         return (y if self.o_bias is None else y + self.o_bias[...].astype(self.dtype)), cache
 
@@ -379,7 +382,8 @@ def grow_kv_cache(caches: list[Cache], slots: int) -> list[Cache]:
 
 
 class MLP(nnx.Module):
-    """Gated (act(x W_gate) * x W_up) W_down, or plain act(x W_in + b) W_out + b."""
+    """Gated (act(x W_gate) * x W_up) W_down, or plain act(x W_in + b) W_out + b; ``dropout`` on the
+    hidden activations before W_down (T5's)."""
 
     def __init__(
         self,
@@ -393,6 +397,7 @@ class MLP(nnx.Module):
         param_dtype,
         dtype,
         std: float | tuple[float, float] = 0.02,
+        dropout: float = 0.0,
     ):
         in_std, out_std = std if isinstance(std, tuple) else (std, std)
         self.gate = param(rngs, (d_model, hidden), ("embed", "mlp"), param_dtype, in_std) if gated else None
@@ -402,6 +407,7 @@ class MLP(nnx.Module):
         self.up_bias = zeros_param((hidden,), ("mlp",), param_dtype) if bias else None
         self.down_bias = zeros_param((d_model,), ("embed",), param_dtype) if bias else None
         self.act, self.dtype = activation(act), dtype
+        self.drop = Dropout(dropout)
 
     def __call__(self, x: Array) -> Array:
         w = lambda p: p[...].astype(self.dtype)  # noqa: E731
@@ -413,13 +419,15 @@ class MLP(nnx.Module):
         else:
             g = adapted(self, "gate", x, x @ w(self.gate))
             h = self.act(g if self.gate_bias is None else g + w(self.gate_bias)) * h
+        h = self.drop(h)
         y = adapted(self, "down", h, h @ w(self.down))
         return y if self.down_bias is None else y + w(self.down_bias)
 
 
 class NormBlock(nnx.Module):
     """A LayerNorm transformer block, pre-norm (GPT-2, most OPT) or post-norm (OPT-350m): attention
-    with biases and a plain MLP."""
+    with biases and a plain MLP; dropout on the attention probabilities and on each sublayer's output
+    before its residual add (``cfg.dropout``'s ``attn`` and ``resid``)."""
 
     def __init__(self, cfg, *, pre_norm: bool, affine: bool = True, rngs: nnx.Rngs, param_dtype, dtype):
         kw = dict(param_dtype=param_dtype, dtype=dtype)
@@ -432,17 +440,20 @@ class NormBlock(nnx.Module):
             rngs=rngs,
             qkv_bias=cfg.bias,
             out_bias=cfg.bias,
+            dropout=cfg.dropout.get("attn"),
             **kw,
         )
         self.mlp_norm = LayerNorm(cfg.d_model, cfg.eps, affine=affine, **kw)
         self.mlp = MLP(cfg.d_model, cfg.mlp, cfg.act, gated=False, bias=cfg.bias, rngs=rngs, **kw)
+        self.resid = Dropout(cfg.dropout.get("resid"))
         self.pre_norm, self.scale = pre_norm, cfg.head_dim**-0.5
 
     def __call__(self, x, mask, positions, cache, cache_index):
         h = self.attn_norm(x) if self.pre_norm else x
         h, cache = self.attn(h, mask, scale=self.scale, cache=cache, cache_index=cache_index, causal=True)
+        h = self.resid(h)
         x = x + h if self.pre_norm else self.attn_norm(x + h)
-        h = self.mlp(self.mlp_norm(x) if self.pre_norm else x)
+        h = self.resid(self.mlp(self.mlp_norm(x) if self.pre_norm else x))
         return (x + h if self.pre_norm else self.mlp_norm(x + h)), cache
 
 

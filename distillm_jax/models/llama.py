@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from distillm_jax.models import layers as L
+from distillm_jax.models.dropout import Rates
 from distillm_jax.models.hf_io import Rule, merge_heads, split_heads, transposed
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -34,6 +35,7 @@ class Config:
     qk_norm: bool
     act: str
     window: int | None
+    dropout: Rates = Rates()  # attention_dropout only (0 in the released checkpoints)
 
     @classmethod
     def from_hf(cls, c) -> Config:
@@ -64,6 +66,7 @@ class Config:
             qk_norm=c.model_type == "qwen3",
             act=c.hidden_act,
             window=None if qwen else getattr(c, "sliding_window", None),
+            dropout=Rates(attn=getattr(c, "attention_dropout", 0.0) or 0.0),
         )
 
 
@@ -80,6 +83,7 @@ class Block(nnx.Module):
             qkv_bias=cfg.qkv_bias,
             out_bias=cfg.o_bias,
             qk_norm_eps=cfg.eps if cfg.qk_norm else None,
+            dropout=cfg.dropout.get("attn"),
             **kw,
         )
         self.mlp_norm = L.RMSNorm(cfg.d_model, cfg.eps, **kw)

@@ -1,6 +1,8 @@
 """OPT: learned positions offset by 2, pre- or post-LayerNorm blocks (``do_layer_norm_before``), and
 project_in/project_out when the embedding width differs from the hidden size (OPT-350m). The head is
-tied to the token embedding."""
+tied to the token embedding. Dropout as transformers' OPT: ``dropout`` on each sublayer's output,
+``attention_dropout`` on the attention probabilities, none on the embeddings; ``layerdrop`` (0 in
+every released checkpoint) is not implemented."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from distillm_jax.models import layers as L
+from distillm_jax.models.dropout import Rates
 from distillm_jax.models.hf_io import Rule, merge_heads, split_heads, transposed, with_prefix
 
 MODEL_TYPES = ("opt",)
@@ -33,6 +36,7 @@ class Config(L.FullMultiHead):
     final_norm: bool
     eps: float = 1e-5
     window: None = None
+    dropout: Rates = Rates()
 
     @classmethod
     def from_hf(cls, c) -> Config:
@@ -50,6 +54,7 @@ class Config(L.FullMultiHead):
             pre_norm=pre,
             affine=bool(getattr(c, "layer_norm_elementwise_affine", True)),
             final_norm=pre and not getattr(c, "_remove_final_layer_norm", False),
+            dropout=Rates(attn=getattr(c, "attention_dropout", 0.0), resid=getattr(c, "dropout", 0.0)),
         )
 
 

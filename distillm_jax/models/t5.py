@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from distillm_jax.models import layers as L
+from distillm_jax.models.dropout import Dropout, Rates
 from distillm_jax.models.hf_io import Rule, merge_heads, split_heads, transposed
 
 MODEL_TYPES = ("t5", "mt5")
@@ -38,6 +39,7 @@ class Config:
     act: str
     gated: bool
     tied: bool
+    dropout: Rates = Rates()
 
     @classmethod
     def from_hf(cls, c) -> Config:
@@ -59,6 +61,9 @@ class Config:
             act=c.dense_act_fn,
             gated=bool(c.is_gated_act),
             tied=tied,
+            # dropout_rate everywhere transformers' T5 drops: embeddings, attention probabilities, each
+            # sublayer's output, the MLP's activations, after the final norm.
+            dropout=Rates(*[c.dropout_rate] * 5),
         )
 
 
@@ -81,7 +86,8 @@ def relative_buckets(rel: jax.Array, *, bidirectional: bool, buckets: int, max_d
 
 
 class Block(nnx.Module):
-    """Self-attention, cross-attention (decoder only), MLP; each pre-norm with a residual."""
+    """Self-attention, cross-attention (decoder only), MLP; each pre-norm with a residual, its output
+    dropped out before the add (``cfg.dropout.resid``)."""
 
     def __init__(self, cfg: Config, *, cross: bool, rngs: nnx.Rngs, param_dtype, dtype):
         kw = dict(param_dtype=param_dtype, dtype=dtype)
@@ -89,28 +95,36 @@ class Block(nnx.Module):
         # k/v d_model^-½, o (heads·d_kv)^-½, MLP in d_model^-½ / out d_ff^-½.
         d, inner = cfg.d_model, cfg.heads * cfg.d_kv
         std = ((d * cfg.d_kv) ** -0.5, d**-0.5, inner**-0.5)
-        attn = lambda: L.Attention(d, cfg.heads, cfg.heads, cfg.d_kv, rngs=rngs, std=std, **kw)  # noqa: E731
+        drop = cfg.dropout.get("attn")
+        attn = lambda: L.Attention(  # noqa: E731
+            d, cfg.heads, cfg.heads, cfg.d_kv, rngs=rngs, std=std, dropout=drop, **kw
+        )
         self.attn_norm = L.RMSNorm(cfg.d_model, cfg.eps, **kw)
         self.attn = attn()
         self.cross_norm = L.RMSNorm(cfg.d_model, cfg.eps, **kw) if cross else None
         self.cross = attn() if cross else None
         self.mlp_norm = L.RMSNorm(cfg.d_model, cfg.eps, **kw)
         mlp_std = (d**-0.5, cfg.d_ff**-0.5)
-        self.mlp = L.MLP(d, cfg.d_ff, cfg.act, gated=cfg.gated, bias=False, rngs=rngs, std=mlp_std, **kw)
+        self.mlp = L.MLP(
+            d, cfg.d_ff, cfg.act, gated=cfg.gated, bias=False, rngs=rngs, std=mlp_std,
+            dropout=cfg.dropout.get("act"), **kw,
+        )  # fmt: skip
+        self.resid = Dropout(cfg.dropout.get("resid"))
 
     def __call__(self, x, mask, bias, *, cache=None, cache_index=0, cross=None, cross_mask=None):
         causal = self.cross is not None  # the decoder's self-attention
         h, cache = self.attn(
             self.attn_norm(x), mask, scale=1.0, bias=bias, cache=cache, cache_index=cache_index, causal=causal
         )
-        x = x + h
+        x = x + self.resid(h)
         if self.cross is not None:
-            x = x + self.cross(self.cross_norm(x), cross_mask, scale=1.0, cross=cross)[0]
-        return x + self.mlp(self.mlp_norm(x)), cache
+            x = x + self.resid(self.cross(self.cross_norm(x), cross_mask, scale=1.0, cross=cross)[0])
+        return x + self.resid(self.mlp(self.mlp_norm(x))), cache
 
 
 class Stack(nnx.Module):
-    """The encoder or the decoder: blocks, their shared relative position bias, the final norm."""
+    """The encoder or the decoder: blocks, their shared relative position bias, the final norm; dropout
+    on its input embeddings and on its output."""
 
     def __init__(self, cfg: Config, layers: int, *, decoder: bool, rngs: nnx.Rngs, param_dtype, dtype):
         kw = dict(param_dtype=param_dtype, dtype=dtype)
@@ -119,6 +133,8 @@ class Stack(nnx.Module):
             rngs, (cfg.buckets, cfg.heads), ("rel_buckets", "heads"), param_dtype, std=cfg.d_model**-0.5
         )
         self.norm = L.RMSNorm(cfg.d_model, cfg.eps, **kw)
+        self.embed_drop = Dropout(cfg.dropout.get("embed"))
+        self.final_drop = Dropout(cfg.dropout.get("final"))
         self.decoder, self.buckets, self.max_distance = decoder, cfg.buckets, cfg.max_distance
 
     def position_bias(self, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
@@ -159,10 +175,10 @@ class Model(nnx.Module):
         pos = jnp.arange(input_ids.shape[1])
         mask = L.slot_mask(pos, attention_mask, causal=False)
         bias = self.encoder.position_bias(pos, pos)
-        x = self.shared(input_ids)
+        x = self.encoder.embed_drop(self.shared(input_ids))
         for block in self.encoder.blocks:
             x = block(x, mask, bias)[0]
-        return self.encoder.norm(x)
+        return self.encoder.final_drop(self.encoder.norm(x))
 
     def init_cache(self, batch: int, slots: int, encoder_hidden, encoder_mask) -> list[L.Cache]:
         c = self.config
@@ -194,7 +210,7 @@ class Model(nnx.Module):
         bias = self.decoder.position_bias(q_pos, jnp.arange(decoder_attention_mask.shape[1]))
         enc_mask = encoder_mask if cache is None else cache[0]["enc_mask"]
         cross_mask = L.slot_mask(q_pos, enc_mask, causal=False)
-        x = self.shared(decoder_input_ids)
+        x = self.decoder.embed_drop(self.shared(decoder_input_ids))
         new_cache = []
         for i, block in enumerate(self.decoder.blocks):
             if cache is None:
@@ -207,7 +223,7 @@ class Model(nnx.Module):
             )
             if cache is not None:
                 new_cache.append({**cache[i], **kv})
-        x = self.decoder.norm(x)
+        x = self.decoder.final_drop(self.decoder.norm(x))
         if self.config.tied:  # HF does this before a tied head (T5's embeddings are not scaled on input)
             x = x * self.config.d_model**-0.5
         return x, (None if cache is None else new_cache)
