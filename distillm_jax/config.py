@@ -59,10 +59,8 @@ def _compare(config: ConfigDict, base: ConfigDict, prefix: str = "") -> None:
         if isinstance(default, tuple | list):
             ok = isinstance(value, tuple | list)
         if not ok:
-            raise ConfigError(
-                f"config key {name!r} must be {'a number or None' if default is None else type(default).__name__}"
-                f" (like {default!r}), got {value!r}"
-            )
+            kind = "a number or None" if default is None else type(default).__name__
+            raise ConfigError(f"config key {name!r} must be {kind} (like {default!r}), got {value!r}")
 
 
 def check(config: ConfigDict) -> None:

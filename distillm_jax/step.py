@@ -241,7 +241,8 @@ def split_student(student: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.Sta
 class TrainStep:
     """``step(params, opt_state, teacher_state, batch, rng=None) -> (params, opt_state, metrics)``: the
     jitted train step with the student's frozen part bound. ``rng`` (a key) turns on the student's
-    dropout for the call (``models.dropout``); ``lower`` and ``_cache_size`` reach the jitted function (benchmarks, memory planning)."""
+    dropout for the call (``models.dropout``); ``lower`` and ``_cache_size`` reach the jitted function
+    (benchmarks, memory planning)."""
 
     def __init__(self, jitted: Callable, frozen: nnx.State):
         self.jitted, self.frozen = jitted, frozen

@@ -23,8 +23,8 @@ from distillm_jax import batch_sources, methods, preflight, reporting, runstate,
 from distillm_jax import config as cfglib
 from distillm_jax.checkpointing import Checkpoints
 from distillm_jax.export import export_checkpoint, export_model
-from distillm_jax.models import dropout
 from distillm_jax.loop import Interval, Schedule, StopRequest, TrainingError, inject_fault
+from distillm_jax.models import dropout
 from distillm_jax.run import Run, build_model
 from distillm_jax.validation import DRAW_SEED_STRIDE
 

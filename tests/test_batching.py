@@ -73,7 +73,7 @@ def test_a_long_response_takes_the_room_its_prompt_leaves():
     """A response longer than max_length − max_prompt_length moves its row left into the prompt slots a
     short prompt left free; the sampler's prompt columns still hold the prompt right-aligned, and the
     row computes what it would anywhere (positions count real tokens)."""
-    rows = [([5, 6], list(range(20, 30)) + [1]), ([9, 8, 7], [30, 1])]  # 2 + 11 = 13 of 14 slots
+    rows = [([5, 6], [*range(20, 30), 1]), ([9, 8, 7], [30, 1])]  # 2 + 11 = 13 of 14 slots
     b = batching.decoder_only_batch(rows, LENGTHS, pad=0)
     np.testing.assert_array_equal(b["input_ids"][0], [0, 5, 6, *range(20, 30), 1])
     np.testing.assert_array_equal(b["attention_mask"][0], [0] + [1] * 13)

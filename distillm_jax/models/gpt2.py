@@ -28,7 +28,7 @@ class Config(L.FullMultiHead):
     act: str
     bias: bool = True
     window: None = None
-    dropout: Rates = Rates()
+    dropout: Rates = dataclasses.field(default_factory=Rates)
 
     @classmethod
     def from_hf(cls, c) -> Config:

@@ -35,7 +35,9 @@ class Config:
     qk_norm: bool
     act: str
     window: int | None
-    dropout: Rates = Rates()  # attention_dropout only (0 in the released checkpoints)
+    dropout: Rates = dataclasses.field(
+        default_factory=Rates
+    )  # attention_dropout only (0 in the released checkpoints)
 
     @classmethod
     def from_hf(cls, c) -> Config:

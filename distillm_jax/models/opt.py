@@ -36,7 +36,7 @@ class Config(L.FullMultiHead):
     final_norm: bool
     eps: float = 1e-5
     window: None = None
-    dropout: Rates = Rates()
+    dropout: Rates = dataclasses.field(default_factory=Rates)
 
     @classmethod
     def from_hf(cls, c) -> Config:

@@ -39,7 +39,7 @@ class Config:
     act: str
     gated: bool
     tied: bool
-    dropout: Rates = Rates()
+    dropout: Rates = dataclasses.field(default_factory=Rates)
 
     @classmethod
     def from_hf(cls, c) -> Config:
