@@ -7,7 +7,8 @@ written by ``torch.save`` of a transformers model; tokenizers are trained on the
 T5 / mT5 (``spiece.model``) and Llama (``tokenizer.model``), byte-level BPE (``tokenizer.json``) for
 GPT-2, OPT and Qwen2. The datasets are the configs' local samples in the forms that load today: SAMSum as
 CSV (one summary cell empty), IWSLT 2017 as a script repo with its parquet export branch, Dolly as
-MiniLLM's ``raw.jsonl`` / ``valid.jsonl``, OpenWebText as parquet export shards.
+MiniLLM's ``raw.jsonl`` / ``valid.jsonl`` (its other test sets as its repos hold them: Self-Instruct and
+Vicuna in ``valid.jsonl``, S-NI and UnNI in ``11_/valid.jsonl``), OpenWebText as parquet export shards.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ SOURCES = {  # task -> data.source in the hub forms of the configs' defaults
     "iwslt2017": "IWSLT/iwslt2017@refs/convert/parquet?data_dir=iwslt2017-en-de",
 }
 OPENWEBTEXT = "Skylion007/openwebtext@refs/convert/parquet?data_dir=plain_text"
+TEST_SETS = {"self-inst": "MiniLLM/self-inst", "vicuna": "MiniLLM/Vicuna", "sinst": "MiniLLM/sinst",
+             "uinst": "MiniLLM/uinst"}  # fmt: skip
 
 
 def _rows(task: str, split: str) -> list[dict]:
@@ -203,6 +206,10 @@ def build_datasets(root: Path) -> None:
     # raw.jsonl: the dev rows first (the tiny configs hold out 8), then the training rows
     _put(d / "MiniLLM/dolly/main/raw.jsonl", minillm(_rows("dolly", "validation") + _rows("dolly", "train")))
     _put(d / "MiniLLM/dolly/main/valid.jsonl", minillm(_rows("dolly", "test")))
+    for name, repo in TEST_SETS.items():  # the configs' samples of them, in MiniLLM's columns already
+        folder = "11_/" if name in ("sinst", "uinst") else ""
+        _put(d / repo / "main" / f"{folder}valid.jsonl", (SAMPLES / name / "test.jsonl").read_text())
+        _put(d / repo / "main" / f"{folder}valid.txt", "prompts as text: not what is read\n")
     for shard in range(2):
         texts = [r["response"] for r in _rows("dolly", "train")[shard::2]]
         where = d / "Skylion007/openwebtext/refs/convert/parquet/plain_text/train" / f"{shard:04d}.parquet"

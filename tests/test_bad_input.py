@@ -264,6 +264,26 @@ BEFORE_LOADING = {
         r"corrupt .*teacher/config.json",
         r"corrupt .*teacher/config.json",
     ),
+    "a test set written without its name": (
+        lambda t: {"data__test_split": "test", "data__test_sets": ("MiniLLM/Vicuna",)},
+        r"data.test_sets entry 'MiniLLM/Vicuna': write name=source or name=source#split",
+        r"data.test_sets entry 'MiniLLM/Vicuna': write name=source",
+    ),
+    "a test set whose folder does not exist": (
+        lambda t: {"data__test_split": "test", "data__test_sets": (f"vicuna={t}/nowhere",)},
+        r"data.test_sets: vicuna's source .*nowhere does not exist",
+        r"data.test_sets: vicuna's source .*nowhere does not exist",
+    ),
+    "a dropout rate of 1": (
+        lambda t: {"student__dropout": 1.0},
+        r"student.dropout must be in \[0, 1\)",
+        r"student.dropout must be in \[0, 1\)",
+    ),
+    "an unknown student start": (
+        lambda t: {"student__start": "scratch"},
+        r"student.start must be one of init, pretrained, got 'scratch'",
+        r"student.start must be one of init, pretrained",
+    ),
     "mesh that does not multiply": (
         lambda t: {"mesh__data": 3},
         r"mesh: data×fsdp×tensor = 3×2×1 does not multiply to the 8 devices present",

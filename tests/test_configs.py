@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from hub_stub import HubStub, hub_env
 
+from configs import paper
 from distillm_jax import config as cfglib
 from distillm_jax import pipeline, reporting, trainer
 from distillm_jax.models import hf_io
@@ -80,6 +81,7 @@ def test_tiny_variant_keeps_the_setup(name):
     "arg, method, loss, params",  # docs/method.md
     [
         ("gkd", "gkd", "jsd", {"beta": 0.1}),
+        ("gkd_onpolicy", "gkd_onpolicy", "jsd", {"beta": 0.1}),
         ("tiny,imitkd", "imitkd", "fkl", {}),
         ("kd,tiny", "kd", "fkl", {}),
         ("onpolicy", "onpolicy", "sfkl", {"alpha": 0.1}),  # DistiLLM's loss of the pair (SKL for GPT-2 base)
@@ -95,6 +97,59 @@ def test_paper_methods_as_config_arguments(arg, method, loss, params):
     assert cfglib.loss_params(c) == params
     assert c.run_dir.endswith("_" + method)  # never the DistiLLM run's folder
     assert ("tiny" in arg) == (c.tokenizer == "bytes")
+
+
+@pytest.mark.parametrize(
+    "name, arg, start, batch, stages",  # the authors' scripts for each pair (docs/method.md)
+    [
+        ("gpt2_dolly", "kd,scripts", "pretrained", 8, ["distill"]),  # kd_base.sh: pretrained, 2 a GPU
+        ("gpt2_dolly", "seqkd,scripts", "pretrained", 8, ["distill"]),
+        ("gpt2_dolly", "sft,scripts", "pretrained", 32, ["distill"]),
+        ("gpt2_dolly", "gkd,scripts", "init", 8, ["student_sft", "distill"]),  # gkd_base.sh: the init
+        ("gpt2_dolly", "scripts", "init", 32, ["student_sft", "distill"]),
+        ("gpt2_dolly", "kd", "init", 32, ["student_sft", "distill"]),  # the paper's text: every one
+        ("opt_dolly", "kd,scripts", "pretrained", 32, ["teacher", "distill"]),
+        ("openllama_dolly", "kd,scripts", "pretrained", 16, ["teacher", "distill"]),
+        ("gpt2_dolly", "onpolicy,scripts", "init", 32, ["student_sft", "distill"]),  # no script: paper's
+    ],
+)
+def test_baselines_start_and_batch_as_the_paper_or_the_scripts(name, arg, start, batch, stages):
+    """The paper's text starts every student from the SFT'd init at the pair's batch; ``:scripts`` as
+    the authors' script for that method and pair: from the pretrained model (no init stage) or the
+    init, at its rows per GPU times 4 GPUs."""
+    c = load(name, arg)
+    cfglib.check(c)
+    assert (c.student.start, c.optim.batch_size) == (start, batch)
+    assert [s.name for s in pipeline.stages(c)] == stages
+    distill = pipeline.stages(c)[-1].config
+    assert (distill.student.path == c.student.path) == (start == "pretrained")
+
+
+def test_scripts_setting_only_where_the_authors_released_scripts():
+    for name in ("t5_samsum", "mt5_iwslt", "qwen_dolly"):
+        with pytest.raises(ValueError, match="no 'scripts' setting"):
+            load(name, "scripts")
+
+
+def test_openllama_runs_its_scripts_rates():
+    """The teacher's LoRA SFT as sft_7B_lora.sh, KD and SeqKD with their scripts' loss mix and rate;
+    DistiLLM with the script's φ settings."""
+    c = load("openllama_dolly")
+    assert (c.teacher.train_lr, c.teacher.train_epochs, c.teacher.lora.rank) == (5e-4, 20, 16)
+    assert (c.offpolicy.init_phi, c.offpolicy.loss_eps, c.optim.lr, c.loss.kd_ratio) == (0.2, 0.2, 5e-4, 1.0)
+    kd, seqkd = load("openllama_dolly", "kd"), load("openllama_dolly", "seqkd")
+    assert (kd.loss.kd_ratio, kd.optim.lr, seqkd.loss.kd_ratio, seqkd.optim.lr) == (0.5, 1e-5, 0.5, 5e-4)
+
+
+def test_dolly_configs_test_the_papers_five_sets():
+    c = load("gpt2_dolly")
+    names = [n for n, _, _ in cfglib.test_sets(c)]
+    assert names == ["dolly", "self-inst", "vicuna", "sinst", "uinst"]
+    assert cfglib.test_sets(c)[-1][2] == "test[:10000]" and cfglib.test_sets(c)[1][2] == "test"
+    assert [n for n, _, _ in cfglib.test_sets(load("t5_samsum"))] == ["samsum"]
+    small = load("gpt2_dolly", "tiny")
+    cfglib.check(small)
+    assert all(Path(src).is_dir() for _, src, _ in cfglib.test_sets(small)[1:])
 
 
 def test_minillm_runs_at_its_authors_settings():
@@ -138,8 +193,9 @@ def test_tiny_variant_runs_the_pipeline_from_the_hub(name, hub, tmp_path):
     c = load(name, "tiny")
     run = tmp_path / name
     args = {**overrides[name], "run_dir": str(run), "data.source": hub_assets.SOURCES[c.data.task]}
-    if c.data.task == "dolly":  # MiniLLM's raw.jsonl: the dev rows first
+    if c.data.task == "dolly":  # MiniLLM's raw.jsonl: the dev rows first; its other test sets' repos
         args |= {"data.train_split": "train[8:]", "data.valid_split": "train[:8]"}
+        args["data.test_sets"] = repr(paper.TEST_SETS)  # the full config's hub ids
     if name == "gpt2_dolly":  # the paper's LM term on OpenWebText, streamed from its parquet export
         args |= {"loss.lm_coef": "1.0", "data.lm_source": hub_assets.OPENWEBTEXT, "data.lm_max_rows": "8"}
     cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", f"configs/{name}.py:tiny"]
@@ -170,7 +226,11 @@ def test_tiny_variant_runs_the_pipeline_from_the_hub(name, hub, tmp_path):
     assert set(test) == {"teacher", "student init", "student distillm"}
     for scores in test.values():
         assert len(scores["scores"]) == 2 and math.isfinite(scores["val_ce"])
-    assert "test (test):" in out and "± " in out
+    assert f"test ({c.data.task}: test):" in out and "± " in out
+    for name in hub_assets.TEST_SETS if c.data.task == "dolly" else ():  # a table per test set
+        other = json.loads((run / f"test_{name}.json").read_text())
+        assert set(other) == set(test) and all(len(s["scores"]) == 2 for s in other.values())
+        assert f"test ({name}: test" in out
     exported = json.loads((run / "best" / "config.json").read_text())
     assert exported["model_type"] == FAMILY[name] and exported["vocab_size"] == hub_assets.VOCAB
     downloads = [r for r in stub.requests if "/resolve/" in r]

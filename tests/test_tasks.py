@@ -33,6 +33,31 @@ def test_dolly_template_with_and_without_context(tmp_path):
     )
 
 
+def test_the_papers_other_test_sets_read_as_dolly(tmp_path):
+    """MiniLLM's files of the paper's other test sets (configs/samples/<set>: their columns): each row's
+    own ``prompt`` is the template we build; S-NI lists several references, which the metric takes
+    all of (its best) while a model would train on the first."""
+    from pathlib import Path
+
+    from distillm_jax import rundata
+    from distillm_jax.data import batching, demo
+
+    task = tasks.get("dolly")
+    samples = Path(__file__).resolve().parents[1] / "configs" / "samples"
+    for name in ("self-inst", "vicuna", "sinst", "uinst"):
+        rows = tasks.load_rows(task, str(samples / name), "test")
+        for row, (prompt, response) in zip(
+            rows, tasks.to_pairs(task, rows, encoder_decoder=False), strict=True
+        ):
+            assert prompt == row["prompt"]
+            assert response == (row["output"][0] if isinstance(row["output"], list) else row["output"])
+    rows = tasks.load_rows(task, str(samples / "sinst"), "test")
+    tok, lengths = demo.tokenizer(), batching.Lengths(48, 64)
+    _, refs = rundata.tokenize(task, "test", rows, tok, lengths, encoder_decoder=False)
+    assert refs == [r["output"] if len(r["output"]) > 1 else r["output"][0] for r in rows]
+    assert isinstance(refs[1], list) and len(refs[1]) == 3
+
+
 def test_summaries_translation_and_t5_prefixes(tmp_path):
     (tmp_path / "validation.json").write_text(
         json.dumps([{"dialogue": "A: hi\nB: hey", "summary": "They greet."}])

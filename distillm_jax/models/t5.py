@@ -104,11 +104,8 @@ class Block(nnx.Module):
         self.cross_norm = L.RMSNorm(cfg.d_model, cfg.eps, **kw) if cross else None
         self.cross = attn() if cross else None
         self.mlp_norm = L.RMSNorm(cfg.d_model, cfg.eps, **kw)
-        mlp_std = (d**-0.5, cfg.d_ff**-0.5)
-        self.mlp = L.MLP(
-            d, cfg.d_ff, cfg.act, gated=cfg.gated, bias=False, rngs=rngs, std=mlp_std,
-            dropout=cfg.dropout.get("act"), **kw,
-        )  # fmt: skip
+        mlp = dict(gated=cfg.gated, bias=False, std=(d**-0.5, cfg.d_ff**-0.5), dropout=cfg.dropout.get("act"))
+        self.mlp = L.MLP(d, cfg.d_ff, cfg.act, rngs=rngs, **mlp, **kw)
         self.resid = Dropout(cfg.dropout.get("resid"))
 
     def __call__(self, x, mask, bias, *, cache=None, cache_index=0, cross=None, cross_mask=None):
