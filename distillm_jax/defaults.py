@@ -93,7 +93,7 @@ def get_config() -> ConfigDict:
     c.loss.name = "fkl"  # any divergence of losses.py: fkl rkl sfkl srkl jsd tvd symkl
     c.loss.kd_ratio = 1.0  # (1 - kd_ratio)·CE + kd_ratio·D
     c.loss.alpha = 0.1  # sfkl / srkl skew
-    c.loss.beta = 0.5  # jsd
+    c.loss.beta = 0.1  # jsd: the authors' js_distance (λ 0.9 on the student is β 0.1 on the teacher)
     c.loss.lam = 0.9  # symkl
     c.loss.lm_coef = 0.0  # weight of the LM loss on data.lm_source
     c.loss.lm_kd_ratio = 0.0  # the LM loss: (1 − it)·CE + it·FKL to the teacher (MiniLLM's: 0.5)

@@ -66,7 +66,7 @@ def test_unknown_key_or_type_in_a_config_file(tmp_path):
     c.method = "distil"
     with pytest.raises(
         cfglib.ConfigError,
-        match=r"method 'distil' is not one of sft, kd, seqkd, distillm, imitkd, gkd, onpolicy",
+        match=r"method 'distil' is not one of sft, kd, seqkd, distillm, imitkd, gkd, gkd_onpolicy, onpolicy",
     ):
         cfglib.check(c)
     c = tiny(tmp_path)
