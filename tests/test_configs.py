@@ -3,6 +3,7 @@ use the same method, loss, task and model family as their full config, and each 
 end to end (random tiny models of the family, the shipped data sample, 3 steps on the 8 CPU devices);
 the OpenLLaMA one as the paper's LoRA student."""
 
+import ast
 import json
 import math
 import os
@@ -251,7 +252,10 @@ def trainer_override(c, args: dict):
         node = c
         for p in parents:
             node = node[p]
-        node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
+        if isinstance(node[leaf], tuple):
+            node[leaf] = ast.literal_eval(value)
+        else:
+            node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
     return c
 
 
