@@ -220,8 +220,11 @@ def run(config: ConfigDict) -> dict:
         results["teacher"] = {"final": trainer.evaluate_model(teacher, (seed,))}
     if jax.process_index() == 0 and len(arms) > 1:  # the demo's table, on the validation rows
         print(comparison(results, arms[1:]))
-    if cfglib.test_sets(config):
-        results["test"] = test(config, distilled, count, results)
+    sets = cfglib.test_sets(config)
+    if sets:  # the task's own test set, and the others by name
+        scores = test(config, distilled, count, results)
+        results["test"] = scores.pop(sets[0][0])
+        results["test_sets"] = scores
     return results
 
 
@@ -231,9 +234,9 @@ def stopped(results: dict) -> bool:
 
 
 def test(config: ConfigDict, distilled: ConfigDict, index: int, results: dict | None = None) -> dict:
-    """Stage 4: each model of the pipeline on every test set, over ``eval.seeds``: the scores of the task's
-    own set (``test.json``), with the others' under ``"sets"`` (``test_<name>.json``); each set's
-    scores are cached as soon as they are complete, so a stopped stage continues with the next set."""
+    """Stage 4: each model of the pipeline on every test set, over ``eval.seeds``: ``{set: {model:
+    scores}}``, the task's own set cached in ``test.json``, the others in ``test_<set>.json``, each as
+    soon as it is complete, so a stopped stage continues with the next set."""
     lead, seeds = jax.process_index() == 0, tuple(config.eval.seeds)
     sets = cfglib.test_sets(config)
     out: dict = {}
@@ -261,10 +264,7 @@ def test(config: ConfigDict, distilled: ConfigDict, index: int, results: dict | 
                 os.replace(path + ".tmp", path)
         if lead:
             print(test_table(scores, config, results or {}, f"{name}: {split}"))
-        if k == 0:
-            out.update(scores)
-        else:
-            out.setdefault("sets", {})[name] = scores
+        out[name] = scores
     return out
 
 
