@@ -17,9 +17,9 @@ or stays flat for the whole run at 1e-3 to 5e-3 (the teacher's soft labels keep 
 = 300 epochs) the CE rose by 0.1 two or three times and φ climbed to 0.2-0.3. With dropout (2026-12-05)
 the CE rises sooner: φ reached 0.3 by step 100 and one step in three trained on student outputs, fresh
 or replayed. Rates of 1e-2 make φ climb anywhere, but by a jump in CE that hurts both SRKL students (SFT
-then wins): a shock, not the drift the scheduler is for. ``offpolicy.capacity`` 128 rows (4 batches) keeps the paper's
-buffer-to-run ratio (its 4000 rows are ~1.4 % of a 20-epoch Dolly run's samples), so replay starts soon
-after φ does.
+then wins): a shock, not the drift the scheduler is for. ``offpolicy.capacity`` 128 rows (4 batches)
+keeps the paper's buffer-to-run ratio (its 4000 rows are ~1.4 % of a 20-epoch Dolly run's samples), so
+replay starts soon after φ does.
 
 ``:tiny`` shortens everything for the tests (a tiny teacher trained on the spot). ``:gpt2`` is the same
 task with a decoder-only pair: a GPT-2-shaped teacher (4 layers, width 128) trained by SFT on the spot
