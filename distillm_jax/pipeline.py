@@ -224,7 +224,8 @@ def run(config: ConfigDict) -> dict:
     if sets:  # the task's own test set, and the others by name
         scores = test(config, distilled, count, results)
         results["test"] = scores.pop(sets[0][0])
-        results["test_sets"] = scores
+        if scores:
+            results["test_sets"] = scores
     return results
 
 
