@@ -1,7 +1,8 @@
 """DistiLLM's efficiency claim on the demo task: wall-clock to reach the best ROUGE-L of on-policy GKD (the
 paper's slow baseline: fresh student samples every step), and ROUGE-L at equal wall-clock, for DistiLLM's
 adaptive off-policy (paper mode and overlap mode) against on-policy GKD (ours, λ 1, and TRL's
-``GKDTrainer`` on the decoder-only pair), GKD at λ 0.5, ImitKD (fresh SGOs into the buffer every step, FKL),
+``GKDTrainer`` on the decoder-only pair), GKD at λ 0.5 as the DistiLLM authors run it (with probability λ
+fresh SGOs into the buffer and a step on a buffer sample), ImitKD (the same every step, FKL),
 SRKL on ground truth only (``kd``: DistiLLM with φ held at 0) and, on T5, MiniLLM with its authors'
 recipe (at its relative rate and at the demo's) — the same step budget, SFT'd student init, teacher and
 data. More arms by ``--arms``: on-policy SRKL, DistiLLM-2, DistiLLM on LoRA.
