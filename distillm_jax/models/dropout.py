@@ -85,7 +85,7 @@ class Dropout(nnx.Module):
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"a dropout rate must be in [0, 1), got {rate}")
         self.rate = float(rate)
-        self.drop = round(self.rate * LEVELS)  # entries whose 16 bits fall below it are dropped
+        self.drop = min(round(self.rate * LEVELS), LEVELS - 1)  # entries whose 16 bits fall below it drop
         self.keys = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -98,7 +98,7 @@ class Dropout(nnx.Module):
 
 def _sites(model: nnx.Module) -> list[Dropout]:
     """Every dropout block with a rate above 0, in the model's fixed traversal order."""
-    return [m for _, m in nnx.iter_modules(model) if isinstance(m, Dropout) and m.rate > 0]
+    return [m for _, m in nnx.iter_modules(model) if isinstance(m, Dropout) and m.drop > 0]
 
 
 def active(model: nnx.Module) -> bool:
