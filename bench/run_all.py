@@ -116,6 +116,15 @@ BENCHES = (
         need=3.0,
     ),
     Bench(
+        "evidence",
+        "evidence.py",
+        "Does DistiLLM pay off here?",
+        cpu=(("", ()),),
+        quick=(("", ("--quick", "--arms", "sft", "distillm", "--grid", "3e-3")),),
+        target="an ordering is written only where the 95 % interval of the paired difference over training "
+        "seeds excludes 0 (issue 32)",
+    ),
+    Bench(
         "accelerator",
         "accelerator.py",
         "One accelerator: GPT-2 XL → GPT-2 train step, bfloat16",
@@ -143,7 +152,7 @@ def run(bench: Bench, runs: Sequence, results: str, tag: str, log, run_dirs: str
         cmd = [sys.executable, os.path.join(HERE, bench.script), *extra, "--json", stem + ".json"]
         if bench.plot:
             cmd += ["--plot", stem + ".png"]
-        if bench.name == "speedup":
+        if bench.name in ("speedup", "evidence"):
             cmd += ["--out", os.path.join(run_dirs, f"bench_{os.path.basename(stem)}")]
         shown = " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd)
         print(f"== {shown}", flush=True)
@@ -164,6 +173,7 @@ def run(bench: Bench, runs: Sequence, results: str, tag: str, log, run_dirs: str
 def _tables() -> dict[str, Callable[[dict], str]]:
     """Each benchmark's markdown table of one results file (imported here: the scripts import jax)."""
     import accelerator
+    import evidence
     import forward
     import generate
     import losses
@@ -179,6 +189,7 @@ def _tables() -> dict[str, Callable[[dict], str]]:
         "speedup": lambda r: speedup.table(
             r["rows"], r["target"], r["args"].get("target") or "gkd", r["args"].get("draws", 1)
         ),
+        "evidence": evidence.tables,
         "accelerator": lambda r: accelerator.table(r["rows"]),
     }
 
@@ -287,7 +298,7 @@ def _command(bench: Bench, result: dict) -> str:
     args = result.get("args", {})
     parts = [f"python bench/{bench.script}"]
     for key, value in args.items():
-        if key in ("json", "plot", "out", "table_from") or value in (None, False, [], ""):
+        if key in ("json", "plot", "out", "table_from", "render") or value in (None, False, [], ""):
             continue
         flag = "--" + key.replace("_", "-")
         if value is True:

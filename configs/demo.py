@@ -24,7 +24,9 @@ replay starts soon after φ does.
 ``:tiny`` shortens everything for the tests (a tiny teacher trained on the spot). ``:gpt2`` is the same
 task with a decoder-only pair: a GPT-2-shaped teacher (4 layers, width 128) trained by SFT on the spot
 on 4000 rows (1500 steps, about 10 minutes on a CPU) and a GPT-2-shaped student (2 layers, width 64);
-``:tiny,gpt2`` its tiny form. The benchmarks against decoder-only peers (TRL) run on it.
+``:tiny,gpt2`` its tiny form. The benchmarks against decoder-only peers (TRL) run on it. ``:long`` is the
+long-response regime of ``bench/evidence.py`` (``long_responses``), ``:tiny,long`` its tiny form and
+``:teacher,long`` makes its shipped teacher again.
 """
 
 from ml_collections import ConfigDict
@@ -106,9 +108,15 @@ def get_config(arg: str = "") -> ConfigDict:
     c.log_interval = 10
     c.mesh.fsdp = 1
     parts = set(arg.split(",")) - {""}
-    if parts - {"teacher", "tiny", "gpt2"} or {"teacher", "gpt2"} <= parts or {"teacher", "tiny"} <= parts:
-        raise ValueError(f"configs/demo.py takes '', 'teacher', 'tiny', 'gpt2' or 'tiny,gpt2', got {arg!r}")
+    valid = ("", "teacher", "tiny", "gpt2", "long", "tiny gpt2", "tiny long", "teacher long")
+    if parts not in [set(v.split()) for v in valid]:
+        raise ValueError(
+            "configs/demo.py takes '', 'teacher', 'tiny', 'gpt2', 'long' or 'tiny,gpt2', 'tiny,long', "
+            f"'teacher,long'; got {arg!r}"
+        )
     arg = "tiny" if "tiny" in parts else "teacher" if "teacher" in parts else ""
+    if "long" in parts:
+        long_responses(c)
     if "gpt2" in parts:
         c.run_dir = "runs/demo_gpt2"
         c.teacher.path = ""
@@ -116,7 +124,7 @@ def get_config(arg: str = "") -> ConfigDict:
         c.teacher.train_steps, c.teacher.train_lr = 1500, 2e-3
         c.student.config = gpt2(64, 2, 2)
     if arg == "teacher":  # make the shipped teacher again: SFT of a new T5 (its final/ is the teacher)
-        c.run_dir = "runs/demo_teacher"
+        c.run_dir = "runs/demo_long_teacher" if "long" in parts else "runs/demo_teacher"
         c.method, c.compare = "sft", ()
         c.student.config = ConfigDict(c.teacher.config.to_dict(), type_safe=False)
         c.student.seed, c.student.train_steps = 0, 0
@@ -124,8 +132,11 @@ def get_config(arg: str = "") -> ConfigDict:
         c.data.max_train_rows, c.data.test_split = 0, ""
         c.optim.steps, c.optim.lr, c.optim.end_lr = 1500, 2e-3, 1e-7
         c.eval.interval, c.eval.temperature, c.eval.no_repeat_ngram_size = 300, 0.0, 0
+        if "long" in parts:  # 5 epochs of the 4000 rows, 16 minutes on 2 cores
+            c.optim.batch_size, c.optim.steps, c.eval.interval = 32, 600, 200
+            c.teacher.path = ""  # SFT uses none; the one this run makes does not exist yet
     elif arg == "tiny":
-        c.run_dir = "runs/demo_tiny_gpt2" if "gpt2" in parts else "runs/demo_tiny"
+        c.run_dir = "runs/demo_tiny" + "".join(f"_{p}" for p in sorted(parts - {"tiny"}))
         c.teacher.path = ""
         c.teacher.config = gpt2(32, 1, 2) if "gpt2" in parts else t5(32, 1, 2, 64)
         c.teacher.train_steps = 4
@@ -146,4 +157,27 @@ def get_config(arg: str = "") -> ConfigDict:
         c.eval.max_new_tokens = 8
         c.log_interval = 1
         c.mesh.fsdp = -1
+        if "long" in parts:  # prompts of 3-5 records: up to ~90 tokens
+            c.data.max_prompt_length, c.data.max_length = 96, 128
     return c
+
+
+def long_responses(c: ConfigDict) -> None:
+    """``:long``: the long-response regime of ``bench/evidence.py`` (``demo_long``: 3-5 fact records ->
+    a dialogue for each, ~180 response tokens, up to 256 kept). The teacher is shipped
+    (``distillm_jax/data/demo_long_teacher``, the same T5 shape as the demo's; ``:teacher,long`` makes it
+    again); the student is a T5 of 2+2 layers at d_model 128 with 64 labelled rows."""
+    c.run_dir = "runs/demo_long"
+    c.data.task = "demo_long"
+    c.teacher.path = str(demo.LONG_TEACHER)
+    c.student.config = t5(128, 2, 4, 512)
+    c.data.max_prompt_length, c.data.max_length = 96, 352  # the decoder: 256 tokens
+    c.data.max_train_rows = 64
+    c.data.max_valid_rows = 100
+    c.data.test_split = "test[:300]"
+    c.optim.batch_size = 16
+    c.optim.steps = 100
+    c.offpolicy.capacity = 64  # 4 batches, as the demo's
+    c.eval.interval = 20
+    c.eval.batch_size = 50
+    c.eval.no_repeat_ngram_size = 0  # the dialogues repeat their phrases: a 6-gram ban would cut them

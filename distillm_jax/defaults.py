@@ -68,7 +68,7 @@ def get_config() -> ConfigDict:
     c.tokenizer = ""  # "" = the student's checkpoint; "demo" / "bytes": built-in; else a directory
 
     c.data = ConfigDict()
-    c.data.task = "dolly"  # dolly | samsum | iwslt2017 | demo
+    c.data.task = "dolly"  # dolly | samsum | iwslt2017 | demo | demo_long
     # "" = the task's hub dataset; else a local .jsonl/.json/.parquet/.csv file or a directory of
     # <split>.<ext> files, or a hub dataset: org/name[:config][@revision][?data_dir=...&data_files=...]
     c.data.source = ""

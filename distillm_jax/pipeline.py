@@ -226,7 +226,17 @@ def run(config: ConfigDict) -> dict:
         results["test"] = scores.pop(sets[0][0])
         if scores:
             results["test_sets"] = scores
+    if jax.process_index() == 0 and len(arms) > 1:
+        print(ONE_RUN)
     return results
+
+
+ONE_RUN = (
+    "note: one training run per method. The ± above is over sampling seeds only; another training seed "
+    "(or another machine's float rounding) moves each method by more than that, so these figures rank "
+    "no method. bench/evidence.py compares methods over paired training seeds, with intervals "
+    "(BENCHMARKS.md, 'Does DistiLLM pay off here?')."
+)
 
 
 def stopped(results: dict) -> bool:

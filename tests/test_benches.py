@@ -41,7 +41,7 @@ def rows(quick, name):
 
 def test_markdown_has_every_benchmark(quick):
     md = (quick / "BENCHMARKS.md").read_text()
-    for script in ("losses", "forward", "generate", "train_step", "speedup", "accelerator"):
+    for script in ("losses", "forward", "generate", "train_step", "speedup", "evidence", "accelerator"):
         assert f"(`bench/{script}.py`)" in md
     assert md.count("| ours tok/s | peer tok/s | ours / peer |") == 1  # the train step's table
     assert "**Target:** at least 2× TRL GKDTrainer's tokens/s with the defaults" in md
@@ -154,6 +154,24 @@ def test_trl_positions_hook_counts_from_the_first_real_token(monkeypatch):
         fixed = model(input_ids=ids, attention_mask=mask).logits
     assert torch.allclose(fixed[0, 2:], alone[0], atol=1e-5)
     assert not torch.allclose(shipped[0, 2:], alone[0], atol=1e-3)
+
+
+def test_evidence_pairs_arms_over_training_seeds(quick):
+    """Every arm at every training seed, each from its seed's init, tested over the sampling seeds; the
+    markdown has the paired table with its intervals."""
+    result = rows(quick, "evidence")
+    runs = result["rows"]
+    assert sorted((r["arm"], r["seed"]) for r in runs) == [
+        ("distillm", 0),
+        ("distillm", 1),
+        ("sft", 0),
+        ("sft", 1),
+    ]
+    assert result["lr"] == {"sft": 3e-3, "distillm": 3e-3}
+    for r in runs:
+        assert len(r["test_scores"]) == len(result["eval_seeds"]) and len(r["steps"]) == r["curve"][-1][0]
+    md = (quick / "BENCHMARKS.md").read_text()
+    assert "## Does DistiLLM pay off here? (`bench/evidence.py`)" in md and "95 % interval" in md
 
 
 def test_accelerator_script_runs_tiny(quick):

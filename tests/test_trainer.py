@@ -63,6 +63,7 @@ def test_demo_tiny_runs_end_to_end_and_compares(demo):
     assert list((run / "tensorboard").iterdir())
     assert "student distillm (srkl)" in out and "student sft (ce)" in out and "teacher" in out
     assert "student kd (srkl)" in out and "steps data / SGO / replay" in out  # the ablation, how each was fed
+    assert out.rstrip().endswith(pipeline.ONE_RUN)  # one run per arm ranks nothing: said last
     assert results["kd"]["sources"] == {"data": 4, "sgo": 0, "replay": 0}  # φ held at 0
     assert "phi" in evals[0] and "phi" not in reporting.read_rows(str(run / "kd" / "metrics.jsonl"))[0]
     test = results["test"]  # every model on the test split, over both seeds

@@ -18,6 +18,8 @@ from pathlib import Path
 TEACHER = Path(__file__).resolve().parent / "demo_teacher"
 """The shipped demo teacher: a T5 (4+4 layers, d_model 128, bfloat16 weights) trained by SFT on this task
 (``python launch/train.py --config configs/demo.py:teacher`` makes it again)."""
+LONG_TEACHER = Path(__file__).resolve().parent / "demo_long_teacher"
+"""The same shape trained on ``demo_long`` (``configs/demo.py:teacher,long`` makes it again)."""
 
 # Word pools, written as "|"-separated strings to keep them readable as tables.
 NAMES = (
@@ -52,7 +54,12 @@ SMALL_TALK = (
 SMALL_TALK_REPLIES = "Fine, thanks.|Yes, it is lovely.|Ha, not really.|Same here.|Indeed!|Oh no.".split("|")
 
 
-def _plan(r: random.Random, a: str, b: str) -> tuple[list[tuple[str, str]], str]:
+Drawn = tuple[list[tuple[str, str]], tuple[str, ...], str]
+"""What an intent draws: the dialogue's turns, its facts as a record (kind, then the fields in the order the
+summary needs them; ``demo_long`` prompts with these), and the summary."""
+
+
+def _plan(r: random.Random, a: str, b: str) -> Drawn:
     act, place, day, time = r.choice(ACTIVITIES), r.choice(PLACES), r.choice(DAYS), r.choice(TIMES)
     ask = r.choice(
         [f"Are you free on {day}?", f"What are you doing on {day}?", f"Do you have time on {day}?"]
@@ -63,16 +70,21 @@ def _plan(r: random.Random, a: str, b: str) -> tuple[list[tuple[str, str]], str]
     yes = r.choice(["Sure!", "Sounds good.", "Great idea.", "Yes, why not."])
     when = r.choice([f"Let us meet at {time}.", f"{time} works for me.", f"How about {time}?"])
     turns = [(a, ask), (b, "Yes, I am free."), (a, offer), (b, f"{yes} {when}")]
-    return turns, r.choice(
-        [
-            f"{a} and {b} will {act} at {place} on {day} at {time}.",
-            f"On {day} at {time}, {a} and {b} are going to {act} at {place}.",
-            f"{a} invites {b} to {act} at {place}. They meet on {day} at {time}.",
-        ]
+    facts = ("plan", a, b, act, place, day, time)
+    return (
+        turns,
+        facts,
+        r.choice(
+            [
+                f"{a} and {b} will {act} at {place} on {day} at {time}.",
+                f"On {day} at {time}, {a} and {b} are going to {act} at {place}.",
+                f"{a} invites {b} to {act} at {place}. They meet on {day} at {time}.",
+            ]
+        ),
     )
 
 
-def _reschedule(r: random.Random, a: str, b: str) -> tuple[list[tuple[str, str]], str]:
+def _reschedule(r: random.Random, a: str, b: str) -> Drawn:
     act, day, day2, reason = r.choice(ACTIVITIES), *r.sample(DAYS, 2), r.choice(REASONS)
     turns = [
         (a, r.choice([f"Are we still going to {act} on {day}?", f"We wanted to {act} on {day}, right?"])),
@@ -80,16 +92,21 @@ def _reschedule(r: random.Random, a: str, b: str) -> tuple[list[tuple[str, str]]
         (a, r.choice([f"No problem. What about {day2}?", f"Too bad. Is {day2} better?"])),
         (b, r.choice([f"{day2} is perfect.", f"Yes, {day2} works."])),
     ]
-    return turns, r.choice(
-        [
-            f"{b} cannot {act} on {day} because of {reason}. They will {act} on {day2} instead.",
-            f"Because of {reason}, {b} has to cancel on {day}. {a} and {b} will {act} on {day2}.",
-            f"{a} and {b} move their plan to {act} from {day} to {day2}, as {b} has {reason}.",
-        ]
+    facts = ("move", a, b, act, day, day2, reason)
+    return (
+        turns,
+        facts,
+        r.choice(
+            [
+                f"{b} cannot {act} on {day} because of {reason}. They will {act} on {day2} instead.",
+                f"Because of {reason}, {b} has to cancel on {day}. {a} and {b} will {act} on {day2}.",
+                f"{a} and {b} move their plan to {act} from {day} to {day2}, as {b} has {reason}.",
+            ]
+        ),
     )
 
 
-def _borrow(r: random.Random, a: str, b: str) -> tuple[list[tuple[str, str]], str]:
+def _borrow(r: random.Random, a: str, b: str) -> Drawn:
     item, day, time = r.choice(ITEMS), r.choice(DAYS), r.choice(TIMES)
     yes = r.random() < 0.7
     turns = [
@@ -108,24 +125,32 @@ def _borrow(r: random.Random, a: str, b: str) -> tuple[list[tuple[str, str]], st
     ]
     if yes:
         turns.append((b, r.choice([f"Sure, pick it up at {time}.", f"Of course, come by at {time}."])))
-        return turns, r.choice(
-            [
-                f"{b} will lend {a} the {item}. {a} will pick it up at {time}.",
-                f"{a} is borrowing the {item} from {b} and will pick it up at {time}.",
-                f"{a} can borrow {b}'s {item}, to be picked up at {time}.",
-            ]
+        return (
+            turns,
+            ("lend", b, a, item, day, time),
+            r.choice(
+                [
+                    f"{b} will lend {a} the {item}. {a} will pick it up at {time}.",
+                    f"{a} is borrowing the {item} from {b} and will pick it up at {time}.",
+                    f"{a} can borrow {b}'s {item}, to be picked up at {time}.",
+                ]
+            ),
         )
     other = r.choice([n for n in NAMES if n not in (a, b)])
     turns.append((b, r.choice([f"Sorry, {other} has it now.", f"I gave it to {other} last week."])))
-    return turns, r.choice(
-        [
-            f"{a} wants to borrow the {item} from {b}, but {other} has it.",
-            f"{b} cannot lend the {item} to {a} because {other} has it.",
-        ]
+    return (
+        turns,
+        ("borrow", a, b, item, day, other),
+        r.choice(
+            [
+                f"{a} wants to borrow the {item} from {b}, but {other} has it.",
+                f"{b} cannot lend the {item} to {a} because {other} has it.",
+            ]
+        ),
     )
 
 
-def _news(r: random.Random, a: str, b: str) -> tuple[list[tuple[str, str]], str]:
+def _news(r: random.Random, a: str, b: str) -> Drawn:
     who, news = r.choice([n for n in NAMES if n not in (a, b)]), r.choice(NEWS)
     turns = [
         (a, r.choice(["Did you hear the news?", "Guess what!", "You will not believe this."])),
@@ -133,25 +158,34 @@ def _news(r: random.Random, a: str, b: str) -> tuple[list[tuple[str, str]], str]
         (a, f"{who} {news}!"),
         (b, r.choice(["Wow, really?", "No way!", "Good for them."])),
     ]
-    return turns, r.choice(
-        [
-            f"{a} tells {b} that {who} {news}.",
-            f"{a} shares the news that {who} {news}.",
-            f"According to {a}, {who} {news}.",
-        ]
+    return (
+        turns,
+        ("news", a, b, who, news),
+        r.choice(
+            [
+                f"{a} tells {b} that {who} {news}.",
+                f"{a} shares the news that {who} {news}.",
+                f"According to {a}, {who} {news}.",
+            ]
+        ),
     )
 
 
 INTENTS = (_plan, _reschedule, _borrow, _news)
 
 
+def _with_small_talk(r: random.Random, turns: list, a: str, b: str) -> list[tuple[str, str]]:
+    if r.random() < 0.6:
+        at = r.randrange(len(turns) + 1)
+        turns[at:at] = [(a, r.choice(SMALL_TALK)), (b, r.choice(SMALL_TALK_REPLIES))]
+    return turns
+
+
 def example(r: random.Random) -> dict[str, str]:
     """One dialogue -> summary pair drawn with ``r``."""
     a, b = r.sample(NAMES, 2)
-    turns, summary = r.choice(INTENTS)(r, a, b)
-    if r.random() < 0.6:  # small talk the summary must not mention
-        at = r.randrange(len(turns) + 1)
-        turns[at:at] = [(a, r.choice(SMALL_TALK)), (b, r.choice(SMALL_TALK_REPLIES))]
+    turns, _, summary = r.choice(INTENTS)(r, a, b)
+    turns = _with_small_talk(r, turns, a, b)  # which the summary must not mention
     return {"dialogue": "\n".join(f"{who}: {text}" for who, text in turns), "summary": summary}
 
 
@@ -164,6 +198,35 @@ def examples(split: str, n: int, seed: int = 0) -> list[dict[str, str]]:
         raise ValueError(f"demo task has splits {', '.join(SPLIT_SEEDS)}; got {split!r}")
     r = random.Random(f"demo-{split}-{seed}")
     return [example(r) for _ in range(n)]
+
+
+RECORDS_PER_ROW = (3, 5)
+"""How many fact records a ``demo_long`` prompt holds (uniform, both ends included): ~40 prompt tokens and
+~180 response tokens on average, up to ~260 — the paper's responses are up to 256 tokens."""
+
+
+def long_example(r: random.Random) -> dict[str, str]:
+    """One ``demo_long`` pair: a few fact records (``kind : field , field .``) -> a dialogue for each, in
+    order, each phrased from its templates with small talk at random (the short task's dialogues). A
+    long response from a short prompt: a mistake early in a sampled answer (a fact dropped, a record
+    skipped or repeated) leaves the rest on a prefix the ground truth never shows, which is where training
+    on the student's own outputs should matter; and sampling it costs far more than it does on the short
+    task, next to a train step."""
+    records, lines = [], []
+    for _ in range(r.randint(*RECORDS_PER_ROW)):
+        a, b = r.sample(NAMES, 2)
+        turns, facts, _ = r.choice(INTENTS)(r, a, b)
+        records.append(f"{facts[0]} : {' , '.join(facts[1:])} .")
+        lines += [f"{who}: {text}" for who, text in _with_small_talk(r, turns, a, b)]
+    return {"records": "\n".join(records), "dialogues": "\n".join(lines)}
+
+
+def long_examples(split: str, n: int, seed: int = 0) -> list[dict[str, str]]:
+    """``n`` deterministic ``demo_long`` pairs of ``split`` (streams apart from the short task's)."""
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"demo_long task has splits {', '.join(SPLIT_SEEDS)}; got {split!r}")
+    r = random.Random(f"demo_long-{split}-{seed}")
+    return [long_example(r) for _ in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------------

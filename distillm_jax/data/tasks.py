@@ -47,6 +47,13 @@ def _summary(source: str, target: str) -> Callable[[dict, bool], tuple[str, str]
     return pair
 
 
+def _dialogues(row: dict, encoder_decoder: bool) -> tuple[str, str]:
+    records = _text(row, "records")
+    if encoder_decoder:
+        return f"dialogues: {records}", _text(row, "dialogues")
+    return f"Write the dialogues:\n{records}\nDialogues:", _text(row, "dialogues")
+
+
 LANGUAGES = {
     "en": "English",
     "de": "German",
@@ -82,6 +89,7 @@ class Task:
     hub_id: str | None  # the default source: a hub dataset in sources.py's form (None: built in)
     to_pair: Callable[[dict, bool], tuple[str, str]] | None
     references_in: tuple[str, ...] = ()  # columns that may list several references for the metric
+    generator: Callable[[str, int], list[dict]] | None = None  # built-in rows: (split, n) -> rows
 
 
 # The hub forms that load with datasets >= 4 today (sources.py): Samsung/samsum was deleted (a copy in the
@@ -118,7 +126,23 @@ TASKS: dict[str, Task] = {
         "Skylion007/openwebtext@refs/convert/parquet?data_dir=plain_text",
         None,
     ),
-    "demo": Task("demo", (("dialogue",), ("summary",)), "rougeL", None, _summary("dialogue", "summary")),
+    "demo": Task(
+        "demo",
+        (("dialogue",), ("summary",)),
+        "rougeL",
+        None,
+        _summary("dialogue", "summary"),
+        generator=demo.examples,
+    ),
+    # the demo's long-response form: fact records -> a dialogue for each (~180 tokens)
+    "demo_long": Task(
+        "demo_long",
+        (("records",), ("dialogues",)),
+        "rougeL",
+        None,
+        _dialogues,
+        generator=demo.long_examples,
+    ),
 }
 
 
@@ -150,10 +174,10 @@ def load_rows(
 ) -> list[dict]:
     """Rows of ``split`` from ``source`` (``sources.py``: local files or a hub dataset; "" / None: the
     task's default), at most ``max_rows`` (0: all; language-model text is then streamed from the hub),
-    or — for ``demo`` — from the shipped generator."""
-    if task.name == "demo" and not source:  # sliced as a hub split is: test[:100]
+    or — for the built-in tasks (``demo``, ``demo_long``) — ``demo_rows`` from their generator."""
+    if task.generator and not source:  # sliced as a hub split is: test[:100]
         name, piece, percent = sources.parse_split(split)
-        rows = sources.sliced(demo.examples(name, demo_rows), piece, percent)
+        rows = sources.sliced(task.generator(name, demo_rows), piece, percent)
         return rows[:max_rows] if max_rows else rows
     source = source or task.hub_id
     rows = sources.read(source, split, max_rows=max_rows, stream=task.to_pair is None)
