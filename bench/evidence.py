@@ -111,7 +111,11 @@ def run_arm(c, arm: str, lr: float, out: str) -> dict:
     steps = [r for r in rows if r["kind"] == "train"]
     test = trainer.evaluate_model(
         trainer.override(
-            c, student__path=os.path.join(out, "best"), method="sft", data__valid_split=c.data.test_split
+            c,
+            student__path=os.path.join(out, "best"),
+            method="sft",
+            data__valid_split=c.data.test_split,
+            data__max_valid_rows=0,  # every test row (the split says how many)
         ),
         tuple(c.eval.seeds),
     )

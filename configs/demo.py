@@ -164,9 +164,12 @@ def get_config(arg: str = "") -> ConfigDict:
 
 def long_responses(c: ConfigDict) -> None:
     """``:long``: the long-response regime of ``bench/evidence.py`` (``demo_long``: 3-5 fact records ->
-    a dialogue for each, ~180 response tokens, up to 256 kept). The teacher is shipped
-    (``distillm_jax/data/demo_long_teacher``, the same T5 shape as the demo's; ``:teacher,long`` makes it
-    again); the student is a T5 of 2+2 layers at d_model 128 with 64 labelled rows."""
+    a dialogue for each, ~170 response tokens, up to 256 kept). The teacher is shipped
+    (``distillm_jax/data/demo_long_teacher``, the same T5 shape as the demo's: ``:teacher,long``, then 600
+    more steps from its ``final/`` at 1e-3 with ``--config.student.path=runs/demo_long_teacher/final
+    --config.optim.lr=1e-3 --config.run_dir=runs/demo_long_teacher2``; 2 × 15 minutes on 2 cores, validation
+    CE 0.43, greedy ROUGE-L 38.5). The student is a T5 of 2+2 layers at the teacher's width with 64
+    labelled rows."""
     c.run_dir = "runs/demo_long"
     c.data.task = "demo_long"
     c.teacher.path = str(demo.LONG_TEACHER)
