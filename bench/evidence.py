@@ -63,7 +63,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="the tiny long-response config, a few steps")
     p.add_argument("--arms", nargs="+", choices=list(ARMS), help="default: all (--quick: sft, distillm, gkd)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (paired)")
-    p.add_argument("--grid", nargs="+", type=float, default=[3e-4, 1e-3, 3e-3], help="learning rates")
+    p.add_argument("--grid", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2], help="learning rates")
     p.add_argument("--out", default="runs/bench_evidence", help="run folders (continued if present)")
     p.add_argument("--json", default="", help="write the rows here")
     p.add_argument("--render", metavar="JSON", help="print the tables of a saved result and stop")
@@ -181,7 +181,16 @@ def verdict(lo: float, hi: float, a: str, b: str) -> str:
     return f"{a} > {b} holds" if lo > 0 else f"{b} > {a} holds" if hi < 0 else "no ordering holds"
 
 
-def tables(result: dict) -> str:
+def _table(rows: list[tuple], markdown: bool) -> str:
+    if not markdown:
+        return reporting.table(rows)
+    line = lambda r: "| " + " | ".join(str(x) for x in r) + " |"  # noqa: E731
+    return "\n".join([line(rows[0]), line(["---"] * len(rows[0])), *map(line, rows[1:])])
+
+
+def tables(result: dict, markdown: bool = False) -> str:
+    """The paired table, the rate search, the pairs' intervals and the diagnosis (``markdown``: as
+    markdown tables, for BENCHMARKS.md)."""
     rows, head = result["rows"], HEAD
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     final = {a: {r["seed"]: r for r in rows if r["arm"] == a and r["lr"] == result["lr"][a]} for a in arms}
@@ -197,8 +206,11 @@ def tables(result: dict) -> str:
             "test mean ± std over seeds",
             *(f"seed {s}" for s in seeds),
             "steps data / SGO / replay",
+            "train s (generating)",
+            "× SFT's s",
         )
     ]
+    secs = {a: np.mean([final[a][s]["train_seconds"] for s in seeds]) for a in arms}
     for a in arms:
         v = [final[a][s]["test"] for s in seeds]
         src = [final[a][s]["sources"] for s in seeds]
@@ -210,9 +222,12 @@ def tables(result: dict) -> str:
                 f"{np.mean(v):.2f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.2f}",
                 *(f"{x:.2f}" for x in v),
                 fed,
+                f"{secs[a]:.0f} ({np.mean([final[a][s]['gen_seconds'] for s in seeds]):.0f})",
+                f"{secs[a] / secs['sft']:.2f}" if "sft" in secs else "",
             )
         )
-    out.append(reporting.table(t))
+    out.append(_table(t, markdown))
+    out.append(grid(rows, arms, markdown))
     p = [
         (
             f"{head} − arm",
@@ -236,12 +251,24 @@ def tables(result: dict) -> str:
             f"{np.median(ratios):.2f}x ({len(ratios)}/{len(seeds)})" if ratios else f"never (0/{len(seeds)})"
         )
         p.append((a, f"{m:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", verdict(lo, hi, head, a), speed))
-    out.append(reporting.table(p))
-    out.append(diagnosis(final, seeds))
+    out.append(_table(p, markdown))
+    out.append(diagnosis(final, seeds, markdown))
     return "\n\n".join(out)
 
 
-def diagnosis(final: dict, seeds: list[int]) -> str:
+def grid(rows: list[dict], arms: list[str], markdown: bool = False) -> str:
+    """The rate search: each arm's best validation ROUGE-L (dev split) at each rate of the first seed."""
+    first = min(r["seed"] for r in rows)
+    rates = sorted({r["lr"] for r in rows if r["seed"] == first})
+    best = {(r["arm"], r["lr"]): r["best_val"] for r in rows if r["seed"] == first}
+    t = [("dev ROUGE-L at rate", *(f"{g:g}" for g in rates))]
+    for a in arms:
+        t.append((a, *(f"{best[a, g]:.2f}" if (a, g) in best else "" for g in rates)))
+    title = f"the rate search (training seed {first}; each arm keeps its best rate):\n"
+    return title + ("\n" if markdown else "") + _table(t, markdown)
+
+
+def diagnosis(final: dict, seeds: list[int], markdown: bool = False) -> str:
     """What each arm did, seed by seed: steps that sampled, replay staleness, gradient norms early and
     late, SGO length, and (the scheduler's arms) where φ rose against the validation CE it followed."""
     t = [
@@ -278,7 +305,7 @@ def diagnosis(final: dict, seeds: list[int]) -> str:
                 else "",
             )
         )
-    return reporting.table(t)
+    return _table(t, markdown)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -189,7 +189,7 @@ def _tables() -> dict[str, Callable[[dict], str]]:
         "speedup": lambda r: speedup.table(
             r["rows"], r["target"], r["args"].get("target") or "gkd", r["args"].get("draws", 1)
         ),
-        "evidence": evidence.tables,
+        "evidence": lambda r: evidence.tables(r, markdown=True),
         "accelerator": lambda r: accelerator.table(r["rows"]),
     }
 
