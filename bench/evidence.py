@@ -1,5 +1,5 @@
-"""Does DistiLLM pay off here? Every arm of the comparison over several training seeds, each at its own
-learning rate, in the long-response regime (``configs/demo.py:long``), reported with paired intervals.
+"""Every arm of the comparison over several training seeds, each at its own learning rate, in the
+long-response regime (``configs/demo.py:long``), reported with paired intervals.
 
 The protocol, for every comparison we publish:
 
