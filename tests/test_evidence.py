@@ -38,6 +38,8 @@ def _row(arm, seed, lr, test, best_val, curve):
         steps=steps,
         phi_path=[],
         buffer_batches=4,
+        train_seconds=curve[-1][1],
+        gen_seconds=0.0,
     )
 
 
@@ -58,6 +60,11 @@ def test_tables_pair_by_seed_at_the_chosen_rate():
     assert "training seeds [0, 1]" in text and "99.00" not in text
     line = next(x for x in text.splitlines() if x.startswith("sft") and "[" in x)
     assert "+10.25" in line and "holds" in line and "1.60x (2/2)" in line  # 8 s / 5 s to score 20
+    md = evidence.tables(
+        {"lr": {"distillm": 1e-3, "sft": 1e-3}, "eval_seeds": [10], "rows": rows}, markdown=True
+    )
+    row = next(x for x in md.splitlines() if x.startswith("| distillm | 0.001"))
+    assert row.endswith("| 10 (0) | 0.62 |")  # DistiLLM's seconds (generating), over SFT's 16 s
 
 
 def test_staleness_is_the_mean_age_of_what_the_buffer_holds():
