@@ -70,18 +70,14 @@ def _plan(r: random.Random, a: str, b: str) -> Drawn:
     yes = r.choice(["Sure!", "Sounds good.", "Great idea.", "Yes, why not."])
     when = r.choice([f"Let us meet at {time}.", f"{time} works for me.", f"How about {time}?"])
     turns = [(a, ask), (b, "Yes, I am free."), (a, offer), (b, f"{yes} {when}")]
-    facts = ("plan", a, b, act, place, day, time)
-    return (
-        turns,
-        facts,
-        r.choice(
-            [
-                f"{a} and {b} will {act} at {place} on {day} at {time}.",
-                f"On {day} at {time}, {a} and {b} are going to {act} at {place}.",
-                f"{a} invites {b} to {act} at {place}. They meet on {day} at {time}.",
-            ]
-        ),
+    summary = r.choice(
+        [
+            f"{a} and {b} will {act} at {place} on {day} at {time}.",
+            f"On {day} at {time}, {a} and {b} are going to {act} at {place}.",
+            f"{a} invites {b} to {act} at {place}. They meet on {day} at {time}.",
+        ]
     )
+    return turns, ("plan", a, b, act, place, day, time), summary
 
 
 def _reschedule(r: random.Random, a: str, b: str) -> Drawn:
@@ -92,18 +88,14 @@ def _reschedule(r: random.Random, a: str, b: str) -> Drawn:
         (a, r.choice([f"No problem. What about {day2}?", f"Too bad. Is {day2} better?"])),
         (b, r.choice([f"{day2} is perfect.", f"Yes, {day2} works."])),
     ]
-    facts = ("move", a, b, act, day, day2, reason)
-    return (
-        turns,
-        facts,
-        r.choice(
-            [
-                f"{b} cannot {act} on {day} because of {reason}. They will {act} on {day2} instead.",
-                f"Because of {reason}, {b} has to cancel on {day}. {a} and {b} will {act} on {day2}.",
-                f"{a} and {b} move their plan to {act} from {day} to {day2}, as {b} has {reason}.",
-            ]
-        ),
+    summary = r.choice(
+        [
+            f"{b} cannot {act} on {day} because of {reason}. They will {act} on {day2} instead.",
+            f"Because of {reason}, {b} has to cancel on {day}. {a} and {b} will {act} on {day2}.",
+            f"{a} and {b} move their plan to {act} from {day} to {day2}, as {b} has {reason}.",
+        ]
     )
+    return turns, ("move", a, b, act, day, day2, reason), summary
 
 
 def _borrow(r: random.Random, a: str, b: str) -> Drawn:
