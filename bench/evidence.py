@@ -67,10 +67,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/bench_evidence", help="run folders (continued if present)")
     p.add_argument("--json", default="", help="write the rows here")
     p.add_argument("--render", metavar="JSON", help="print the tables of a saved result and stop")
+    p.add_argument("--width", type=int, help="the student's d_model (heads d/32, d_ff 4d); default 128")
+    p.add_argument(
+        "--rates-from",
+        metavar="JSON",
+        help="take each arm's rate from a saved result instead of searching the grid (the width curve)",
+    )
     args = p.parse_args(argv)
     args.arms = args.arms or (["sft", "distillm", "gkd"] if args.quick else list(ARMS))
     if HEAD not in args.arms:
         p.error(f"--arms must include {HEAD}: every interval is against it")
+    if args.width is not None and (args.width < 32 or args.width % 32):
+        p.error(f"--width {args.width}: give a multiple of 32 (one head per 32 dimensions)")
+    if args.rates_from:
+        with open(args.rates_from) as f:
+            saved = json.load(f)["lr"]
+        missing = [a for a in args.arms if a not in saved]
+        if missing:
+            p.error(f"{args.rates_from} has no rate for {', '.join(missing)}: leave them out of --arms")
+        args.rates = {a: saved[a] for a in args.arms}
+    else:
+        args.rates = {}
     if args.quick:
         args.seeds, args.grid = args.seeds[:2], args.grid[:2]
         args.out = args.out if args.out != "runs/bench_evidence" else "runs/bench_evidence_quick"
@@ -83,6 +100,9 @@ def base_config(args: argparse.Namespace):
     c.checkpoint.interval, c.log_interval = c.optim.steps, 1
     if args.quick:  # a tiny teacher trained on the spot; the path of every stage is what is checked
         c.teacher.train_steps = 2
+    if args.width:
+        w = args.width
+        c.student.config.update(d_model=w, d_kv=32, num_heads=w // 32, d_ff=4 * w)
     return c
 
 
@@ -227,7 +247,10 @@ def tables(result: dict, markdown: bool = False) -> str:
             )
         )
     out.append(_table(t, markdown))
-    out.append(grid(rows, arms, markdown))
+    if result.get("rates_from"):
+        out.append(f"each arm at the rate it chose in {result['rates_from']} (no search at this width)")
+    else:
+        out.append(grid(rows, arms, markdown))
     p = [
         (
             f"{head} − arm",
@@ -314,28 +337,33 @@ def main(argv: Sequence[str] | None = None) -> None:
         with open(args.render) as f:
             print(tables(json.load(f)))
         return
-    c, rows, lr, inits = base_config(args), [], {}, {}
-    first, *rest = args.seeds
-    plan = [(first, a, g) for a in args.arms for g in args.grid] + [
-        (s, a, None) for s in rest for a in args.arms
+    c, rows, lr, inits = base_config(args), [], dict(args.rates), {}
+
+    def chosen(arm: str) -> float:  # the arm's rate: given, or the best on the dev split at the first seed
+        if arm not in lr:
+            lr[arm] = max((r for r in rows if r["arm"] == arm), key=lambda r: r["best_val"])["lr"]
+        return lr[arm]
+
+    first = args.seeds[0]
+    plan = [(first, a, g) for a in args.arms if a not in lr for g in args.grid] + [
+        (s, a, None) for s in args.seeds for a in args.arms if s != first or a in lr
     ]
     for k, (seed, arm, rate) in enumerate(plan):
         if seed not in inits:
             inits[seed] = init_for(c, seed, args.out)
-        if rate is None:  # after the grid: the arm's rate, chosen on the dev split at the first seed
-            rate = lr.setdefault(
-                arm, max((r for r in rows if r["arm"] == arm), key=lambda r: r["best_val"])["lr"]
-            )
+        rate = chosen(arm) if rate is None else rate
         print(f"[{k + 1}/{len(plan)}] {arm} at lr {rate:g}, training seed {seed}", flush=True)
         rows.append(
             run_arm(inits[seed], arm, rate, os.path.join(args.out, f"seed{seed}", f"{arm}_lr{rate:g}"))
         )
     for arm in args.arms:
-        lr.setdefault(arm, max((r for r in rows if r["arm"] == arm), key=lambda r: r["best_val"])["lr"])
+        chosen(arm)
     extra = {
         "lr": lr,
         "eval_seeds": list(c.eval.seeds),
         "config": "configs/demo.py:" + ("tiny,long" if args.quick else "long"),
+        "width": int(c.student.config.d_model),
+        "rates_from": args.rates_from or "",
     }
     print(machine_note())
     print(tables({**extra, "rows": rows}))

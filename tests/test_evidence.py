@@ -75,3 +75,17 @@ def test_staleness_is_the_mean_age_of_what_the_buffer_holds():
     # step 4: holds 1, 3 -> ages 3, 1; step 6: holds 3, 5 -> 3, 1; step 7: holds 5, 7 -> 2, 0
     assert evidence.staleness(run) == (2 + 2 + 1) / 3
     assert evidence.staleness({"buffer_batches": 2, "steps": [(1, "data", False, 1.0, 1.0, None)]}) is None
+
+
+def test_width_and_saved_rates(tmp_path):
+    """``--width`` sets the student's shape at 32 dimensions a head; ``--rates-from`` takes each arm's rate
+    from a saved result (no search); wrong values are refused in one line, before any training."""
+    saved = tmp_path / "r.json"
+    saved.write_text('{"lr": {"sft": 0.003, "distillm": 0.001}}')
+    args = evidence.parse_args(["--width", "64", "--rates-from", str(saved), "--arms", "sft", "distillm"])
+    assert args.rates == {"sft": 0.003, "distillm": 0.001}
+    student = evidence.base_config(args).student.config
+    assert (student.d_model, student.num_heads, student.d_kv, student.d_ff) == (64, 2, 32, 256)
+    for bad in (["--width", "48"], ["--rates-from", str(saved), "--arms", "distillm", "gkd"]):
+        with pytest.raises(SystemExit):
+            evidence.parse_args(bad)
