@@ -119,7 +119,7 @@ def get_config(arg: str = "") -> ConfigDict:
         long_responses(c)
     if "gpt2" in parts:
         c.run_dir = "runs/demo_gpt2"
-        c.teacher.path = ""
+        c.teacher.path, c.teacher.tuned = "", False
         c.teacher.config = gpt2(128, 4, 4)
         c.teacher.train_steps, c.teacher.train_lr = 1500, 2e-3
         c.student.config = gpt2(64, 2, 2)
@@ -137,7 +137,7 @@ def get_config(arg: str = "") -> ConfigDict:
             c.teacher.path = ""  # SFT uses none; the one this run makes does not exist yet
     elif arg == "tiny":
         c.run_dir = "runs/demo_tiny" + "".join(f"_{p}" for p in sorted(parts - {"tiny"}))
-        c.teacher.path = ""
+        c.teacher.path, c.teacher.tuned = "", False
         c.teacher.config = gpt2(32, 1, 2) if "gpt2" in parts else t5(32, 1, 2, 64)
         c.teacher.train_steps = 4
         c.student.config = gpt2(16, 1, 2) if "gpt2" in parts else t5(16, 1, 2, 32)

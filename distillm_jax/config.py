@@ -5,6 +5,7 @@ together; each problem is one line (``ConfigError``) before any model is loaded 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from pathlib import Path
 
@@ -66,6 +67,7 @@ def _compare(config: ConfigDict, base: ConfigDict, prefix: str = "") -> None:
 def check(config: ConfigDict) -> None:
     """Raise ``ConfigError`` for the first problem found."""
     _compare(config, defaults())
+    _check_finite(config)
     for method in (config.method, *config.compare):
         if method not in methods.REGISTRY:
             raise ConfigError(f"method {method!r} is not one of {', '.join(methods.REGISTRY)}")
@@ -141,6 +143,11 @@ def check(config: ConfigDict) -> None:
         raise ConfigError("loss.lm_coef > 0 needs data.lm_source (plain text with a 'text' column)")
     if config.eval.temperature < 0 or not 0 < config.eval.top_p <= 1:
         raise ConfigError("eval.temperature must be >= 0 and eval.top_p in (0, 1]")
+    if not tuple(config.eval.seeds):
+        raise ConfigError(
+            "eval.seeds is empty: the test scores are sampled once per seed; give at least one, e.g. "
+            "--config.eval.seeds='(10,)'"
+        )
     if config.eval.draws < 1:
         raise ConfigError(
             f"eval.draws must be >= 1 (sampled generations per evaluation), got {config.eval.draws}"
@@ -153,6 +160,16 @@ def check(config: ConfigDict) -> None:
             "distributed: coordinator must be host:port and 0 <= process_id < num_processes, got "
             f"{d.coordinator!r}, process {d.process_id} of {d.num_processes}"
         )
+
+
+def _check_finite(node: ConfigDict, prefix: str = "") -> None:
+    """Every number of the config is finite: a NaN rate passes ``lr <= 0`` and surfaces as a NaN loss
+    steps later, blamed on the data or the model."""
+    for key, value in node.items():
+        if isinstance(value, ConfigDict):
+            _check_finite(value, f"{prefix}{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{key} must be a finite number, got {value}")
 
 
 def _check_one_file(d: ConfigDict) -> None:

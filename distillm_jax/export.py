@@ -28,11 +28,15 @@ def export_model(model: nnx.Module, tokenizer, out_dir: str, *, peft: bool = Fal
         return
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    adapters = lora.has_adapters(model)
-    models.save_pretrained(lora.merged(model) if adapters else model, tmp, tokenizer=tokenizer)
-    if adapters and peft:
-        lora.save_peft(model, os.path.join(tmp, "adapter"))
+    try:  # a full disk (or a signal) mid-write leaves the previous export whole and no half of this one
+        os.makedirs(tmp)
+        adapters = lora.has_adapters(model)
+        models.save_pretrained(lora.merged(model) if adapters else model, tmp, tokenizer=tokenizer)
+        if adapters and peft:
+            lora.save_peft(model, os.path.join(tmp, "adapter"))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
 
@@ -50,6 +54,12 @@ def export_checkpoint(config: ConfigDict, at: int | None = None, out_dir: str | 
         at = max(steps) if at is None else at
         if at not in steps:
             raise cfglib.ConfigError(f"no checkpoint at step {at} in {s.run_dir}; it has {sorted(steps)}")
+        out_dir = out_dir or os.path.join(s.run_dir, f"export-{at}")
+        if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+            raise cfglib.ConfigError(
+                f"{out_dir} already exists; an export never writes over a folder (a run's best/ or final/ "
+                "among them): choose a new --out"
+            )
         mesh = sharding.make_mesh(**config.mesh)
         student = build_model(config.student, mesh, trainable=True)
         graph, params, rest = step.split_student(student)
@@ -57,6 +67,5 @@ def export_checkpoint(config: ConfigDict, at: int | None = None, out_dir: str | 
     finally:
         ckpt.close()
     tokenizer = toklib.load(config.tokenizer, config.student.path)
-    out_dir = out_dir or os.path.join(s.run_dir, f"export-{at}")
     export_model(nnx.merge(graph, params, rest), tokenizer, out_dir, peft=s.peft)
     return out_dir

@@ -16,6 +16,7 @@ last checkpoint, so the same command, killed anywhere, picks up where it stopped
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,7 +25,7 @@ import jax
 from ml_collections import ConfigDict
 
 from distillm_jax import config as cfglib
-from distillm_jax import methods, planner, preflight, reporting, trainer
+from distillm_jax import methods, planner, preflight, reporting, runlock, trainer
 from distillm_jax.trainer import override
 
 ROLES = ("teacher", "student")
@@ -55,8 +56,16 @@ class Stage:
 
 
 def trains_first(spec: ConfigDict) -> bool:
-    """The spec has an SFT stage that later stages start from (``student.start`` "pretrained": none)."""
+    """The spec has an SFT stage that later stages start from: none for ``student.start`` "pretrained",
+    nor for a checkpoint marked ``tuned`` (already fine-tuned on the task: used as it is)."""
+    if spec.tuned and spec.path:
+        return False
     return bool(spec.train_steps or spec.train_epochs) and spec.get("start", "init") == "init"
+
+
+def uses_teacher(config: ConfigDict) -> bool:
+    """Some method of the run reads the teacher (``sft`` alone does not: no teacher stage then)."""
+    return any(methods.get(m).teacher for m in cfglib.compared(config))
 
 
 def sft_config(c: ConfigDict, role: str) -> ConfigDict:
@@ -98,6 +107,8 @@ def stages(config: ConfigDict, *, planning: bool = False) -> list[Stage]:
     the memory planner reads them, before any stage has run)."""
     out, c = [], config
     for role in ROLES:
+        if role == "teacher" and not uses_teacher(config):
+            continue
         if trains_first(config[role]):
             out.append(Stage(STAGE_DIRS[role], sft_config(config, role)))
             c = _trained(c, role, planning=planning)
@@ -136,24 +147,43 @@ def _run_stage(stage: Stage, index: int, count: int) -> dict:
     return trainer.train(staged, stage=f"{index}/{count} {stage.name}")
 
 
-def _check_same_run(c: ConfigDict) -> None:
-    """The run folder keeps the config it was started with; the same command continues it, another
-    config is refused (``resume=True`` continues it anyway), and so is a folder holding a run that was
-    not started by this command; ``resume=True`` where there is nothing to continue is refused too
-    (``start_if_empty`` starts)."""
+OWN = ("resume", "start_if_empty", "distributed")  # how this process was started, not what the run is
+# how a stage ran, not what it made (``compare``: which other stages there are)
+HOW = (*OWN, "mesh", "checkpoint", "log_interval", "compare", "compare_sft")
+UNREAD_BY_SFT = ("loss", "offpolicy", "minillm", "distillm2", "seqkd", "teacher")
+
+
+def _plain(config: dict, drop: tuple[str, ...]) -> dict:
+    """A config as its JSON record holds it (tuples as lists), without the keys ``drop``."""
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in drop}, default=list))
+
+
+def _check_same_run(c: ConfigDict) -> bool:
+    """The run folder keeps the config it was started with; the same command continues it. Another
+    config is refused, unless ``resume=True`` says to continue with it, and never where a stage it
+    changes has finished (resume does not redo a finished stage: it would be skipped as "done before"
+    and the old results shown as the new ones). A folder holding a run not started by this command is
+    refused; so is ``resume=True`` with nothing to continue (``start_if_empty`` starts). A record with
+    nothing of a run beside it is a first start that failed, not a run. Returns whether this start
+    made the record (``_undo`` takes it back if the start fails before any stage has written)."""
     path = os.path.join(c.run_dir, RUN_CONFIG)
-    own = ("resume", "start_if_empty", "distributed")  # how this process was started, not what the run is
-    mine = json.loads(json.dumps({k: v for k, v in c.to_dict().items() if k not in own}, default=list))
+    mine = _plain(c.to_dict(), OWN)
     preflight.writable(c.run_dir)
-    folders = dict.fromkeys([c.run_dir, *(stage.config.run_dir for stage in stages(c))])
-    found = [part for folder in folders for part in _held_in(folder, c.run_dir)]
-    if not os.path.exists(path):  # not started by this pipeline (or not at all)
+    recorded = os.path.exists(path) and bool(_found(c))
+    if not recorded:  # not started by this pipeline (or not at all)
+        found = _found(c)
         preflight.reuse(c, found, bool(found), "holds no run to continue")
-    if os.path.exists(path) and not c.resume:
+    else:
         with open(path) as f:
             theirs = json.load(f)
         diff = _differences(theirs, mine)
-        if diff:
+        finished = _finished_otherwise(c, theirs) if diff else ""
+        if finished:
+            raise cfglib.ConfigError(
+                f"{c.run_dir} holds a run of another config ({diff}) whose stage {finished} has finished; "
+                "a finished stage is not redone, so these settings cannot continue it: choose another run_dir"
+            )
+        if diff and not c.resume:
             raise cfglib.ConfigError(
                 f"{c.run_dir} holds a run of another config ({diff}); choose another run_dir, or pass "
                 "--config.resume=True to continue it with these settings"
@@ -163,6 +193,73 @@ def _check_same_run(c: ConfigDict) -> None:
         with open(path + ".tmp", "w") as f:
             json.dump(mine, f, indent=1, sort_keys=True)
         os.replace(path + ".tmp", path)
+    return not recorded
+
+
+def _folders(c: ConfigDict) -> list[str]:
+    """The run folder and each stage's."""
+    return list(dict.fromkeys([c.run_dir, *(stage.config.run_dir for stage in stages(c))]))
+
+
+def _found(c: ConfigDict) -> list[str]:
+    """What of a run the folders of ``c`` hold."""
+    return [part for folder in _folders(c) for part in _held_in(folder, c.run_dir)]
+
+
+def _finished_otherwise(c: ConfigDict, theirs: dict) -> str:
+    """The first stage (or ``test``) that has finished under the recorded config ``theirs`` and would
+    run otherwise under ``c``; "" if none."""
+    old = _merged(c.to_dict(), theirs)  # keys the record lacks (an older version's) take today's values
+    try:
+        old_c = ConfigDict(old)
+        before = {stage.name: _made_of(stage) for stage in stages(old_c)}
+        old_test = _test_spec(old_c)
+    except Exception:  # a record this version cannot read as a config: every stage counts as changed
+        before, old_test = {}, None
+    for stage in stages(c):
+        if stage.done and before.get(stage.name) != _made_of(stage):
+            return stage.name
+    if os.path.exists(os.path.join(c.run_dir, "test.json")) and old_test != _test_spec(c):
+        return "test"
+    return ""
+
+
+def _made_of(stage: Stage) -> dict:
+    """The settings a stage's result depends on (an SFT stage reads no teacher, loss or SGO settings)."""
+    c = stage.config
+    made = _plain(c.to_dict(), HOW + (UNREAD_BY_SFT if c.method == "sft" else ()))
+    for group, key in (("eval", "seeds"), ("data", "test_split"), ("data", "test_sets")):  # the test's
+        made[group].pop(key, None)
+    return made
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = (
+            _merged(base[key], value)
+            if isinstance(value, dict) and isinstance(base.get(key), dict)
+            else value
+        )
+    return out
+
+
+def _test_spec(c: ConfigDict) -> str:
+    """What the test stage's tables depend on."""
+    spec = {"arms": cfglib.compared(c), "sets": cfglib.test_sets(c), "eval": c.eval.to_dict()}
+    return json.dumps(spec, sort_keys=True, default=list)
+
+
+def _undo(c: ConfigDict, created: list[str]) -> None:
+    """A first start that failed before any stage wrote: its record and the empty folders it made go,
+    so the folder is as before (and the corrected command is not refused as another config)."""
+    if jax.process_index() or _found(c):
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(c.run_dir, RUN_CONFIG))
+    for folder in sorted(created, key=len, reverse=True):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)  # only if empty
 
 
 def _held_in(stage_dir: str, run_dir: str) -> list[str]:
@@ -184,6 +281,27 @@ def _differences(a, b, prefix: str = "") -> str:
     return "; ".join(out[:3])
 
 
+def _note_skipped(c: ConfigDict) -> None:
+    """Say which configured SFT stages do not run, and why (a tuned checkpoint; a teacher no method reads)."""
+    if jax.process_index():
+        return
+    for role in ROLES:
+        spec = c[role]
+        asked = (
+            f"{role}.train_steps={spec.train_steps}"
+            if spec.train_steps
+            else f"{role}.train_epochs={spec.train_epochs}"
+        )
+        if not (spec.train_steps or spec.train_epochs):
+            continue
+        if role == "teacher" and not uses_teacher(c):
+            print(f"note: no method of this run reads the teacher: its SFT stage ({asked}) is skipped")
+        elif spec.tuned and spec.path:
+            print(
+                f"note: {role}.tuned=True: {spec.path} is used as it is; its SFT stage ({asked}) is skipped"
+            )
+
+
 def _warn_untuned_teacher(c: ConfigDict) -> None:
     if not methods.get(c.method).teacher or c.teacher.tuned or trains_first(c.teacher) or jax.process_index():
         return
@@ -201,8 +319,25 @@ def run(config: ConfigDict) -> dict:
     preflight.mesh_and_batch(config)
     _warn_if_too_big(config)
     planned = next(stage.config for stage in stages(config, planning=True) if stage.name == "distill")
-    preflight.tokenizers(planned)  # of the models the stages start from: files only, before any weights
-    _check_same_run(config)  # last: it records the run's config in its folder
+    tokenizer = preflight.tokenizers(planned)  # of the models the stages start from: files, no weights
+    roles = ("teacher", "student") if uses_teacher(config) else ("student",)
+    preflight.model_configs(planned, roles, len(tokenizer))
+    created = [folder for folder in _folders(config) if not os.path.exists(folder)]
+    preflight.writable(config.run_dir)
+    fresh = False
+    try:
+        with runlock.hold(config.run_dir):
+            fresh = _check_same_run(config)  # last of the checks: it records the run's config in its folder
+            return _stages(config)
+    except BaseException:
+        if fresh:
+            _undo(config, created)
+        raise
+
+
+def _stages(config: ConfigDict) -> dict:
+    """Every stage of a checked ``config``, then the tables."""
+    _note_skipped(config)
     _warn_untuned_teacher(config)
     todo = stages(config)
     count = len(todo) + bool(cfglib.test_sets(config))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import jax.numpy as jnp
 from flax import nnx
@@ -55,10 +54,7 @@ def hf_config(spec: ConfigDict):
     from transformers import AutoConfig
 
     if spec.path:
-        if os.path.isdir(os.path.expanduser(spec.path)):
-            return models.load_hf_config(os.path.expanduser(spec.path))
-        repo, revision = hub.split_revision(spec.path)
-        return AutoConfig.from_pretrained(repo, revision=revision)
+        return models.load_hf_config(hub.local_dir(spec.path, weights=False))
     kwargs = spec.config.to_dict()
     return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
 

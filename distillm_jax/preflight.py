@@ -12,6 +12,7 @@ from ml_collections import ConfigDict
 
 from distillm_jax import methods, sharding
 from distillm_jax.config import ConfigError
+from distillm_jax.models.hf_io import CheckpointError
 
 RUN_FILES = ("checkpoints", "summary.json", "metrics.jsonl", "best", "final")  # what a run writes
 
@@ -70,17 +71,55 @@ def run_dir(c: ConfigDict) -> None:
             )
 
 
-def tokenizers(c: ConfigDict) -> None:
+def tokenizers(c: ConfigDict):
     """The student's tokenizer loads and the teacher's (if it ships one) has the same vocabulary: files
-    only, no weights."""
+    only, no weights. Returns the tokenizer."""
     from distillm_jax.data import tokenizers as toklib
 
     try:
         tokenizer = toklib.load(c.tokenizer, c.student.path)
         if methods.get(c.method).teacher:
             toklib.check_same(tokenizer, c.teacher.path)
-    except ValueError as e:
+    except (ValueError, CheckpointError) as e:
         raise ConfigError(str(e)) from None
+    return tokenizer
+
+
+def model_configs(c: ConfigDict, roles: tuple[str, ...], tokens: int) -> None:
+    """What the models' config.json files say, before any weights: each is readable (a hub id resolves),
+    teacher and student are of one kind (encoder-decoder or decoder-only), each vocabulary holds the
+    tokenizer's ``tokens``, and a learned position table holds ``data.max_length``. At paper scale each of
+    these would otherwise surface after the first stages have trained."""
+    from distillm_jax import models, planner
+
+    found = {}
+    for role in roles:
+        spec = c[role]
+        try:
+            found[role] = planner.hf_config(spec)
+        except (CheckpointError, OSError, ValueError) as e:
+            raise ConfigError(f"{role}: {e}") from None
+    name = lambda role: f"the {role} ({c[role].path or 'a new ' + found[role].model_type})"  # noqa: E731
+    if len(found) == 2 and len({models.encoder_decoder(h) for h in found.values()}) == 2:
+        kinds = {
+            r: "encoder-decoder" if models.encoder_decoder(h) else "decoder-only" for r, h in found.items()
+        }
+        raise ConfigError(
+            f"{name('teacher')} is {kinds['teacher']} and {name('student')} is {kinds['student']}: "
+            "distillation here needs both of one kind; choose a teacher and student of the same kind"
+        )
+    for role, hf in found.items():
+        if hf.vocab_size < tokens:
+            raise ConfigError(
+                f"{name(role)} has a vocabulary of {hf.vocab_size}, fewer than the tokenizer's {tokens} "
+                "tokens: they do not belong together"
+            )
+        limit = models.position_limit(hf)
+        if limit is not None and c.data.max_length > limit:
+            raise ConfigError(
+                f"data.max_length ({c.data.max_length}) is beyond {name(role)}'s {limit} learned positions; "
+                f"set data.max_length <= {limit}"
+            )
 
 
 def mesh_and_batch(c: ConfigDict) -> None:

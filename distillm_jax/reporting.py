@@ -71,8 +71,18 @@ class Reporter:
 
 
 def read_rows(path: str) -> list[dict]:
+    """The rows of a ``metrics.jsonl``; a last line cut short (a kill or a full disk mid-write) is left
+    out, any other bad line is an error."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for k, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if k < len(lines) - 1:
+                raise
+    return rows
 
 
 def plot_curves(run_dir: str) -> str | None:

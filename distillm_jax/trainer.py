@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from distillm_jax import batch_sources, methods, preflight, reporting, runstate, step
+from distillm_jax import batch_sources, methods, preflight, reporting, runlock, runstate, step
 from distillm_jax import config as cfglib
 from distillm_jax.checkpointing import Checkpoints
 from distillm_jax.export import export_checkpoint, export_model
@@ -77,8 +77,18 @@ class Student:
 
 def train(config: ConfigDict, *, stage: str = "") -> dict:
     """One run: returns its summary (also written to ``run_dir/summary.json``); ``stage`` names it on
-    the progress bar (the pipeline's stage)."""
-    preflight.mesh_and_batch(config)  # before any model loads: a mistake costs seconds
+    the progress bar (the pipeline's stage). What can be checked before any model loads is checked first
+    (a mistake costs seconds); the run folder is held for this process alone while it trains."""
+    preflight.mesh_and_batch(config)
+    tokens = len(preflight.tokenizers(config))
+    roles = ("teacher", "student") if methods.get(config.method).teacher else ("student",)
+    preflight.model_configs(config, roles, tokens)
+    preflight.writable(config.run_dir)
+    with runlock.hold(config.run_dir):
+        return _train(config, stage)
+
+
+def _train(config: ConfigDict, stage: str) -> dict:
     preflight.run_dir(config)
     run = Run(config)
     s = run.settings
@@ -148,8 +158,12 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
                     if jax.process_index() == 0:
                         print(f"stopped by {stop.why()} at step {done}; saved; the same command continues it")
                     return {"stopped_at": done}
-    finally:
+    except BaseException:
+        ckpt.close(failed=True)
+        raise
+    else:
         ckpt.close()
+    finally:
         reporter.close()
         source.close()
     export_model(student.model(), run.tokenizer, os.path.join(s.run_dir, "final"), peft=s.peft)
@@ -172,13 +186,13 @@ def _schedule(run: Run, rows: int) -> Schedule:
 
 
 def _resume(run: Run, ckpt: Checkpoints, student: Student, source, lm, total: int) -> runstate.RunState:
-    """The state of the latest checkpoint when ``resume`` (preflight.run_dir: none there otherwise),
-    loaded into the student, the batch source and the data orders; a new state if there is none."""
+    """The state of the newest checkpoint that reads when ``resume`` (preflight.run_dir: none there
+    otherwise), loaded into the student, the batch source and the data orders; a new state if none."""
     s = run.settings
     state = runstate.RunState()
-    latest = ckpt.latest_step() if s.resume else None
-    if latest is not None:
-        student.params, student.opt_state, saved = ckpt.restore(latest, student.params, student.opt_state)
+    latest = ckpt.restore_latest(student.params, student.opt_state) if s.resume else None
+    if latest is not None:  # the newest that reads: unreadable newer ones were moved aside, with a warning
+        _, student.params, student.opt_state, saved = latest
         try:
             state = runstate.RunState.from_json(saved)
             source.load(state)

@@ -1,7 +1,8 @@
 """Export a run's student as a Hugging Face checkpoint, from any of its orbax checkpoints:
 
-    python launch/export.py --config configs/demo.py --step 200 --out runs/demo/step200
-(without ``--step``: the latest checkpoint; the config must be the run's, for the student's shape).
+    python launch/export.py --config configs/demo.py --step 275 --out runs/demo/step275
+(``--step``: one the run kept, ``ls runs/demo/checkpoints``; without it, the latest. The config must be
+the run's, for the student's shape. ``--out`` must be a new folder: an export never writes over one.)
 """
 
 import _cli

@@ -15,5 +15,6 @@
 #SBATCH --cpus-per-task=32
 #SBATCH --output=slurm-%j.out
 set -euo pipefail
+case "${1:-}" in -h|--help|-help) sed -n '2,/^[^#]/p' "$0" | grep '^#' | grep -v '^#SBATCH' | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 . .venv/bin/activate
 srun python launch/train.py "$@" --config.distributed.auto=True

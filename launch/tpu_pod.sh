@@ -10,6 +10,7 @@
 # A preempted slice (exit 75 after a notice: saved): run the same train command again; it continues from
 # the last checkpoint (--config.resume=True is needed only for a config changed on purpose).
 set -euo pipefail
+case "${1:-}" in -h|--help|-help) sed -n '2,/^[^#]/p' "$0" | grep '^#' | grep -v '^#SBATCH' | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 cmd=${1:?usage: tpu_pod.sh setup|train NAME ZONE [flags...]}
 name=${2:?TPU name}
 zone=${3:?zone}

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from ml_collections import ConfigDict
 
 from distillm_jax import config as cfglib
 from distillm_jax import models, trainer
+from distillm_jax import run as run_module
 from distillm_jax.data import tokenizers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,8 +224,48 @@ def _file_in_the_way(path: Path) -> dict:
     return {"run_dir": str(path / "a_file" / "run")}
 
 
+def _gpt2(width: int, positions: int = 128) -> ConfigDict:
+    from configs.demo import gpt2
+
+    spec = gpt2(width, 1, 2)
+    spec.n_positions = positions
+    return spec
+
+
 # case: (what is set up in the tmp folder -> config changes, the line the pipeline / the trainer says)
 BEFORE_LOADING = {
+    "teacher and student of different kinds": (
+        lambda t: {"teacher__config": _gpt2(32)},
+        r"the teacher \(a new gpt2\) is decoder-only and the student \(a new t5\) is encoder-decoder",
+        r"the teacher \(a new gpt2\) is decoder-only and the student \(a new t5\) is encoder-decoder",
+    ),
+    "an unreachable student hub id": (  # the pipeline would SFT the teacher first, the student next
+        lambda t: {"student__path": "nobody-here/no-such-model@v1"},
+        r"student: nobody-here/no-such-model@v1 is neither a local checkpoint directory nor a downloadable "
+        r"hub id at revision v1",
+        r"student: nobody-here/no-such-model@v1 is neither",
+    ),
+    "data.max_length beyond the student's learned positions": (
+        lambda t: {"teacher__config": _gpt2(32), "student__config": _gpt2(16, positions=64)},
+        r"data.max_length \(112\) is beyond the student \(a new gpt2\)'s 64 learned positions; set "
+        r"data.max_length <= 64",
+        r"data.max_length \(112\) is beyond the student",
+    ),
+    "a NaN learning rate": (
+        lambda t: {"optim__lr": float("nan")},
+        r"optim.lr must be a finite number, got nan",
+        r"optim.lr must be a finite number, got nan",
+    ),
+    "an infinite threshold of the scheduler": (
+        lambda t: {"offpolicy__loss_eps": float("inf")},
+        r"offpolicy.loss_eps must be a finite number, got inf",
+        r"offpolicy.loss_eps must be a finite number, got inf",
+    ),
+    "no sampling seeds": (
+        lambda t: {"eval__seeds": ()},
+        r"eval.seeds is empty",
+        r"eval.seeds is empty",
+    ),
     "checkpoints deleted, metrics left": (
         lambda t: _leftover(t / "run", "metrics.jsonl"),
         r"run already holds a run \(metrics.jsonl\); pass --config.resume=True",
@@ -329,6 +371,7 @@ def test_mistakes_found_before_any_model_loads(tmp_path, monkeypatch, case, entr
         raise AssertionError("a model was loaded before the mistake was found")
 
     monkeypatch.setattr(trainer, "build_model", no_loading)
+    monkeypatch.setattr(run_module, "build_model", no_loading)  # what Run calls
     c = trainer.override(tiny(tmp_path), **changes)
     with pytest.raises(cfglib.ConfigError, match=says):
         pipeline.run(c) if entry == "pipeline" else trainer.train(c)
@@ -369,3 +412,101 @@ def test_resuming_with_another_student_shape_is_one_line(tmp_path):
     says = r"checkpoint .*/2 does not match this config's student \("
     with pytest.raises(models.CheckpointError, match=says):
         trainer.train(wider)
+
+
+@pytest.mark.parametrize(
+    "script", ["train.py", "evaluate.py", "export.py", "plan.py", "tpu_pod.sh", "slurm.sh"]
+)
+def test_help_on_every_launch_script(script):
+    """-h / --help shows the script's use, its flags and where the config keys are documented."""
+    path = str(ROOT / "launch" / script)
+    cmd = ["bash", path] if script.endswith(".sh") else [sys.executable, path]
+    for flag in ("--help", "-h"):
+        proc = subprocess.run([*cmd, flag], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr[-2000:]
+        assert len(proc.stdout.splitlines()) > 3
+        if not script.endswith(".sh"):
+            assert "--config FILE" in proc.stdout and "distillm_jax/defaults.py" in proc.stdout
+
+
+def test_a_hyphenated_key_is_one_line():
+    one_line_error(
+        cli("--config.optim.batch-size=8"),
+        r"config key optim.batch-size: keys are spelled with underscores "
+        r"\(--config.optim.batch_size\)",
+    )
+
+
+def test_ctrl_c_and_sigterm_before_the_first_step_stop_at_once_with_one_line(tmp_path):
+    """While jax starts, the config loads or the first programs compile, a signal stops at once: its own
+    exit code and one line (a KeyboardInterrupt raised into that start-up used to end in a segmentation
+    fault, exit 139, in 3 of 5 tries)."""
+    import signal
+    import time
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", "configs/demo.py:tiny"]
+    for k, (sig, after, code) in enumerate(
+        [
+            (signal.SIGINT, 0.3, 130),
+            (signal.SIGINT, 1.0, 130),
+            (signal.SIGINT, 2.5, 130),
+            (signal.SIGTERM, 2.0, 75),
+        ]
+    ):
+        run = [*cmd, f"--config.run_dir={tmp_path / f'run{k}'}"]
+        proc = subprocess.Popen(
+            run, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        time.sleep(after)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+        if "stopped by SIG" in out and " at step " in out:  # a fast machine reached training: saved, 75
+            assert proc.returncode == 75, err[-2000:]
+            continue
+        lines = [x for x in err.splitlines() if x.strip()]
+        assert proc.returncode == code, (after, proc.returncode, err[-2000:])
+        assert lines == [
+            f"error: stopped by {sig.name} at once (no training step was running); what was saved is kept; "
+            "the same command continues"
+        ], err[-2000:]
+
+
+def _mountable() -> bool:
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m none /mnt"], capture_output=True
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not shutil.which("unshare") or not _mountable(), reason="needs a private tmpfs mount (unshare)"
+)
+def test_a_full_disk_is_one_line_leaves_no_half_written_files_and_the_command_continues(tmp_path):
+    """The run folder on a 3 MiB tmpfs of its own: the tiny pipeline fills it (an orbax checkpoint write
+    fails in a writer thread), exits 74 with one line and no traceback, leaves no ``*.tmp`` export or
+    half-written checkpoint; with room made, the same command continues and finishes."""
+    disk, logs = tmp_path / "disk", tmp_path / "logs"
+    disk.mkdir()
+    logs.mkdir()
+    train = ROOT / "launch" / "train.py"
+    run = f"{sys.executable} {train} --config configs/demo.py:tiny --config.run_dir={disk}/run"
+    script = (
+        f"mount -t tmpfs -o size=3m none {disk} && cd {ROOT} && "
+        f"{{ {run} > {logs}/1.out 2> {logs}/1.err; echo $? > {logs}/1.rc; }} && "
+        f"find {disk} -name '*tmp*' > {logs}/left && "
+        f"mount -o remount,size=64m {disk} && "
+        f"{{ {run} > {logs}/2.out 2> {logs}/2.err; echo $? > {logs}/2.rc; }}"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    subprocess.run(["unshare", "-rm", "sh", "-c", script], env=env, timeout=900, check=True)
+    err = (logs / "1.err").read_text()
+    assert (logs / "1.rc").read_text().strip() == "74", err[-3000:]
+    said = [x for x in err.splitlines() if "error" in x.lower() or "Traceback" in x or "Error" in x]
+    assert len(said) == 1 and said[0].startswith("error: no space left on the device"), err[-3000:]
+    assert "free space or choose a run_dir elsewhere, then run the same command" in said[0]
+    assert (logs / "left").read_text().strip() == ""  # no final.tmp, no *.orbax-checkpoint-tmp
+    assert (logs / "2.rc").read_text().strip() == "0", (logs / "2.err").read_text()[-3000:]
+    out = (logs / "2.out").read_text()
+    assert "resumed" in out and "note: one training run per method" in out  # continued to the end

@@ -81,6 +81,7 @@ def test_another_config_in_the_same_run_folder_is_refused(tmp_path):
     c = load("demo", "tiny")
     c.run_dir, c.resume = str(tmp_path / "run"), False
     pipeline._check_same_run(c)
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")  # it has begun
     pipeline._check_same_run(c)  # the same command again: continues
     pipeline._check_same_run(trainer.override(c, distributed__process_id=1))  # another host of the run
     other = trainer.override(c, optim__lr=0.5)
@@ -149,3 +150,91 @@ def test_tables_say_how_each_student_was_fed():
         "/",
         "0",
     ]
+
+
+def _finish(folder: Path, steps: int = 4) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps({"steps": steps}))
+
+
+def test_resume_with_another_config_never_redoes_a_finished_stage(tmp_path):
+    """Another method with resume=True on a finished run would skip every stage as "done before", print
+    the old table and record the new config; it is refused, and the record stays the original's."""
+    c = load("demo", "tiny")
+    c.run_dir, c.resume = str(tmp_path / "run"), False
+    pipeline._check_same_run(c)
+    record = (tmp_path / "run" / "run_config.json").read_text()
+    for stage in ("teacher", "student_sft", "."):
+        _finish(tmp_path / "run" / stage)
+    other = trainer.override(c, method="kd", resume=True)
+    with pytest.raises(
+        cfglib.ConfigError,
+        match=r"holds a run of another config \(method: 'distillm' -> 'kd'\) "
+        r"whose stage distill has finished; a finished stage is not redone",
+    ):
+        pipeline._check_same_run(other)
+    assert (tmp_path / "run" / "run_config.json").read_text() == record
+    pipeline._check_same_run(c)  # the original command still continues
+    # a stopped distillation: resume=True continues it with a new loss weight; the finished SFT stages
+    # read no loss settings, so they stand
+    (tmp_path / "run" / "summary.json").unlink()
+    pipeline._check_same_run(trainer.override(c, resume=True, loss__alpha=0.2))
+    # but a new rate would change the SFT'd init, which has finished
+    with pytest.raises(cfglib.ConfigError, match=r"whose stage teacher has finished"):
+        pipeline._check_same_run(trainer.override(c, resume=True, optim__lr=0.5, loss__alpha=0.2))
+
+
+def test_a_tested_run_is_not_tested_again_under_other_arms(tmp_path):
+    c = load("demo", "tiny")
+    c.run_dir, c.resume, c.compare = str(tmp_path / "run"), False, ()
+    pipeline._check_same_run(c)
+    for stage in ("teacher", "student_sft", "."):
+        _finish(tmp_path / "run" / stage)
+    (tmp_path / "run" / "test.json").write_text("{}")
+    with pytest.raises(cfglib.ConfigError, match=r"whose stage (sft|test) has finished"):
+        pipeline._check_same_run(trainer.override(c, resume=True, compare=("sft",), eval__seeds=(1, 2)))
+    with pytest.raises(cfglib.ConfigError, match=r"whose stage test has finished"):
+        pipeline._check_same_run(trainer.override(c, resume=True, eval__seeds=(1, 2)))
+
+
+def test_a_first_start_that_fails_leaves_nothing_and_the_fixed_command_runs(tmp_path):
+    """A broken data line found while the first stage reads its rows: one line; no run_config.json, no
+    stage folder; the corrected command is not refused as another config."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [json.dumps({"dialogue": f"a {i}", "summary": f"b {i}"}) for i in range(16)]
+    (data / "train.jsonl").write_text("\n".join([*rows[:8], '{"dialogue": "broken', *rows[8:]]) + "\n")
+    (data / "validation.jsonl").write_text("\n".join(rows) + "\n")
+    c = load("demo", "tiny")
+    c.run_dir, c.resume = str(tmp_path / "run"), False
+    c.data.task, c.data.source, c.tokenizer = "samsum", str(data), "bytes"
+    c.data.test_split = ""
+    c.teacher.config.vocab_size = c.student.config.vocab_size = 259
+    with pytest.raises(cfglib.ConfigError, match=r"train.jsonl"):
+        pipeline.run(c)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*"))
+    # a stage folder left by a start killed before any stage wrote is no run either
+    (tmp_path / "run" / "teacher").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "run" / "run_config.json").write_text(json.dumps({"method": "sft"}))
+    pipeline._check_same_run(c)
+
+
+def test_a_tuned_teacher_and_a_run_without_teacher_have_no_teacher_stage(capsys):
+    """``teacher.tuned=True`` alone says the checkpoint is fine-tuned: no SFT of it, even where the
+    paper config asks for one; an ``sft`` run reads no teacher, so none is trained for it."""
+    c = load("t5_samsum")
+    assert next(s.name for s in pipeline.stages(c)) == "teacher"
+    tuned = trainer.override(c, teacher__tuned=True)
+    assert [s.name for s in pipeline.stages(tuned)] == ["student_sft", "distill"]
+    assert pipeline.stages(tuned)[-1].config.teacher.path == c.teacher.path  # used as it is
+    pipeline._note_skipped(tuned)
+    assert (
+        "teacher.tuned=True: google-t5/t5-3b is used as it is; its SFT stage (teacher.train_epochs=10)"
+        in (capsys.readouterr().out)
+    )
+    alone = trainer.override(c, method="sft")
+    assert [s.name for s in pipeline.stages(alone)] == ["student_sft", "distill"]
+    pipeline._note_skipped(alone)
+    assert "no method of this run reads the teacher: its SFT stage" in capsys.readouterr().out
+    with_kd = trainer.override(alone, compare=("kd",))  # a compared method that reads it: trained
+    assert next(s.name for s in pipeline.stages(with_kd)) == "teacher"

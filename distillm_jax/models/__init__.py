@@ -34,8 +34,10 @@ __all__ = [
     "CheckpointError",
     "abstract_params",
     "create",
+    "encoder_decoder",
     "from_pretrained",
     "load_hf_config",
+    "position_limit",
     "save_pretrained",
 ]
 
@@ -69,6 +71,18 @@ def load_hf_config(directory: str):
         raise CheckpointError(f"corrupt {path}: {e}") from None
     _family(model_type, path)
     return AutoConfig.from_pretrained(directory)
+
+
+def encoder_decoder(hf_config) -> bool:
+    """An encoder-decoder family (T5, mT5) rather than a decoder-only one."""
+    return _family(hf_config.model_type, "the config") is t5
+
+
+def position_limit(hf_config) -> int | None:
+    """The length of a learned position table (GPT-2, OPT): a longer sequence has no position to take;
+    ``None`` for relative or rotary positions."""
+    cfg = _family(hf_config.model_type, "the config").Config.from_hf(hf_config)
+    return getattr(cfg, "positions", None)
 
 
 def _builder(hf_config, param_dtype, dtype, seed: int = 0, dropout: float | None = None):

@@ -43,30 +43,39 @@ def _weight_patterns(repo: str, revision: str | None) -> list[str]:
     return TORCH_BIN
 
 
-def download(hub_id: str) -> str:
-    """The local snapshot directory of a hub model (downloaded on first use, then from the cache)."""
+def download(hub_id: str, *, weights: bool = True) -> str:
+    """The local snapshot directory of a hub model (downloaded on first use, then from the cache);
+    ``weights=False``: its configs and tokenizer only (what the checks before loading read). One try:
+    an unreachable hub is one line at once, not transformers' half a minute of retries."""
     from huggingface_hub import snapshot_download
 
     repo, revision = split_revision(hub_id)
+    patterns = SMALL_FILES + (_weight_patterns(repo, revision) if weights else [])
     try:
-        return snapshot_download(
-            repo, revision=revision, allow_patterns=SMALL_FILES + _weight_patterns(repo, revision)
-        )
+        return snapshot_download(repo, revision=revision, allow_patterns=patterns)
     except Exception as e:  # offline, a typo in a local path, a private repo: say which, in one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         where = f" at revision {revision}" if revision else ""
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        todo = (
+            "the hub cache has no copy of it (HF_HUB_OFFLINE is set): download it where there is a network, "
+            "or set the path to a local copy"
+            if offline
+            else "without a network, set the path to a local copy of it (or HF_HUB_OFFLINE=1 to read the hub "
+            "cache)"
+        )
         raise CheckpointError(
             f"{hub_id} is neither a local checkpoint directory nor a downloadable hub id{where} "
-            f"({type(e).__name__}: {first}); without a network, set the path to a local copy of it (or "
-            "HF_HUB_OFFLINE=1 to read the hub cache)"
+            f"({type(e).__name__}: {first[:160]}); {todo}"
         ) from None
 
 
-def local_dir(path_or_hub_id: str) -> str:
-    """A checkpoint directory for a local path or a hub id (``org/name[@revision]``)."""
+def local_dir(path_or_hub_id: str, *, weights: bool = True) -> str:
+    """A checkpoint directory for a local path or a hub id (``org/name[@revision]``; ``weights=False``:
+    its configs and tokenizer files only)."""
     path = os.path.expanduser(path_or_hub_id)
     if os.path.isdir(path):
         return path
     if is_local(path_or_hub_id):
         raise CheckpointError(f"{path_or_hub_id} is not a checkpoint directory")
-    return download(path_or_hub_id)
+    return download(path_or_hub_id, weights=weights)
