@@ -401,12 +401,17 @@ def test_ctrl_c_and_sigterm_save_stop_with_their_own_code_and_the_command_contin
 
 
 @pytest.mark.slow
-def test_resuming_with_another_student_shape_is_one_line(tmp_path):
+def test_resuming_with_another_student_shape_and_exporting_over_best_are_one_line(tmp_path):
     c = trainer.override(
         tiny(tmp_path), method="sft", compare=(), data__test_split="", optim__steps=2, eval__generate=False
     )
     c.teacher.train_steps = c.student.train_steps = 0
     trainer.train(c)
+    best = Path(c.run_dir) / "best"
+    before = {p: p.read_bytes() for p in best.rglob("*") if p.is_file()}
+    with pytest.raises(cfglib.ConfigError, match=r"best already exists; an export never writes over a folder"):
+        trainer.export_checkpoint(c, None, str(best))  # launch/export.py --out runs/x/best
+    assert {p: p.read_bytes() for p in best.rglob("*") if p.is_file()} == before
     wider = trainer.override(c, resume=True, optim__steps=3)
     wider.student.config.d_model, wider.student.config.d_ff = 24, 48
     says = r"checkpoint .*/2 does not match this config's student \("

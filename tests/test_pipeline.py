@@ -238,3 +238,16 @@ def test_a_tuned_teacher_and_a_run_without_teacher_have_no_teacher_stage(capsys)
     assert "no method of this run reads the teacher: its SFT stage" in capsys.readouterr().out
     with_kd = trainer.override(alone, compare=("kd",))  # a compared method that reads it: trained
     assert next(s.name for s in pipeline.stages(with_kd)) == "teacher"
+
+
+def test_the_export_examples_name_a_checkpoint_the_demo_keeps():
+    """The README's and export.py's example step is one the demo keeps (``checkpoint.keep`` of its saves)."""
+    import re
+
+    c = load("demo")
+    every = c.checkpoint.interval or c.eval.interval
+    saves = sorted({*range(every, c.optim.steps + 1, every), c.optim.steps})
+    kept = saves[-c.checkpoint.keep :]
+    for doc in (ROOT / "README.md", ROOT / "launch" / "export.py"):
+        steps = re.findall(r"launch/export.py --config configs/demo.py --step (\d+)", doc.read_text())
+        assert steps and all(int(s) in kept for s in steps), (doc, steps, kept)
