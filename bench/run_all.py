@@ -300,6 +300,8 @@ def _command(bench: Bench, result: dict) -> str:
     for key, value in args.items():
         if key in ("json", "plot", "out", "table_from", "render") or value in (None, False, [], ""):
             continue
+        if isinstance(value, dict):  # derived from another argument (evidence's rates, from --rates-from)
+            continue
         flag = "--" + key.replace("_", "-")
         if value is True:
             parts.append(flag)

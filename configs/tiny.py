@@ -101,6 +101,7 @@ def apply(c: ConfigDict, name: str, teacher: ConfigDict, student: ConfigDict) ->
         c[role].path = ""
         c[role].config = hf
         c[role].train_steps, c[role].train_epochs, c[role].train_lr = 2, 0, 0.0
+        c[role].tuned = False  # a tiny random model (or a stand-in's, by hub id): tuned by its SFT stage
     c.student.seed = 1
     c.data.source = str(SAMPLES / c.data.task)  # train.jsonl / validation.jsonl in the task's columns
     c.data.train_split, c.data.valid_split, c.data.test_split = "train", "validation", "test"

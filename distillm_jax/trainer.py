@@ -121,7 +121,7 @@ def _train(config: ConfigDict, stage: str) -> dict:
         source.save(state)
         ckpt.save(done, student.params, student.opt_state, state.to_json())
 
-    start = time.time()
+    start, failed = time.time(), False
     try:
         with StopRequest(reporter.write) as stop:
             if state.initial is None:
@@ -159,11 +159,10 @@ def _train(config: ConfigDict, stage: str) -> dict:
                         print(f"stopped by {stop.why()} at step {done}; saved; the same command continues it")
                     return {"stopped_at": done}
     except BaseException:
-        ckpt.close(failed=True)
+        failed = True
         raise
-    else:
-        ckpt.close()
-    finally:
+    finally:  # (also after the stop's return): checkpoint writes in flight complete, or are removed
+        ckpt.close(failed=failed)
         reporter.close()
         source.close()
     export_model(student.model(), run.tokenizer, os.path.join(s.run_dir, "final"), peft=s.peft)

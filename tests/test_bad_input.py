@@ -409,7 +409,7 @@ def test_resuming_with_another_student_shape_and_exporting_over_best_are_one_lin
     trainer.train(c)
     best = Path(c.run_dir) / "best"
     before = {p: p.read_bytes() for p in best.rglob("*") if p.is_file()}
-    with pytest.raises(cfglib.ConfigError, match=r"best already exists; an export never writes over a folder"):
+    with pytest.raises(cfglib.ConfigError, match=r"best already exists; an export never writes over"):
         trainer.export_checkpoint(c, None, str(best))  # launch/export.py --out runs/x/best
     assert {p: p.read_bytes() for p in best.rglob("*") if p.is_file()} == before
     wider = trainer.override(c, resume=True, optim__steps=3)
