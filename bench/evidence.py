@@ -212,12 +212,14 @@ def tables(result: dict, markdown: bool = False) -> str:
     """The paired table, the rate search, the pairs' intervals and the diagnosis (``markdown``: as
     markdown tables, for BENCHMARKS.md)."""
     rows, head = result["rows"], HEAD
+    caveat = [f"note: {result['note']}"] if result.get("note") else []
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     final = {a: {r["seed"]: r for r in rows if r["arm"] == a and r["lr"] == result["lr"][a]} for a in arms}
     seeds = sorted(set.intersection(*(set(v) for v in final.values())))
     out = [
+        *caveat,
         f"training seeds {seeds}; test ROUGE-L of best/, each the mean over "
-        f"{len(result['eval_seeds'])} sampling seeds"
+        f"{len(result['eval_seeds'])} sampling seeds",
     ]
     t = [
         (

@@ -88,7 +88,7 @@ class Checkpoints:
         )
         self._check_shapes(step, abstract)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore())
-        _hush_abandoned_reads()  # before: a failing read's leftovers may print while restore still runs
+        hush_abandoned_io()  # before: a failing read's leftovers may print while restore still runs
         try:
             out = self.manager.restore(step, args=args)
         except Exception as e:
@@ -225,11 +225,12 @@ def _agreed(why: str | None) -> str | None:
 _hushed = False
 
 
-def _hush_abandoned_reads() -> None:
-    """When one array fails to read, orbax abandons the reads still in flight; as they end, in tensorstore's
-    threads or when collected, each prints a traceback through ``sys.unraisablehook`` ("Event loop is
-    closed", or the exception that orbax's read coroutine ignored): pages of noise around one warning
-    line. Drop those two, pass on any other (installed once, for the process)."""
+def hush_abandoned_io() -> None:
+    """When one array fails to read (or write: a full disk), orbax abandons the transfers still in flight;
+    as they end, in tensorstore's threads or when collected, each prints a traceback through
+    ``sys.unraisablehook`` ("Event loop is closed", or the exception that orbax's read coroutine
+    ignored): pages of noise around the one line that reports the failure. Drop those two, pass on any
+    other (installed once, for the process)."""
     global _hushed
     if _hushed:
         return

@@ -162,9 +162,11 @@ def _train(config: ConfigDict, stage: str) -> dict:
         failed = True
         raise
     finally:  # (also after the stop's return): checkpoint writes in flight complete, or are removed
-        ckpt.close(failed=failed)
-        reporter.close()
-        source.close()
+        try:
+            ckpt.close(failed=failed)  # raises a write's failure (a full disk) ...
+        finally:  # ... after which the progress bar still ends its line and the SGO feeder stops
+            reporter.close()
+            source.close()
     export_model(student.model(), run.tokenizer, os.path.join(s.run_dir, "final"), peft=s.peft)
     return _summary(run, schedule, state, source, time.time() - start)
 

@@ -122,6 +122,9 @@ def _quiet_when_full() -> None:
 
     threading.excepthook = hook
     logging.getLogger("absl").addFilter(Drop())
+    from distillm_jax.checkpointing import hush_abandoned_io
+
+    hush_abandoned_io()
 
 
 def _stop_at_once(sig: int, frame) -> None:

@@ -507,11 +507,13 @@ def test_a_full_disk_is_one_line_leaves_no_half_written_files_and_the_command_co
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     subprocess.run(["unshare", "-rm", "sh", "-c", script], env=env, timeout=900, check=True)
     err = (logs / "1.err").read_text()
-    assert (logs / "1.rc").read_text().strip() == "74", err[-3000:]
     said = [x for x in err.splitlines() if "error" in x.lower() or "Traceback" in x or "Error" in x]
-    assert len(said) == 1 and said[0].startswith("error: no space left on the device"), err[-3000:]
+    rc = (logs / "1.rc").read_text().strip()
+    assert rc == "74" and len(said) == 1, (rc, said[:5], (logs / "1.out").read_text()[-1500:])
+    assert said[0].startswith("error: no space left on the device"), said
     assert "free space or choose a run_dir elsewhere, then run the same command" in said[0]
     assert (logs / "left").read_text().strip() == ""  # no final.tmp, no *.orbax-checkpoint-tmp
     assert (logs / "2.rc").read_text().strip() == "0", (logs / "2.err").read_text()[-3000:]
     out = (logs / "2.out").read_text()
-    assert "resumed" in out and "note: one training run per method" in out  # continued to the end
+    # what was complete is kept (a stage "done before", or one "resumed" from its checkpoint); it ends
+    assert ("done before" in out or "resumed" in out) and "note: one training run per method" in out
