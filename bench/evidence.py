@@ -80,8 +80,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.width is not None and (args.width < 32 or args.width % 32):
         p.error(f"--width {args.width}: give a multiple of 32 (one head per 32 dimensions)")
     if args.rates_from:
-        with open(args.rates_from) as f:
-            saved = json.load(f)["lr"]
+        try:
+            with open(args.rates_from) as f:
+                saved = json.load(f)["lr"]
+        except (OSError, ValueError, KeyError) as e:
+            p.error(
+                f"--rates-from {args.rates_from}: not a saved result of this script ({type(e).__name__}: {e})"
+            )
         missing = [a for a in args.arms if a not in saved]
         if missing:
             p.error(f"{args.rates_from} has no rate for {', '.join(missing)}: leave them out of --arms")

@@ -169,9 +169,9 @@ def _check_same_run(c: ConfigDict) -> bool:
     path = os.path.join(c.run_dir, RUN_CONFIG)
     mine = _plain(c.to_dict(), OWN)
     preflight.writable(c.run_dir)
-    recorded = os.path.exists(path) and bool(_found(c))
+    found = _found(c)
+    recorded = os.path.exists(path) and bool(found)
     if not recorded:  # not started by this pipeline (or not at all)
-        found = _found(c)
         preflight.reuse(c, found, bool(found), "holds no run to continue")
     else:
         with open(path) as f:
@@ -287,13 +287,13 @@ def _note_skipped(c: ConfigDict) -> None:
         return
     for role in ROLES:
         spec = c[role]
+        if not (spec.train_steps or spec.train_epochs):
+            continue
         asked = (
             f"{role}.train_steps={spec.train_steps}"
             if spec.train_steps
             else f"{role}.train_epochs={spec.train_epochs}"
         )
-        if not (spec.train_steps or spec.train_epochs):
-            continue
         if role == "teacher" and not uses_teacher(c):
             print(f"note: no method of this run reads the teacher: its SFT stage ({asked}) is skipped")
         elif spec.tuned and spec.path:

@@ -86,6 +86,7 @@ def test_width_and_saved_rates(tmp_path):
     assert args.rates == {"sft": 0.003, "distillm": 0.001}
     student = evidence.base_config(args).student.config
     assert (student.d_model, student.num_heads, student.d_kv, student.d_ff) == (64, 2, 32, 256)
-    for bad in (["--width", "48"], ["--rates-from", str(saved), "--arms", "distillm", "gkd"]):
+    wrong = [["--width", "48"], ["--rates-from", str(saved), "--arms", "distillm", "gkd"]]
+    for bad in [*wrong, ["--rates-from", str(tmp_path / "none.json")]]:
         with pytest.raises(SystemExit):
             evidence.parse_args(bad)
