@@ -121,7 +121,8 @@ def _quiet_when_full() -> None:
             )
 
     threading.excepthook = hook
-    logging.getLogger("absl").addFilter(Drop())
+    for name in ("absl", "asyncio"):  # asyncio: "Task exception was never retrieved" at exit
+        logging.getLogger(name).addFilter(Drop())
     from distillm_jax.checkpointing import hush_abandoned_io
 
     hush_abandoned_io()
