@@ -12,17 +12,14 @@ from pathlib import Path
 from ml_collections import ConfigDict
 
 from distillm_jax import defaults as default_values
-from distillm_jax import losses, methods, offpolicy
+from distillm_jax import losses, methods
 from distillm_jax.data import sources, tasks
+from distillm_jax.errors import ConfigError
 from distillm_jax.models import hub
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 DTYPES = ("float32", "bfloat16")
 STARTS = ("init", "pretrained")  # student.start
-
-
-class ConfigError(ValueError):
-    """A config value that cannot run; the message says which key and what to do."""
 
 
 def load_file(path: str, arg: str | None = None) -> ConfigDict:
@@ -36,6 +33,7 @@ def load_file(path: str, arg: str | None = None) -> ConfigDict:
 
 
 def defaults() -> ConfigDict:
+    """Every key a run accepts: ``defaults.py``'s and the registered methods' own."""
     return default_values.get_config()
 
 
@@ -154,6 +152,10 @@ def check(config: ConfigDict) -> None:
         )
     _check_offpolicy(config)
     _check_methods(config)
+    for method in methods.REGISTRY.values():  # each method's own keys, whichever runs
+        method.check(config)
+    for name in compared(config):
+        methods.get(name).check_run(config)
     d = config.distributed
     if d.coordinator and (":" not in d.coordinator or not 0 <= d.process_id < d.num_processes):
         raise ConfigError(
@@ -189,16 +191,8 @@ def _check_one_file(d: ConfigDict) -> None:
 
 
 def _check_offpolicy(config: ConfigDict) -> None:
+    """The SGO sampler's settings, shared by every method that samples the student while it trains."""
     o, d = config.offpolicy, config.data
-    if o.replay_ratio not in offpolicy.REPLAY_RATIOS:
-        ratios = ", ".join(offpolicy.REPLAY_RATIOS)
-        raise ConfigError(f"offpolicy.replay_ratio must be one of {ratios}, got {o.replay_ratio!r}")
-    if o.loss_eps < 0:
-        raise ConfigError(f"offpolicy.loss_eps must be >= 0, got {o.loss_eps}")
-    if not 0.0 <= o.init_phi <= 1.0:
-        raise ConfigError(f"offpolicy.init_phi must be in [0, 1], got {o.init_phi}")
-    if not 0.0 <= o.gkd_lambda <= 1.0:
-        raise ConfigError(f"offpolicy.gkd_lambda must be in [0, 1], got {o.gkd_lambda}")
     if o.temperature < 0 or o.top_k < 0 or not 0 < o.top_p <= 1:
         raise ConfigError("offpolicy.temperature and top_k must be >= 0, and offpolicy.top_p in (0, 1]")
     room = d.max_length - d.max_prompt_length
@@ -217,34 +211,12 @@ def _check_offpolicy(config: ConfigDict) -> None:
 
 
 def _check_methods(config: ConfigDict) -> None:
-    """The settings of minillm, distillm2 and LoRA."""
-    m, method = config.minillm, config.method
-    if not 0.0 <= m.mix_alpha <= 1.0 or m.ppo_epochs < 1 or not 0.0 < m.clip < 1.0:
-        raise ConfigError(
-            "minillm: need mix_alpha in [0, 1], ppo_epochs >= 1 and clip in (0, 1), got "
-            f"{m.mix_alpha}, {m.ppo_epochs}, {m.clip}"
-        )
-    if not 0.0 < m.gamma <= 1.0 or m.reward_scale <= 0 or m.reward_clip <= 0:
-        raise ConfigError(
-            "minillm: need gamma in (0, 1], reward_scale > 0 and reward_clip > 0, got "
-            f"{m.gamma}, {m.reward_scale}, {m.reward_clip}"
-        )
-    entry = methods.get(method)
-    if entry.rows == "rollouts" and (m.rollouts < 1 or m.rollouts % config.optim.batch_size):
-        raise ConfigError(
-            f"minillm.rollouts ({m.rollouts}) must be a positive multiple of optim.batch_size "
-            f"({config.optim.batch_size}): each round trains whole mini-batches"
-        )
+    """What the method's flags ask of the loss keys, and LoRA."""
+    method, entry = config.method, methods.get(config.method)
     if not 0.0 <= config.loss.lm_kd_ratio <= 1.0:
         raise ConfigError(f"loss.lm_kd_ratio must be in [0, 1], got {config.loss.lm_kd_ratio}")
     if not entry.teacher and config.loss.lm_coef > 0 and config.loss.lm_kd_ratio > 0:
         raise ConfigError(f"loss.lm_kd_ratio > 0 needs a teacher; method {method} has none (set it to 0)")
-    if not 0.0 <= config.distillm2.beta <= 2.0:
-        raise ConfigError(f"distillm2.beta must be in [0, 2], got {config.distillm2.beta}")
-    for group in ("seqkd", "distillm2"):
-        g = config[group]
-        if g.temperature < 0 or not 0 < g.top_p <= 1 or g.get("top_k", 0) < 0:
-            raise ConfigError(f"{group}: need temperature >= 0, top_p in (0, 1] and top_k >= 0")
     if not entry.chunked and config.loss.chunk_size > 0:
         raise ConfigError(f"method {method} has no chunked loss; set loss.chunk_size=0")
     for role in ("teacher", "student"):

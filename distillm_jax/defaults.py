@@ -127,39 +127,18 @@ def get_config() -> ConfigDict:
     # generations of the validation rows (> 1: less noise in best/ and the curves; also logs <metric>_std)
     c.eval.seeds = (10,)  # the test stage and launch/evaluate.py: the paper's (10, 20, 30, 40, 50)
 
-    c.offpolicy = ConfigDict()  # student-generated outputs: methods distillm, imitkd, gkd, onpolicy
-    c.offpolicy.init_phi = 0.0  # distillm: φ at the start (the official code's --init-threshold)
-    c.offpolicy.loss_eps = 0.1  # distillm: φ += 0.1 when validation CE rises this much over prev_loss
-    c.offpolicy.replay_ratio = (
-        "decreasing"  # distillm: fresh vs replayed share: decreasing|constant|increasing
-    )
+    # Student-generated outputs, shared by the methods that sample the student while it trains
+    # (distillm, imitkd, gkd, gkd_onpolicy, onpolicy) and MiniLLM's rollouts. Each method adds its own
+    # keys (DistiLLM's init_phi / loss_eps / replay_ratio, GKD's gkd_lambda) and groups (minillm,
+    # distillm2, seqkd) from its file in distillm_jax/methods/.
+    c.offpolicy = ConfigDict()
     c.offpolicy.capacity = 4000  # replay buffer rows in all, over the data shards (the paper: 1000 a GPU x 4)
-    c.offpolicy.gkd_lambda = 0.5  # gkd: probability of a step on fresh SGOs
     c.offpolicy.temperature = 1.0  # the student's sampling for SGOs (the paper: 1.0, no top-k / top-p)
     c.offpolicy.top_k = 0
     c.offpolicy.top_p = 1.0
     c.offpolicy.max_new_tokens = 0  # 0 = max_length - max_prompt_length
     c.offpolicy.overlap = False  # generate SGOs ahead, on params up to max_staleness updates old
     c.offpolicy.max_staleness = 2
-
-    c.minillm = ConfigDict()  # method minillm, as LMOps runs it (docs/method.md); sampling: offpolicy.*
-    c.minillm.mix_alpha = 0.2  # rollouts sampled from mix_alpha·teacher + (1 − mix_alpha)·student
-    c.minillm.rollouts = 256  # prompts sampled per round (a multiple of optim.batch_size)
-    c.minillm.ppo_epochs = 4  # passes over a round's rollouts, in shuffled mini-batches
-    c.minillm.clip = 0.2  # PPO clipping of the importance-weighted ratio
-    c.minillm.gamma = 0.95  # discount of future rewards
-    c.minillm.reward_scale = 0.5  # rewards log p − log q divided by it,
-    c.minillm.reward_clip = 100.0  # then clipped to ± this
-
-    c.distillm2 = ConfigDict()  # method distillm2: responses of the teacher and the initial student to the
-    c.distillm2.beta = 1.0  # training prompts, sampled once and cached; (2−β)·SKL + β·SRKL
-    c.distillm2.temperature = 0.8  # their sampling, as DistiLLM-2's official generation (no n-gram ban)
-    c.distillm2.top_p = 0.95
-
-    c.seqkd = ConfigDict()
-    c.seqkd.temperature = 1.0  # teacher sampling for SeqKD's responses (0 = greedy); no n-gram ban
-    c.seqkd.top_k = 0
-    c.seqkd.top_p = 1.0
 
     c.checkpoint = ConfigDict()
     c.checkpoint.interval = 0  # optimizer steps between checkpoints; 0 = at every evaluation
@@ -179,4 +158,6 @@ def get_config() -> ConfigDict:
     c.mesh.data = 1
     c.mesh.fsdp = -1
     c.mesh.tensor = 1
-    return c
+    from distillm_jax import methods  # the methods' own keys (they import this layer's neighbours)
+
+    return methods.add_defaults(c)

@@ -20,6 +20,7 @@ each token comes from ``mix_alpha * p_teacher + (1 - mix_alpha) * q_student``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -34,6 +35,22 @@ Array = jax.Array
 NEG_INF = -jnp.inf
 MIN_SEGMENT = 32  # new tokens
 MAX_SEGMENTS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How a sampler draws tokens: softmax(logits / temperature) after top-k (0: off) and top-p; a
+    temperature of 0 is greedy. A run's samplers (evaluation, SGOs, a method's cached responses) each
+    take one, read from their config group (``of``)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @classmethod
+    def of(cls, group) -> Sampling:
+        """From a config group with ``temperature``, ``top_p`` and (optionally) ``top_k``."""
+        return cls(float(group.temperature), int(group.get("top_k", 0)), float(group.top_p))
 
 
 def segment_ends(n_new: int) -> tuple[int, ...]:

@@ -150,7 +150,7 @@ def _run_stage(stage: Stage, index: int, count: int) -> dict:
 OWN = ("resume", "start_if_empty", "distributed")  # how this process was started, not what the run is
 # how a stage ran, not what it made (``compare``: which other stages there are)
 HOW = (*OWN, "mesh", "checkpoint", "log_interval", "compare", "compare_sft")
-UNREAD_BY_SFT = ("loss", "offpolicy", "minillm", "distillm2", "seqkd", "teacher")
+UNREAD_BY_SFT = ("loss", "offpolicy", "teacher")  # and every method's own group (``Method.group``)
 
 
 def _plain(config: dict, drop: tuple[str, ...]) -> dict:
@@ -227,7 +227,8 @@ def _finished_otherwise(c: ConfigDict, theirs: dict) -> str:
 def _made_of(stage: Stage) -> dict:
     """The settings a stage's result depends on (an SFT stage reads no teacher, loss or SGO settings)."""
     c = stage.config
-    made = _plain(c.to_dict(), HOW + (UNREAD_BY_SFT if c.method == "sft" else ()))
+    unread = UNREAD_BY_SFT + tuple(m.group for m in methods.REGISTRY.values() if m.group)
+    made = _plain(c.to_dict(), HOW + (unread if not methods.get(c.method).teacher else ()))
     for group, key in (("eval", "seeds"), ("data", "test_split"), ("data", "test_sets")):  # the test's
         made[group].pop(key, None)
     return made

@@ -1,5 +1,5 @@
 """What a checkpoint holds beside the device arrays (docs/architecture.md §8): the step, the data order,
-the evaluations so far, the clocks, the batch sources, the SGO feeder's and MiniLLM's host state. A
+the evaluations so far, the clocks, the batch sources' counts, and the method's batch source's own state. A
 versioned dataclass saved as JSON, so a reader sees every field in one place and a checkpoint written
 by a later, incompatible version is refused in one line instead of misread."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-VERSION = 1  # 0: the dicts written before this class (the same keys, no version)
+VERSION = 2  # 0: the dicts written before this class; 1: the source's state as "feeder" or "rollout"
 
 
 @dataclasses.dataclass
@@ -25,8 +25,7 @@ class RunState:
     gen_total_seconds: float = 0.0  # the sampler's own time (overlap mode: the rest ran behind training)
     phi_path: list = dataclasses.field(default_factory=list)  # [step, φ] at each evaluation that changed φ
     sources: dict = dataclasses.field(default_factory=lambda: {"data": 0, "sgo": 0, "replay": 0})
-    feeder: dict | None = None  # offpolicy.Feeder.state(), every host's merged
-    rollout: dict | None = None  # minillm.Rollouts.state(), every host's merged
+    source: dict | None = None  # the method's batch source's state (``sources.Source``), every host's merged
 
     def count(self, info: dict) -> None:
         """Count a trained step by its batch source and its generation seconds (a source's ``info``)."""
@@ -47,5 +46,9 @@ class RunState:
                 f"its run state is version {version} and this distillm_jax reads up to {VERSION}; "
                 "continue it with the version that wrote it"
             )
+        saved = dict(saved)
+        for old in ("feeder", "rollout"):  # before version 2: the feeder's or MiniLLM's rounds' state
+            if saved.get(old) is not None:
+                saved["source"] = saved[old]
         known = {f.name for f in dataclasses.fields(cls)} - {"version"}
         return cls(**{k: v for k, v in saved.items() if k in known})

@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from distillm_jax import distributed, generate, offpolicy
+from distillm_jax import distributed, generate
+from distillm_jax.generate import Sampling
+from distillm_jax.methods import offpolicy
 from distillm_jax.rundata import Batches
-from distillm_jax.settings import Sampling
 
 
 def sgo_batch(inputs: dict, tokens, mask, *, batches: Batches) -> tuple[dict, dict]:

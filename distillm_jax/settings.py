@@ -2,32 +2,22 @@
 
 The config file is a ``ConfigDict`` because users override it key by key; below the trainer nothing
 reads it: each piece gets the typed group it needs (``Sampling`` for a sampler, ``SGO`` for the
-feeder, ...), so a reader sees what a function depends on, and a value is converted and checked once.
+feeder, ``own`` for the method), so a reader sees what a function depends on, and a value is converted
+and checked once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 from ml_collections import ConfigDict
 
 from distillm_jax import config as cfglib
-from distillm_jax import losses, methods, minillm, step
+from distillm_jax import losses, methods, step
 from distillm_jax.data import batching
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """How a sampler draws tokens: softmax(logits / temperature) after top-k (0: off) and top-p."""
-
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    @classmethod
-    def of(cls, group: ConfigDict) -> Sampling:
-        return cls(float(group.temperature), int(group.get("top_k", 0)), float(group.top_p))
+from distillm_jax.generate import Sampling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,42 +81,28 @@ class Eval:
 
 @dataclasses.dataclass(frozen=True)
 class SGO:
-    """The student's samples while it trains (``offpolicy``) and MiniLLM's rollouts' sampling."""
+    """The student's samples while it trains (``offpolicy``, shared by every SGO method) and MiniLLM's
+    rollouts' sampling; each method's own knobs are its ``own`` settings."""
 
     sampling: Sampling
     max_new_tokens: int
     overlap: bool
     max_staleness: int
     capacity: int  # replay buffer rows over all data shards
-    loss_eps: float
-    replay_ratio: str
-    init_phi: float
-    gkd_lambda: float
 
 
 @dataclasses.dataclass(frozen=True)
-class Rollouts:
-    """MiniLLM's rounds (its loss's knobs are ``step.LossConfig.minillm``)."""
-
-    mix_alpha: float
-    rollouts: int
-    ppo_epochs: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
+class RunSettings:
     run_dir: str
     seed: int
     resume: bool
     method: methods.Method
+    own: Any  # the method's own settings (``Method.settings``)
     data: Data
     optim: Optim
     eval: Eval
     sgo: SGO
-    rollouts: Rollouts
     loss: step.LossConfig
-    seqkd: Sampling
-    distillm2: Sampling
     checkpoint_interval: int  # 0: at every evaluation
     checkpoint_keep: int
     log_interval: int
@@ -158,11 +134,8 @@ def loss_config(c: ConfigDict, vocab: int) -> step.LossConfig:
         lm_coef=float(c.loss.lm_coef),
         lm_kd_ratio=float(c.loss.lm_kd_ratio),
         chunk_size=chunk_size(c, vocab),
-        objective=method.objective,
-        distillm2_beta=float(c.distillm2.beta),
-        minillm=minillm.Settings(
-            **{f.name: float(c.minillm[f.name]) for f in dataclasses.fields(minillm.Settings)}
-        ),
+        objective=method.loss,
+        own=method.settings(c),
     )
 
 
@@ -175,27 +148,26 @@ def _fields(cls, group: ConfigDict, **given) -> dict:
     return out
 
 
-def build(c: ConfigDict, vocab: int) -> Settings:
+def build(c: ConfigDict, vocab: int) -> RunSettings:
     """The settings of a config that ``config.check`` accepted, for a student of ``vocab`` entries (its
     config.json's: ``planner.hf_config``)."""
     d, o, e = c.data, c.offpolicy, c.eval
     lengths = batching.Lengths(d.max_prompt_length, d.max_length)
-    lo = c.student.lora
-    return Settings(
+    method = methods.get(c.method)
+    loss = loss_config(c, vocab)
+    return RunSettings(
         run_dir=c.run_dir,
         seed=int(c.seed),
         resume=bool(c.resume),
-        method=methods.get(c.method),
+        method=method,
+        own=loss.own,
         data=Data(**_fields(Data, d, lengths=lengths)),
         optim=Optim(**_fields(Optim, c.optim)),
         eval=Eval(**_fields(Eval, e, sampling=Sampling.of(e))),
         sgo=SGO(**_fields(SGO, o, sampling=Sampling.of(o))),
-        rollouts=Rollouts(float(c.minillm.mix_alpha), int(c.minillm.rollouts), int(c.minillm.ppo_epochs)),
-        loss=loss_config(c, vocab),
-        seqkd=Sampling.of(c.seqkd),
-        distillm2=Sampling.of(c.distillm2),
+        loss=loss,
         checkpoint_interval=int(c.checkpoint.interval),
         checkpoint_keep=int(c.checkpoint.keep),
         log_interval=int(c.log_interval),
-        peft=bool(lo.peft),
+        peft=bool(c.student.lora.peft),
     )

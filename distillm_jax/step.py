@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from distillm_jax import lora, losses, minillm
+from distillm_jax import lora, losses
 from distillm_jax.models import dropout, layers
 
 
@@ -32,20 +33,14 @@ class LossConfig:
     lm_coef: float = 0.0  # weight of the LM loss on batch["lm"]
     lm_kd_ratio: float = 0.0  # the LM loss: (1 − lm_kd_ratio)·CE + lm_kd_ratio·FKL(teacher ‖ student)
     chunk_size: int = 0  # > 0: the chunked large-vocabulary form, this many positions per chunk
-    # What a training batch is scored by (``LOSSES``; a method's ``objective``): "distill" (CE and the
-    # divergence), "distillm2" (the contrastive loss on batch = teacher outputs and batch["sgo"] = student
-    # outputs, ``alpha`` from params) or "minillm" (policy gradient on a rollout batch carrying "old_logp"
-    # and "teacher_logp"). The eval step scores ground truth by CE and the divergence whatever it is.
-    objective: str = "distill"
-    distillm2_beta: float = 1.0  # (2 − β)·SKL + β·SRKL
-    minillm: minillm.Settings = dataclasses.field(default_factory=minillm.Settings)  # its knobs
+    # What a training batch is scored by: the method's loss (``Method.loss``), ``(student, teacher,
+    # batch, cfg) -> (loss, metrics)``; None: CE and the divergence (``ce_and_divergence``), which the
+    # eval step always scores ground truth by. ``own``: the method's own settings (``Method.settings``).
+    objective: Callable | None = None
+    own: Any = None
 
     def __post_init__(self):
         losses.validate(self.divergence, **dict(self.params))
-        if self.objective not in LOSSES:
-            raise ValueError(f"objective must be one of {', '.join(LOSSES)}, got {self.objective!r}")
-        if self.objective != "distill" and self.chunk_size:
-            raise ValueError(f"the {self.objective} objective has no chunked form; set chunk_size to 0")
         if not (0.0 <= self.kd_ratio <= 1.0 and 0.0 <= self.lm_kd_ratio <= 1.0):
             raise ValueError(
                 f"kd_ratio and lm_kd_ratio must be in [0, 1], got {self.kd_ratio}, {self.lm_kd_ratio}"
@@ -66,7 +61,7 @@ def hidden_and_head(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Arra
     return h, model.head()
 
 
-def _both_logits(student: nnx.Module, teacher: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
+def both_logits(student: nnx.Module, teacher: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
     """Student and (stop-gradient) teacher logits [B, T, V] over the vocabulary rows both have."""
     hs, ws = hidden_and_head(student, batch)
     ht, wt = jax.lax.stop_gradient(hidden_and_head(teacher, batch))
@@ -74,62 +69,25 @@ def _both_logits(student: nnx.Module, teacher: nnx.Module, batch: dict) -> tuple
     return layers.logits(hs, ws[:, :v]), layers.logits(ht, wt[:, :v])
 
 
-def _distillm2_loss(student, teacher, batch: dict, cfg: LossConfig) -> tuple[jax.Array, dict]:
-    s_tgo, t_tgo = _both_logits(student, teacher, batch)
-    s_sgo, t_sgo = _both_logits(student, teacher, batch["sgo"])
-    loss, parts = losses.distillm2(
-        s_tgo,
-        t_tgo,
-        batch["loss_mask"],
-        s_sgo,
-        t_sgo,
-        batch["sgo"]["loss_mask"],
-        alpha=dict(cfg.params).get("alpha", 0.1),
-        beta=cfg.distillm2_beta,
-    )
-    ce = losses.cross_entropy(jax.lax.stop_gradient(s_tgo), batch["labels"], batch["loss_mask"])
-    return loss, {"ce": ce, **parts}
-
-
-def _minillm_loss(student, teacher, batch: dict, cfg: LossConfig) -> tuple[jax.Array, dict]:
-    s_logits, t_logits = _both_logits(student, teacher, batch)
-    return minillm.loss(
-        s_logits,
-        t_logits,
-        batch["labels"],
-        batch["loss_mask"],
-        batch["old_logp"],
-        batch["teacher_logp"],
-        cfg.minillm,
-    )
-
-
-def label_log_probs(student: nnx.Module, teacher: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """log q and log p of every label [B, T] (0 off the loss mask): how MiniLLM scores a rollout once,
-    with the same forward pass (and vocabulary rows) its loss uses."""
-    s_logits, t_logits = _both_logits(student, teacher, batch)
-    labels, mask = batch["labels"], batch["loss_mask"]
-    return losses.label_log_probs(s_logits, labels, mask), losses.label_log_probs(t_logits, labels, mask)
-
-
 def distill_loss(
     student: nnx.Module, teacher: nnx.Module | None, batch: dict, cfg: LossConfig
 ) -> tuple[jax.Array, dict]:
     """The step's loss and its parts. With ``kd_ratio == 0`` the teacher is not run at all; with
     ``kd_ratio == 1`` CE is only reported (no gradient flows through it). The student's logits are
-    computed once for both CE and the divergence. ``cfg.objective`` picks the loss (``LOSSES``)."""
-    loss, metrics = LOSSES[cfg.objective](student, teacher, batch, cfg)
+    computed once for both CE and the divergence. ``cfg.objective`` is the method's loss, if not that."""
+    loss, metrics = (cfg.objective or ce_and_divergence)(student, teacher, batch, cfg)
     if cfg.lm_coef > 0.0:  # on pre-training text: CE, or MiniLLM's mix of CE and the teacher's FKL
         lm_cfg = dataclasses.replace(cfg, divergence="fkl", params=(), kd_ratio=cfg.lm_kd_ratio)
-        lm, _ = _distill_loss(student, teacher, batch["lm"], lm_cfg)
+        lm, _ = ce_and_divergence(student, teacher, batch["lm"], lm_cfg)
         metrics["lm"] = lm
         loss = loss + cfg.lm_coef * lm
     return loss, metrics
 
 
-def _distill_loss(
+def ce_and_divergence(
     student: nnx.Module, teacher: nnx.Module | None, batch: dict, cfg: LossConfig
 ) -> tuple[jax.Array, dict]:
+    """``(1 − kd_ratio)·CE + kd_ratio·D`` on a batch of (prompt, response) rows, plain or chunked."""
     hs, ws = hidden_and_head(student, batch)
     labels, mask = batch["labels"], batch["loss_mask"]
     ce_only_reported = cfg.kd_ratio == 1.0
@@ -164,10 +122,6 @@ def _distill_loss(
         metrics[cfg.divergence] = d
         loss = d if ce_only_reported else (1.0 - cfg.kd_ratio) * ce + cfg.kd_ratio * d
     return loss, metrics
-
-
-LOSSES = {"distill": _distill_loss, "distillm2": _distillm2_loss, "minillm": _minillm_loss}
-"""Each objective's loss ``(student, teacher, batch, cfg) -> (loss, metrics)``; a method names its own."""
 
 
 def make_optimizer(
@@ -298,7 +252,7 @@ def make_eval_step(student: nnx.Module, teacher: nnx.Module | None, cfg: LossCon
     token-level mean (sum of sums / sum of tokens)."""
     s_graph, _, frozen = split_student(student)
     t_graph = None if teacher is None else nnx.graphdef(teacher)
-    cfg = dataclasses.replace(cfg, lm_coef=0.0, objective="distill")  # ground truth, CE and the divergence
+    cfg = dataclasses.replace(cfg, lm_coef=0.0, objective=None)  # ground truth, CE and the divergence
 
     @jax.jit
     def step(params, frozen, teacher_state, batch):
@@ -309,24 +263,3 @@ def make_eval_step(student: nnx.Module, teacher: nnx.Module | None, cfg: LossCon
         return {"tokens": tokens, **{f"{k}_sum": v * tokens for k, v in metrics.items()}}
 
     return lambda params, teacher_state, batch: step(params, frozen, teacher_state, batch)
-
-
-def make_score_step(student: nnx.Module, teacher: nnx.Module) -> Callable:
-    """``score(params, teacher_state, batch) -> (log q, log p)`` of the batch's labels [B, T], sharded
-    as the labels are (so that every process reads back the rows it fed)."""
-    s_graph, _, frozen = split_student(student)
-    t_graph = nnx.graphdef(teacher)
-
-    def score(params, frozen, teacher_state, batch):
-        model = nnx.merge(s_graph, params, frozen)
-        return label_log_probs(model, nnx.merge(t_graph, teacher_state), batch)
-
-    jitted: dict = {}
-
-    def call(params, teacher_state, batch):
-        rows = getattr(batch["labels"], "sharding", None)  # None: a host batch, placed by jit
-        if rows not in jitted:
-            jitted[rows] = jax.jit(score, out_shardings=None if rows is None else (rows, rows))
-        return jitted[rows](params, frozen, teacher_state, batch)
-
-    return call

@@ -1,9 +1,9 @@
 """One training run (``train``): feed → step → log | evaluate | save, each at its interval, resumable
 from any checkpoint; ``pipeline.py`` chains the runs of the paper's pipeline around it.
 
-A method is an entry of ``methods.REGISTRY``: what scores its batches (``step.LOSSES``) and where its
-rows come from (``batch_sources``: ground truth, the SeqKD / DistiLLM-2 caches, the SGO feeder of
-``offpolicy.py``, MiniLLM's rollouts). The run's pieces are built once by ``run.Run``; the loop's own
+A method is one object of ``methods.Method``'s protocol: the loop asks it for its rows, its batch source
+(ground truth, a cache, the SGO feeder, MiniLLM's rollouts), and what follows an evaluation (DistiLLM's
+φ); its loss is inside the train step. The run's pieces are built once by ``run.Run``; the loop's own
 pieces (intervals, stop requests, log rows) live in ``loop.py``. Step counts are optimizer updates;
 with ``optim.grad_accum > 1`` each update runs that many micro-batches.
 """
@@ -19,11 +19,12 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from distillm_jax import batch_sources, methods, preflight, reporting, runlock, runstate, step
 from distillm_jax import config as cfglib
+from distillm_jax import methods, preflight, reporting, runlock, runstate, step
 from distillm_jax.checkpointing import Checkpoints
 from distillm_jax.export import export_checkpoint, export_model
 from distillm_jax.loop import Interval, Schedule, StopRequest, TrainingError, inject_fault
+from distillm_jax.methods import sources
 from distillm_jax.models import dropout
 from distillm_jax.run import Run, build_model
 from distillm_jax.validation import DRAW_SEED_STRIDE
@@ -92,20 +93,19 @@ def _train(config: ConfigDict, stage: str) -> dict:
     preflight.run_dir(config)
     run = Run(config)
     s = run.settings
-    rows = batch_sources.training_rows(run)
+    method = s.method
+    rows = method.training_rows(run)
     schedule = _schedule(run, len(rows))
     student = Student(run, schedule.total)
-    source = batch_sources.make(run, rows, schedule.total, student.model, student.teacher_state)
-    lm = batch_sources.LMText(run) if run.lm_rows is not None else None
+    source = method.source(run, rows, schedule.total, student.model, student.teacher_state)
+    lm = sources.LMText(run) if run.lm_rows is not None else None
     ckpt = Checkpoints(os.path.join(s.run_dir, "checkpoints"), keep=s.checkpoint_keep)
     state = _resume(run, ckpt, student, source, lm, schedule.total)
     reporter = reporting.Reporter(
         s.run_dir, schedule.total, state.step, desc=stage or os.path.basename(s.run_dir) or "train"
     )
     hosts_share = run.batches.num_shards / len(run.batches.shards)
-    interval = Interval(
-        s.optim.grad_accum, sgo=s.method.sgo, adaptive=s.method.adaptive, hosts_share=hosts_share
-    )
+    interval = Interval(s.optim.grad_accum, sgo=method.sgo, adaptive=method.adaptive, hosts_share=hosts_share)
     done, stopping = state.step, False  # optimizer updates done
 
     def evaluate(done: int) -> None:  # the validation losses (→ φ), the metric (→ best/)
@@ -174,9 +174,7 @@ def _train(config: ConfigDict, stage: str) -> dict:
 def _schedule(run: Run, rows: int) -> Schedule:
     """Updates in all (``optim.epochs`` over ``rows``, else ``optim.steps``) and the intervals."""
     s = run.settings
-    per_epoch = rows // s.optim.batch_size
-    if s.method.rows == "rollouts":  # an epoch of prompts: every rollout trains ppo_epochs steps' worth
-        per_epoch *= s.rollouts.ppo_epochs
+    per_epoch = s.method.updates_per_epoch(rows // s.optim.batch_size, s.own)
     eval_every = s.eval.interval or per_epoch
     return Schedule(
         total=s.optim.epochs * per_epoch if s.optim.epochs else s.optim.steps,
@@ -196,7 +194,7 @@ def _resume(run: Run, ckpt: Checkpoints, student: Student, source, lm, total: in
         _, student.params, student.opt_state, saved = latest
         try:
             state = runstate.RunState.from_json(saved)
-            source.load(state)
+            source.restore(state)
         except ValueError as e:
             ckpt.close()
             raise cfglib.ConfigError(f"cannot resume {s.run_dir}: {e}") from None
@@ -209,16 +207,9 @@ def _resume(run: Run, ckpt: Checkpoints, student: Student, source, lm, total: in
 
 
 def _after_eval(run: Run, state, source, student: Student, reporter, done: int, metrics: dict) -> None:
-    """An evaluation's consequences: φ follows the validation CE (the adaptive scheduler), the row is
+    """An evaluation's consequences: the method's (DistiLLM's φ follows the validation CE), the row is
     logged, and a better key metric exports the student to ``best/``."""
-    extra = {"train_s": state.train_seconds}
-    if run.settings.method.adaptive:
-        scheduler = source.feeder.scheduler
-        before = scheduler.phi
-        scheduler.update(metrics["val_ce"])
-        if scheduler.phi != before:
-            state.phi_path = [*state.phi_path, [done, scheduler.phi]]
-        extra["phi"] = scheduler.phi
+    extra = {"train_s": state.train_seconds, **run.settings.method.after_eval(source, metrics, state, done)}
     reporter.log(done, "eval", {**metrics, **extra})
     state.last_eval = metrics
     if done == 0:
@@ -232,8 +223,8 @@ def _after_eval(run: Run, state, source, student: Student, reporter, done: int, 
 
 
 def _summary(run: Run, schedule: Schedule, state: runstate.RunState, source, seconds: float) -> dict:
-    """The run's summary: written to ``summary.json``, printed as a table (and, for SGO methods, the
-    line that says how the student's samples were used)."""
+    """The run's summary: written to ``summary.json``, printed as a table (and the method's line: for SGO
+    methods, how the student's samples were used)."""
     s = run.settings
     summary = {
         "run_dir": s.run_dir,
@@ -250,36 +241,16 @@ def _summary(run: Run, schedule: Schedule, state: runstate.RunState, source, sec
         "gen_seconds": state.gen_seconds,
         "sources": state.sources,
     }
-    if s.method.sgo:
-        b = run.batches
-        summary["phi"] = source.feeder.scheduler.phi
-        summary["phi_path"] = state.phi_path
-        summary["buffer"] = [len(source.feeder.buffer) * b.num_shards // len(b.shards), s.sgo.capacity]
-        summary["gen_total_seconds"] = state.gen_total_seconds
+    summary.update(s.method.summary(run, source, state))
     if jax.process_index() == 0:
         with open(os.path.join(s.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         reporting.plot_curves(s.run_dir)
         print(reporting.summary_table(summary))
-        if s.method.sgo:
-            print(scheduler_line(summary))
+        line = s.method.report(summary)
+        if line:
+            print(line)
     return summary
-
-
-def scheduler_line(s: dict) -> str:
-    """One line that says whether student-generated outputs were used, and how: φ's path, steps per
-    batch source, the replay buffer's fill, and the generation time hidden behind training."""
-    src = s["sources"]
-    hidden = s["gen_total_seconds"] - s["gen_seconds"]
-    phi = ""
-    if methods.get(s["method"]).adaptive:  # the adaptive scheduler's path
-        path = " → ".join(["0"] + [f"{phi:g} at step {at}" for at, phi in s["phi_path"]])
-        phi = f"φ {path} (final {s['phi']:g}); "
-    return (
-        f"{s['method']} SGOs: {phi}steps on data {src['data']}, fresh SGOs "
-        f"{src['sgo']}, replayed {src['replay']}; buffer {s['buffer'][0]} of {s['buffer'][1]} rows; "
-        f"generation {s['gen_total_seconds']:.1f} s, {max(hidden, 0.0):.1f} s of it hidden behind training"
-    )
 
 
 def override(config: ConfigDict, **changes) -> ConfigDict:

@@ -2,7 +2,6 @@
 its own samples and resumes inside a rollout round, DistiLLM-2 trains on cached teacher and student
 responses. (The LoRA student: tests/test_configs.py, the OpenLLaMA config.)"""
 
-import dataclasses
 import json
 import shutil
 import sys
@@ -13,18 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from distillm_jax import (
-    batch_sources,
-    methods,
-    offpolicy,
-    pipeline,
-    planner,
-    reporting,
-    sampling,
-    step,
-    trainer,
-)
 from distillm_jax import config as cfglib
+from distillm_jax import methods, pipeline, planner, reporting, sampling, step, trainer
+from distillm_jax.methods import minillm, offpolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -53,7 +43,7 @@ def sequence_rkl(r: trainer.Run, student: nnx.Module, seed: int = 0) -> float:
     tokens, mask = r.sampler.sample(student, prompts, 16, r.settings.sgo.sampling, jax.random.key(seed))
     rows = list(zip(prompts, offpolicy.cut_at_eos(np.asarray(tokens), np.asarray(mask)), strict=True))
     params = step.split_student(student)[1]
-    score = step.make_score_step(student, r.teacher)
+    score = minillm.make_score_step(student, r.teacher)
     logq, logp = score(params, nnx.state(r.teacher), r.batches.to_devices(r.batches.host(rows)))
     return float(np.mean(np.sum(np.asarray(logq) - np.asarray(logp), axis=1)))
 
@@ -117,12 +107,12 @@ def test_seqkd_and_distillm2_sample_with_their_own_settings_and_no_ngram_ban(tmp
         return np.ones((len(prompts), new), np.int32), np.ones((len(prompts), new), bool)
 
     monkeypatch.setattr(sampling.Sampler, "sample", sample)
-    c = tiny(tmp_path, method="distillm2", seqkd__temperature=0.7, seqkd__top_k=5)
-    r = trainer.Run(c)
-    batch_sources.seqkd_rows(r)
+    c = tiny(tmp_path, method="seqkd", seqkd__temperature=0.7, seqkd__top_k=5)
+    methods.get("seqkd").training_rows(trainer.Run(c))
     assert set(calls) == {(0.7, 5, 1.0, 0)}
     calls.clear()
-    batch_sources.distillm2_rows(r)
+    r = trainer.Run(trainer.override(c, method="distillm2"))
+    methods.get("distillm2").training_rows(r)
     assert set(calls) == {(0.8, 0, 0.95, 0)}
     calls.clear()
     r.validator.metric(
@@ -134,26 +124,35 @@ def test_seqkd_and_distillm2_sample_with_their_own_settings_and_no_ngram_ban(tmp
     assert set(calls) == {(c.eval.temperature, c.eval.top_k, c.eval.top_p, 6)}
 
 
-def test_a_new_method_is_one_registry_entry(tmp_path, monkeypatch):
-    """A data strategy the package does not have (fresh SGOs on even steps, ground truth on odd ones)
-    added as one entry of ``methods.REGISTRY``: the config accepts it, the trainer feeds it, the memory
-    planner counts its sampler. Nothing else names it."""
-
-    def even_steps(scheduler, r, step, total, buffer_full, gkd_lambda):
-        return offpolicy.Decision("sgo", generate=True) if step % 2 == 0 else offpolicy.Decision("data")
-
-    c = tiny(tmp_path, method="alternate", optim__steps=4)
-    c.eval.generate, c.eval.interval = False, 4
+def test_a_new_method_with_a_setting_of_its_own_is_one_file(tmp_path, monkeypatch):
+    """A method the package does not have, written as a user would, in one file
+    (``tests/fixtures/alternate_method.py``): fresh SGOs every ``alternate.every``-th step, ground truth
+    otherwise, and a loss scaled by ``alternate.weight``. Registered, its keys are config keys, checked in
+    one line; the trainer feeds it, its loss scores the batches, its hook logs after each evaluation,
+    its summary field and line appear, and the memory planner counts its sampler. Nothing else names it."""
+    c = tiny(tmp_path, method="alternate", optim__steps=6)
+    c.eval.generate, c.eval.interval = False, 3
     with pytest.raises(cfglib.ConfigError, match="method 'alternate' is not one of"):
         cfglib.check(c)
-    entry = methods.Method(
-        "alternate", "fresh SGOs on even steps", strategy=even_steps, samplers=(("student",),)
-    )
-    monkeypatch.setitem(methods.REGISTRY, "alternate", entry)
-    cfglib.check(c)
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "fixtures"))
+    monkeypatch.setattr(methods, "REGISTRY", dict(methods.REGISTRY))  # the registration ends with the test
+    import alternate_method  # noqa: F401  (registers "alternate")
+
+    c = trainer.override(tiny(tmp_path, method="alternate", optim__steps=6), alternate__every=3)
+    c.eval.generate, c.eval.interval = False, 3
+    with pytest.raises(cfglib.ConfigError, match=r"alternate.every must be >= 1, got 0"):
+        cfglib.check(trainer.override(c, alternate__every=0))
+    with pytest.raises(cfglib.ConfigError, match=r"unknown config key 'alternate\.evry'"):
+        cfglib.check(trainer.override(c, alternate__evry=2))
     summary = trainer.train(c)
-    assert summary["sources"] == {"data": 2, "sgo": 2, "replay": 0}
+    assert summary["sources"] == {"data": 4, "sgo": 2, "replay": 0}  # steps 0 and 3
+    assert summary["alternate_sgo_steps"] == 2
+    rows = reporting.read_rows(str(tmp_path / "run" / "metrics.jsonl"))
+    assert [r["sgo_share"] for r in rows if r["kind"] == "eval"] == pytest.approx([0.0, 1 / 3, 2 / 6])
+    d = c.loss.name  # kd_ratio 1: the loss is the divergence, scaled by alternate.weight
+    train = [r for r in rows if r["kind"] == "train"]
+    assert train and all(r["loss"] == pytest.approx(0.5 * r[d], rel=1e-5) for r in train)
     with_sampler = planner.plan(c, jax.device_count())
-    monkeypatch.setitem(methods.REGISTRY, "alternate", dataclasses.replace(entry, samplers=()))
+    monkeypatch.setattr(methods.get("alternate"), "samplers", ())
     without = planner.plan(c, jax.device_count())
     assert without["generation KV cache (est.)"] < with_sampler["generation KV cache (est.)"]

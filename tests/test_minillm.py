@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distillm_jax import minillm
+from distillm_jax.methods import minillm
 
 # One rollout row: a prompt position (masked out) and four response tokens.
 MASK = np.array([[0, 1, 1, 1, 1]], np.float32)
@@ -54,7 +54,9 @@ def test_rewards_are_scaled_and_clipped():
 
 
 def test_policy_loss_and_gradient_by_hand():
-    settings = minillm.Settings(mix_alpha=0.2, clip=0.2, gamma=0.95, reward_scale=0.5, reward_clip=100.0)
+    settings = minillm.MiniLLMSettings(
+        mix_alpha=0.2, clip=0.2, gamma=0.95, reward_scale=0.5, reward_clip=100.0
+    )
     pg, metrics = minillm.policy_terms(jnp.asarray(NOW), OLD, TEACHER, MASK, settings)
     # By hand, as LMOps: advantages of the scaled rewards, ratios q_θ/q_old times the importance
     # weights q_old / (α p + (1 − α) q_old), PPO's max(−A·ρw, −A·clip(ρw)).
@@ -76,7 +78,9 @@ def test_policy_loss_and_gradient_by_hand():
 
 
 def test_no_teacher_share_means_unit_weights():
-    _, metrics = minillm.policy_terms(jnp.asarray(OLD), OLD, TEACHER, MASK, minillm.Settings(mix_alpha=0.0))
+    _, metrics = minillm.policy_terms(
+        jnp.asarray(OLD), OLD, TEACHER, MASK, minillm.MiniLLMSettings(mix_alpha=0.0)
+    )
     np.testing.assert_allclose(float(metrics["weight"]), 1.0, rtol=1e-6)
 
 
@@ -113,7 +117,7 @@ def make_rollouts(calls: list, next_rows, shards=(0, 1), units=4, accum=2, epoch
         ids = np.array([p[0] for p, _ in rows], np.float32)[:, None].repeat(3, 1)
         return -ids, -2 * ids
 
-    return minillm.Rollouts(epochs, units, accum, sample, score, next_rows, seed=0, shards=shards)
+    return minillm.Rounds(epochs, units, accum, sample, score, next_rows, seed=0, shards=shards)
 
 
 def counter(per_call: int):
@@ -145,7 +149,7 @@ def test_rollout_rounds_train_shuffled_mini_batches_for_their_epochs_and_resume(
     r.for_step(4, jnp.zeros(()))
     assert calls == [4] * 8  # the next round
 
-    # A checkpoint inside a round: a fresh Rollouts continues with the same micro-batches.
+    # A checkpoint inside a round: a fresh Rounds continues with the same micro-batches.
     calls2: list = []
     again = make_rollouts(calls2, counter(4))
     again.load({"round": None, "shards": {}})  # saved before the first rollout

@@ -8,8 +8,18 @@ import time
 import numpy as np
 import pytest
 
-from distillm_jax import methods, offpolicy
+from distillm_jax import config as cfglib
+from distillm_jax import methods
 from distillm_jax.data import batching
+from distillm_jax.methods import offpolicy
+
+
+def strategy(name: str, lam: float = 0.5):
+    """Method ``name``'s data strategy, with GKD's λ at ``lam`` (its settings from a config)."""
+    c = cfglib.defaults()
+    c.offpolicy.gkd_lambda = lam
+    method = methods.get(name)
+    return method.strategy(method.settings(c))
 
 
 def test_scheduler_follows_a_scripted_sequence_of_validation_losses():
@@ -66,8 +76,8 @@ def test_each_source_comes_with_its_probability():
     s = offpolicy.AdaptiveScheduler(phi=0.6)
 
     def shares(method, full):
-        plan = methods.get(method).strategy  # the registry's entry says which strategy a method uses
-        got = [plan(s, r, step, total, full, 0.3).source for r in draws]
+        plan = strategy(method, 0.3)  # the method says which strategy it uses
+        got = [plan(s, r, step, total, full).source for r in draws]
         return {k: got.count(k) / n for k in ("sgo", "replay", "data")}
 
     tol = 4 * np.sqrt(0.25 / n)
@@ -79,17 +89,17 @@ def test_each_source_comes_with_its_probability():
     assert abs(filling["sgo"] - 0.6) < tol and filling["replay"] == 0
     gkd = shares("gkd", True)  # the DistiLLM authors' GKD: λ of the steps generate, then replay
     assert abs(gkd["replay"] - 0.3) < tol and gkd["sgo"] == 0
-    assert methods.get("gkd").strategy(s, 0.2, 0, 1, False, 0.3) == offpolicy.Decision(
+    assert strategy("gkd", 0.3)(s, 0.2, 0, 1, False) == offpolicy.Decision(
         "replay", generate=True, store=True
     )
     fresh = shares("gkd_onpolicy", True)  # GKD's own paper and TRL: λ of the steps on fresh SGOs
     assert abs(fresh["sgo"] - 0.3) < tol and fresh["replay"] == 0
     assert shares("onpolicy", True)["sgo"] == 1.0 and shares("imitkd", True)["replay"] == 1.0
-    assert methods.get("imitkd").strategy(s, 0.5, 0, 1, False, 0.5) == offpolicy.Decision(
+    assert strategy("imitkd", 0.5)(s, 0.5, 0, 1, False) == offpolicy.Decision(
         "replay", generate=True, store=True
     )
-    assert methods.get("kd").strategy is None  # ground truth only: the feeder's default
-    assert offpolicy.ground_truth(s, 0.0, 0, 1, False, 0.5) == offpolicy.Decision("data")
+    assert strategy("kd", 0.5) is None  # ground truth only: the feeder's default
+    assert offpolicy.ground_truth(s, 0.0, 0, 1, False) == offpolicy.Decision("data")
 
 
 def test_buffer_is_fifo_bounded_and_samples_distinct_rows():
@@ -172,7 +182,7 @@ def make_feeder(method, sampler, *, lookahead=0, threaded=False, phi=0.0, capaci
     scheduler = offpolicy.AdaptiveScheduler(phi=phi, replay_ratio=ratio)
     buffer = offpolicy.ReplayBuffer(capacity)
     feeder = offpolicy.Feeder(
-        methods.get(method).strategy,
+        strategy(method),
         scheduler,
         buffer,
         worker,

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distillm_jax import batch_sources, models, pipeline, reporting, trainer
 from distillm_jax import config as cfglib
+from distillm_jax import methods, models, pipeline, reporting, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -190,7 +190,7 @@ def test_seqkd_trains_on_the_teachers_cached_responses(tmp_path):
     assert len(rows) == 64 and all(0 < len(r) <= 8 for _, r in rows)  # eval.max_new_tokens = 8
     run = trainer.Run(c)
     assert [p for p, _ in rows] == [list(p) for p, _ in run.train_rows]  # the same prompts, in order
-    assert batch_sources.seqkd_rows(run) == [
+    assert methods.get("seqkd").training_rows(run) == [
         tuple(r) for r in rows
     ]  # read back from the cache, not regenerated
 

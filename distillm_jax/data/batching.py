@@ -21,6 +21,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+Row = tuple[list[int], list[int]]  # (prompt token ids, response token ids ending with EOS when produced)
+
 
 @dataclasses.dataclass(frozen=True)
 class Lengths:

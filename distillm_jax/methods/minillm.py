@@ -11,7 +11,7 @@ over a response it is minus the sequence-level reverse KL), scaled and clipped. 
   position, with its exact gradient, beside the policy gradient.
 - **Length-normalised, discounted, whitened advantages** (``advantages``).
 - **PPO**: rounds of rollouts (256 prompts), each trained for 4 passes of shuffled mini-batches with the
-  weighted ratio clipped to ``[1 − clip, 1 + clip]`` (``Rollouts``); an LM term on pre-training text is
+  weighted ratio clipped to ``[1 − clip, 1 + clip]`` (``Rounds``); an LM term on pre-training text is
   the trainer's ``loss.lm_coef`` (with ``loss.lm_kd_ratio``).
 """
 
@@ -21,12 +21,20 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
 
-from distillm_jax import losses
+from distillm_jax import distributed, losses, step
+from distillm_jax.errors import ConfigError
+from distillm_jax.methods import base, offpolicy, register, sources
+
+if TYPE_CHECKING:
+    from distillm_jax.run import Run
 
 Array = jax.Array
 
@@ -67,18 +75,24 @@ def advantages(rewards: Array, mask: Array, *, gamma: float) -> Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-    """MiniLLM's knobs, as the authors ran them (``minillm.*`` in the config)."""
+class MiniLLMSettings:
+    """MiniLLM's knobs, as the authors ran them (``minillm.*`` in the config; ``DEFAULTS``)."""
 
     mix_alpha: float = 0.2  # rollouts from mix_alpha·p + (1 − mix_alpha)·q_old
     clip: float = 0.2  # PPO clipping of (q_θ / q_old)·w
     gamma: float = 0.95  # discount of future rewards
     reward_scale: float = 0.5  # rewards divided by it
     reward_clip: float = 100.0  # then clipped to ±reward_clip
+    rollouts: int = 256  # prompts sampled per round (a multiple of optim.batch_size)
+    ppo_epochs: int = 4  # passes over a round's rollouts, in shuffled mini-batches
 
 
 def policy_terms(
-    logp: Array, old_logp: Array, teacher_logp: Array, mask: Array, settings: Settings = Settings()
+    logp: Array,
+    old_logp: Array,
+    teacher_logp: Array,
+    mask: Array,
+    settings: MiniLLMSettings = MiniLLMSettings(),
 ) -> tuple[Array, dict[str, Array]]:
     """The clipped policy-gradient loss, as LMOps computes it.
 
@@ -115,7 +129,7 @@ def loss(
     mask: Array,
     old_logp: Array,
     teacher_logp: Array,
-    settings: Settings = Settings(),
+    settings: MiniLLMSettings = MiniLLMSettings(),
 ) -> tuple[Array, dict[str, Array]]:
     """MiniLLM's loss on a rollout batch: the clipped policy gradient plus the single-step term, the
     full-vocabulary reverse KL ``KL(q_θ(·|y<t) ‖ p(·|y<t))`` of each response position (not importance
@@ -126,7 +140,7 @@ def loss(
     return pg + single, {**metrics, "pg": pg, "rkl": single}
 
 
-class Rollouts:
+class Rounds:
     """MiniLLM's PPO rounds, as LMOps runs them. Round ``k`` samples ``units`` micro-batches of prompts
     (``next_rows()``: this host's rows of one global micro-batch, the sampler's batch shape) from the
     teacher-mixed policy (``submit(params, prompts, key)`` -> a ``Pending`` of (prompt, response) rows,
@@ -225,5 +239,144 @@ class Rollouts:
 
 
 def merge_states(states: Sequence[dict]) -> dict:
-    """One rollout state from every host's (``Rollouts.state``), their shards side by side."""
+    """One rollout state from every host's (``Rounds.state``), their shards side by side."""
     return {"round": states[0]["round"], "shards": {k: v for st in states for k, v in st["shards"].items()}}
+
+
+def label_log_probs(student, teacher, batch: dict) -> tuple[Array, Array]:
+    """log q and log p of every label [B, T] (0 off the loss mask): how a rollout is scored once, with
+    the same forward pass (and vocabulary rows) its loss uses."""
+    s_logits, t_logits = step.both_logits(student, teacher, batch)
+    labels, mask = batch["labels"], batch["loss_mask"]
+    return losses.label_log_probs(s_logits, labels, mask), losses.label_log_probs(t_logits, labels, mask)
+
+
+def make_score_step(student, teacher) -> Callable:
+    """``score(params, teacher_state, batch) -> (log q, log p)`` of the batch's labels [B, T], sharded
+    as the labels are (so that every process reads back the rows it fed)."""
+    s_graph, _, frozen = step.split_student(student)
+    t_graph = nnx.graphdef(teacher)
+
+    def score(params, frozen, teacher_state, batch):
+        model = nnx.merge(s_graph, params, frozen)
+        return label_log_probs(model, nnx.merge(t_graph, teacher_state), batch)
+
+    jitted: dict = {}
+
+    def call(params, teacher_state, batch):
+        rows = getattr(batch["labels"], "sharding", None)  # None: a host batch, placed by jit
+        if rows not in jitted:
+            jitted[rows] = jax.jit(score, out_shardings=None if rows is None else (rows, rows))
+        return jitted[rows](params, frozen, teacher_state, batch)
+
+    return call
+
+
+class RolloutSource(sources.Source):
+    """MiniLLM's rollout rounds (``Rounds``) on the training prompts: ``minillm.rollouts`` prompts a
+    round, sampled a micro-batch at a time from the teacher-mixed policy with ``offpolicy.*`` settings,
+    scored once by the student that sampled them and the teacher."""
+
+    merge = staticmethod(merge_states)
+
+    def __init__(self, run: Run, rows: list, model_of: Callable, teacher_state):
+        super().__init__(run, rows, run.settings.seed)
+        s, own = run.settings, run.settings.own
+        new, mix = s.new_tokens(s.sgo), (run.teacher, own.mix_alpha)
+        worker = offpolicy.GenerationWorker(
+            lambda params, prompts, key: run.sampler.sample(
+                model_of(params), prompts, new, s.sgo.sampling, key, mix=mix
+            ),
+            threaded=False,
+        )
+        score_step = make_score_step(run.student, run.teacher)
+
+        def score(params, rows):
+            out = score_step(params, teacher_state, run.batches.to_devices(run.batches.host(rows)))
+            return tuple(np.asarray(distributed.local_rows(x), np.float32) for x in out)
+
+        self.rounds = Rounds(
+            own.ppo_epochs,
+            own.rollouts // s.optim.micro,
+            s.optim.grad_accum,
+            worker.submit,
+            score,
+            self.next_rows,
+            seed=s.seed,
+            shards=run.batches.shards,
+        )
+
+    def for_step(self, index: int, params) -> tuple[list[tuple[dict, int]], dict]:
+        parts, info = self.rounds.for_step(index, params)
+        out = []
+        for rows, (old_logp, teacher_logp) in parts:
+            batch = {**self.run.batches.host(rows), "old_logp": old_logp, "teacher_logp": teacher_logp}
+            out.append(sources.placed(self.run, batch))
+        return out, info
+
+    def state(self) -> dict:
+        return self.rounds.state()
+
+    def load(self, state: dict) -> None:
+        self.rounds.load(state)
+
+
+class MiniLLM(base.Method):
+    name, about = "minillm", "policy gradient of the reverse KL on teacher-mixed rollouts"
+    chunked = False
+    samplers = (("student", "teacher"),)
+    dropout = False  # its policy trains in eval mode ("no dropout for RL", microsoft/LMOps)
+    group = "minillm"
+
+    def defaults(self) -> dict[str, ConfigDict]:
+        d = MiniLLMSettings()
+        # As LMOps runs it (docs/method.md); its sampling is offpolicy.*.
+        return {"minillm": ConfigDict({f.name: getattr(d, f.name) for f in dataclasses.fields(d)})}
+
+    def check(self, c: ConfigDict) -> None:
+        m = c.minillm
+        if not 0.0 <= m.mix_alpha <= 1.0 or m.ppo_epochs < 1 or not 0.0 < m.clip < 1.0:
+            raise ConfigError(
+                "minillm: need mix_alpha in [0, 1], ppo_epochs >= 1 and clip in (0, 1), got "
+                f"{m.mix_alpha}, {m.ppo_epochs}, {m.clip}"
+            )
+        if not 0.0 < m.gamma <= 1.0 or m.reward_scale <= 0 or m.reward_clip <= 0:
+            raise ConfigError(
+                "minillm: need gamma in (0, 1], reward_scale > 0 and reward_clip > 0, got "
+                f"{m.gamma}, {m.reward_scale}, {m.reward_clip}"
+            )
+
+    def check_run(self, c: ConfigDict) -> None:
+        m = c.minillm
+        if m.rollouts < 1 or m.rollouts % c.optim.batch_size:
+            raise ConfigError(
+                f"minillm.rollouts ({m.rollouts}) must be a positive multiple of optim.batch_size "
+                f"({c.optim.batch_size}): each round trains whole mini-batches"
+            )
+
+    def settings(self, c: ConfigDict) -> MiniLLMSettings:
+        m = c.minillm
+        floats = [float(m[k]) for k in ("mix_alpha", "clip", "gamma", "reward_scale", "reward_clip")]
+        return MiniLLMSettings(*floats, int(m.rollouts), int(m.ppo_epochs))
+
+    def loss(self, student, teacher, batch: dict, cfg: step.LossConfig) -> tuple[Array, dict]:
+        s_logits, t_logits = step.both_logits(student, teacher, batch)
+        return loss(
+            s_logits,
+            t_logits,
+            batch["labels"],
+            batch["loss_mask"],
+            batch["old_logp"],
+            batch["teacher_logp"],
+            cfg.own,
+        )
+
+    def updates_per_epoch(self, batches: int, own: MiniLLMSettings) -> int:
+        """An epoch of prompts: every rollout trains ``ppo_epochs`` steps' worth."""
+        return batches * own.ppo_epochs
+
+    def source(self, run: Run, rows: list, total: int, model_of: Callable, teacher_state) -> RolloutSource:
+        return RolloutSource(run, rows, model_of, teacher_state)
+
+
+register(MiniLLM())

@@ -27,9 +27,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from distillm_jax.data.batching import Row
 from distillm_jax.distributed import local_rows
 
-Row = tuple[list[int], list[int]]  # (prompt token ids, response token ids ending with EOS when produced)
 REPLAY_RATIOS = ("decreasing", "constant", "increasing")
 PHI_STEP = 0.1
 _SLACK = 1e-9  # ``0.3 >= 0.2 + 0.1`` holds as written, not as float rounding would have it
@@ -98,20 +98,18 @@ class Decision:
     store: bool = False
 
 
-Strategy = Callable[["AdaptiveScheduler", float, int, int, bool, float], Decision]
-"""A method's data strategy: (scheduler, draw r, step, total steps, buffer full, gkd λ) -> the step's
-``Decision``; ``methods.py`` says which method uses which."""
+Strategy = Callable[["AdaptiveScheduler", float, int, int, bool], Decision]
+"""A method's data strategy: (scheduler, draw r, step, total steps, buffer full) -> the step's
+``Decision``; each SGO method (``methods/sgo.py``) names its own."""
 
 
 def ground_truth(
-    scheduler: AdaptiveScheduler, r: float, step: int, total: int, buffer_full: bool, gkd_lambda: float
+    scheduler: AdaptiveScheduler, r: float, step: int, total: int, buffer_full: bool
 ) -> Decision:
     return Decision("data")
 
 
-def adaptive(
-    scheduler: AdaptiveScheduler, r: float, step: int, total: int, buffer_full: bool, gkd_lambda: float
-) -> Decision:
+def adaptive(scheduler: AdaptiveScheduler, r: float, step: int, total: int, buffer_full: bool) -> Decision:
     """DistiLLM: SGOs with probability φ, fresh or replayed as the scheduler's replay ratio says."""
     source = scheduler.choose(r, step, total, buffer_full)
     fresh = source == "sgo"
@@ -119,29 +117,37 @@ def adaptive(
 
 
 def replay_every_step(
-    scheduler: AdaptiveScheduler, r: float, step: int, total: int, buffer_full: bool, gkd_lambda: float
+    scheduler: AdaptiveScheduler, r: float, step: int, total: int, buffer_full: bool
 ) -> Decision:
     """ImitKD: every step fresh SGOs into the buffer, train on a buffer sample."""
     return Decision("replay", generate=True, store=True)
 
 
-def replay_with_lambda(
-    scheduler: AdaptiveScheduler, r: float, step: int, total: int, buffer_full: bool, gkd_lambda: float
-) -> Decision:
-    """GKD as the DistiLLM authors run it (``mixed-jsd``): with probability λ fresh SGOs into the buffer
-    and a step on a buffer sample (ImitKD's step), else ground truth."""
-    return Decision("replay", generate=True, store=True) if r < gkd_lambda else Decision("data")
+def replay_with(lam: float) -> Strategy:
+    """GKD as the DistiLLM authors run it (``mixed-jsd``): with probability ``lam`` fresh SGOs into the
+    buffer and a step on a buffer sample (ImitKD's step), else ground truth."""
+
+    def strategy(
+        scheduler: AdaptiveScheduler, r: float, step: int, total: int, buffer_full: bool
+    ) -> Decision:
+        return Decision("replay", generate=True, store=True) if r < lam else Decision("data")
+
+    return strategy
 
 
-def fresh_with_lambda(
-    scheduler: AdaptiveScheduler, r: float, step: int, total: int, buffer_full: bool, gkd_lambda: float
-) -> Decision:
-    """GKD as its paper and TRL run it: a step on fresh SGOs with probability λ, else ground truth."""
-    return Decision("sgo", generate=True) if r < gkd_lambda else Decision("data")
+def fresh_with(lam: float) -> Strategy:
+    """GKD as its paper and TRL run it: a step on fresh SGOs with probability ``lam``, else ground truth."""
+
+    def strategy(
+        scheduler: AdaptiveScheduler, r: float, step: int, total: int, buffer_full: bool
+    ) -> Decision:
+        return Decision("sgo", generate=True) if r < lam else Decision("data")
+
+    return strategy
 
 
 def fresh_every_step(
-    scheduler: AdaptiveScheduler, r: float, step: int, total: int, buffer_full: bool, gkd_lambda: float
+    scheduler: AdaptiveScheduler, r: float, step: int, total: int, buffer_full: bool
 ) -> Decision:
     """On-policy: fresh SGOs every step."""
     return Decision("sgo", generate=True)
@@ -329,18 +335,17 @@ class Feeder:
         total: int,
         micro_batches: int = 1,
         lookahead: int = 0,
-        gkd_lambda: float = 0.5,
     ):
         self.strategy, self.scheduler, self.buffer, self.worker = strategy, scheduler, buffer, worker
         self.next_rows, self.seed, self.total = next_rows, seed, total
-        self.micro_batches, self.lookahead, self.gkd_lambda = micro_batches, lookahead, gkd_lambda
+        self.micro_batches, self.lookahead = micro_batches, lookahead
         self.queue: collections.deque[dict] = collections.deque()  # decided steps, oldest first
         self.decided = 0  # steps decided so far
 
     def _decide(self, step: int, params) -> None:
         pending = sum(len(r) for q in self.queue if q["plan"].store for r in q["rows"])
         full = self.buffer.full_after(pending)
-        p = self.strategy(self.scheduler, uniform(self.seed, step), step, self.total, full, self.gkd_lambda)
+        p = self.strategy(self.scheduler, uniform(self.seed, step), step, self.total, full)
         rows = [self.next_rows() for _ in range(self.micro_batches)]
         t = time.perf_counter()
         if p.generate:
