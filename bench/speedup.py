@@ -43,6 +43,7 @@ sys.path.insert(0, ROOT)
 from configs import paper  # noqa: E402
 from distillm_jax import config as cfglib  # noqa: E402
 from distillm_jax import pipeline, reporting, trainer  # noqa: E402
+from distillm_jax.rundir import RunDir  # noqa: E402
 
 # DistiLLM on LoRA adapters: r 16, α 64 on every projection of the (d_model 64) student, at 5× the full
 # fine-tuning rate, as LoRA usually needs (at 1e-3 on q and v only it barely moved: 33.4 -> 34.9).
@@ -149,7 +150,7 @@ def run_arm(c, name: str, out: str) -> dict:
     c.run_dir, c.resume = os.path.join(out, name), False
     shutil.rmtree(c.run_dir, ignore_errors=True)
     summary = trainer.train(c)
-    evals = [r for r in reporting.read_rows(os.path.join(c.run_dir, "metrics.jsonl")) if r["kind"] == "eval"]
+    evals = [r for r in reporting.read_rows(RunDir(c.run_dir).metrics) if r["kind"] == "eval"]
     curve = [(r["step"], r["train_s"], r["rougeL"], r.get("rougeL_std", 0.0)) for r in evals]
     return {
         "arm": name,

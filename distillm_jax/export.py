@@ -11,7 +11,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from distillm_jax import config as cfglib
-from distillm_jax import distributed, lora, models, planner, settings, sharding, step
+from distillm_jax import distributed, lora, models, settings, sharding, step
 from distillm_jax.checkpointing import Checkpoints
 from distillm_jax.data import tokenizers as toklib
 from distillm_jax.run import build_model
@@ -45,8 +45,8 @@ def export_checkpoint(config: ConfigDict, at: int | None = None, out_dir: str | 
     """Write the student of ``config.run_dir``'s checkpoint ``at`` (default: the latest) as an HF
     checkpoint; returns its directory."""
     cfglib.check(config)
-    s = settings.build(config, planner.hf_config(config.student).vocab_size)
-    ckpt = Checkpoints(os.path.join(s.run_dir, "checkpoints"), keep=s.checkpoint_keep)
+    s = settings.build(config, models.spec_config(config.student).vocab_size)
+    ckpt = Checkpoints(s.run_dir.checkpoints, keep=s.checkpoint_keep)
     try:
         steps = ckpt.manager.all_steps()
         if not steps:
@@ -54,7 +54,7 @@ def export_checkpoint(config: ConfigDict, at: int | None = None, out_dir: str | 
         at = max(steps) if at is None else at
         if at not in steps:
             raise cfglib.ConfigError(f"no checkpoint at step {at} in {s.run_dir}; it has {sorted(steps)}")
-        out_dir = out_dir or os.path.join(s.run_dir, f"export-{at}")
+        out_dir = out_dir or s.run_dir.export(at)
         if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
             raise cfglib.ConfigError(
                 f"{out_dir} already exists; an export never writes over a folder (a run's best/ or final/ "

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from distillm_jax.models.layers import logits  # the LM head's projection, as the models compute it
+
 Array = jax.Array
 
 # ---------------------------------------------------------------------------------------------------
@@ -325,10 +327,6 @@ def _from_chunks(x: Array, t: int) -> Array:
     return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :t]
 
 
-def _logits(hidden: Array, head: Array) -> Array:
-    return jnp.einsum("bcd,dv->bcv", hidden, head, preferred_element_type=jnp.float32)
-
-
 def _masked_sum(token_fn: Callable[[Array, Array], Array], s: Array, t: Array, m: Array) -> Array:
     return jnp.sum(jnp.where(m != 0, token_fn(s, t), 0.0))
 
@@ -367,9 +365,9 @@ def _chunked_sum(token_fn, chunk, hs, ht, ws, wt, mask, labels):
 
     def body(i, sums):
         hs_c, ht_c, m_c, *lab = (x[i] for x in xs)
-        s_logits = _logits(hs_c, ws)
+        s_logits = logits(hs_c, ws)
         nll = _label_nll(s_logits, lab[0], m_c) if lab else 0.0
-        return sums[0] + _masked_sum(token_fn, s_logits, _logits(ht_c, wt), m_c), sums[1] + nll
+        return sums[0] + _masked_sum(token_fn, s_logits, logits(ht_c, wt), m_c), sums[1] + nll
 
     zero = jnp.zeros((), jnp.float32)
     return jax.lax.fori_loop(0, _chunks_with_targets(mask, chunk), body, (zero, zero))
@@ -385,8 +383,8 @@ def _chunked_sum_fwd(token_fn, chunk, hs, ht, ws, wt, mask, labels):
     def body(i, carry):
         total, nll, dws, dhs = carry
         hs_c, ht_c, m_c, *lab = (x[i] for x in xs)
-        t_logits = _logits(ht_c, wt)
-        s_logits = _logits(hs_c, ws)
+        t_logits = logits(ht_c, wt)
+        s_logits = logits(hs_c, ws)
         value, vjp = jax.vjp(lambda s: _masked_sum(token_fn, s, t_logits, m_c), s_logits)
         if lab:
             nll = nll + _label_nll(s_logits, lab[0], m_c)
@@ -535,7 +533,7 @@ def chunked_cross_entropy(
 
     @jax.checkpoint
     def chunk_nll(h, lab, m):
-        return _label_nll(_logits(h, head), lab, m)
+        return _label_nll(logits(h, head), lab, m)
 
     def add_chunk(total, x):  # chunks without targets (past every row's last one) are skipped
         nll = jax.lax.cond(jnp.any(x[2]), chunk_nll, lambda *_: jnp.zeros((), jnp.float32), *x)

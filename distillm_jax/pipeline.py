@@ -26,12 +26,11 @@ from ml_collections import ConfigDict
 
 from distillm_jax import config as cfglib
 from distillm_jax import methods, planner, preflight, reporting, runlock, trainer
+from distillm_jax.rundir import STAGES, RunDir
 from distillm_jax.trainer import override
 
 ROLES = ("teacher", "student")
-STAGE_DIRS = {"teacher": "teacher", "student": "student_sft"}
 RESULTS = {"teacher": "teacher_sft", "student_sft": "student_sft", "distill": "student"}  # else: the method
-RUN_CONFIG = "run_config.json"  # the config the run folder was started with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,14 +44,17 @@ class Stage:
     def done(self) -> bool:
         """Finished: its summary is written and no checkpoint is older than it says (a folder whose later
         checkpoints were removed, to go back, is continued from the latest one left)."""
-        path = os.path.join(self.config.run_dir, "summary.json")
-        if not os.path.exists(path):
+        folder = self.folder
+        if not os.path.exists(folder.summary):
             return False
-        with open(path) as f:
+        with open(folder.summary) as f:
             steps = json.load(f).get("steps", 0)
-        ckpts = os.path.join(self.config.run_dir, "checkpoints")
-        saved = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
-        return not saved or max(saved) >= steps
+        saved = folder.checkpoint_steps()
+        return not saved or saved[-1] >= steps
+
+    @property
+    def folder(self) -> RunDir:
+        return RunDir(self.config.run_dir)
 
 
 def trains_first(spec: ConfigDict) -> bool:
@@ -74,7 +76,7 @@ def sft_config(c: ConfigDict, role: str) -> ConfigDict:
     spec = c[role]
     sub = override(
         c,
-        run_dir=os.path.join(c.run_dir, STAGE_DIRS[role]),
+        run_dir=RunDir(c.run_dir).stage(STAGES[role]).path,
         method="sft",
         compare=(),
         compare_sft=False,
@@ -98,7 +100,7 @@ def _trained(c: ConfigDict, role: str, *, planning: bool = False) -> ConfigDict:
     starts from, which has the same shapes, since that checkpoint does not exist yet)."""
     changes = {f"{role}__train_steps": 0, f"{role}__train_epochs": 0, f"{role}__tuned": True}
     if not planning:
-        changes[f"{role}__path"] = os.path.join(c.run_dir, STAGE_DIRS[role], "best")
+        changes[f"{role}__path"] = RunDir(c.run_dir).stage(STAGES[role]).best
     return override(c, **changes)
 
 
@@ -110,13 +112,12 @@ def stages(config: ConfigDict, *, planning: bool = False) -> list[Stage]:
         if role == "teacher" and not uses_teacher(config):
             continue
         if trains_first(config[role]):
-            out.append(Stage(STAGE_DIRS[role], sft_config(config, role)))
+            out.append(Stage(STAGES[role], sft_config(config, role)))
             c = _trained(c, role, planning=planning)
     out.append(Stage("distill", c))
     for method in cfglib.compared(c)[1:]:
-        arm = override(
-            c, run_dir=os.path.join(c.run_dir, method), method=method, compare=(), compare_sft=False
-        )
+        folder = RunDir(c.run_dir).stage(method).path
+        arm = override(c, run_dir=folder, method=method, compare=(), compare_sft=False)
         out.append(Stage(method, arm))
     return out
 
@@ -127,7 +128,7 @@ def result_key(stage: str) -> str:
 
 def sft_first(c: ConfigDict, role: str, results: dict) -> ConfigDict:
     """Run (or reuse) the SFT stage of ``role``; return ``c`` pointing at its result."""
-    stage = Stage(STAGE_DIRS[role], sft_config(c, role))
+    stage = Stage(STAGES[role], sft_config(c, role))
     results[result_key(stage.name)] = _run_stage(stage, 1, 1)
     return _trained(c, role)
 
@@ -137,14 +138,14 @@ def _run_stage(stage: Stage, index: int, count: int) -> dict:
     if stage.done:
         if lead:
             print(f"stage {index}/{count} {stage.name}: done before, in {c.run_dir}")
-        with open(os.path.join(c.run_dir, "summary.json")) as f:
+        with open(stage.folder.summary) as f:
             return json.load(f)
     if lead:
         what = c.method if methods.get(c.method).teacher else "SFT"
         print(f"stage {index}/{count} {stage.name}: {what} -> {c.run_dir}")
     # The run folder's config was checked (run_config.json): a stage continues what it finds, or starts.
     staged = override(c, resume=True, start_if_empty=True)
-    return trainer.train(staged, stage=f"{index}/{count} {stage.name}")
+    return trainer.train_checked(staged, stage=f"{index}/{count} {stage.name}")
 
 
 OWN = ("resume", "start_if_empty", "distributed")  # how this process was started, not what the run is
@@ -166,9 +167,9 @@ def _check_same_run(c: ConfigDict) -> bool:
     refused; so is ``resume=True`` with nothing to continue (``start_if_empty`` starts). A record with
     nothing of a run beside it is a first start that failed, not a run. Returns whether this start
     made the record (``_undo`` takes it back if the start fails before any stage has written)."""
-    path = os.path.join(c.run_dir, RUN_CONFIG)
+    path = RunDir(c.run_dir).run_config
     mine = _plain(c.to_dict(), OWN)
-    preflight.writable(c.run_dir)
+    preflight.writable(RunDir(c.run_dir))
     found = _found(c)
     recorded = os.path.exists(path) and bool(found)
     if not recorded:  # not started by this pipeline (or not at all)
@@ -219,7 +220,7 @@ def _finished_otherwise(c: ConfigDict, theirs: dict) -> str:
     for stage in stages(c):
         if stage.done and before.get(stage.name) != _made_of(stage):
             return stage.name
-    if os.path.exists(os.path.join(c.run_dir, "test.json")) and old_test != _test_spec(c):
+    if os.path.exists(RunDir(c.run_dir).test()) and old_test != _test_spec(c):
         return "test"
     return ""
 
@@ -257,7 +258,7 @@ def _undo(c: ConfigDict, created: list[str]) -> None:
     if jax.process_index() or _found(c):
         return
     with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(c.run_dir, RUN_CONFIG))
+        os.remove(RunDir(c.run_dir).run_config)
     for folder in sorted(created, key=len, reverse=True):
         with contextlib.suppress(OSError):
             os.rmdir(folder)  # only if empty
@@ -266,7 +267,7 @@ def _undo(c: ConfigDict, created: list[str]) -> None:
 def _held_in(stage_dir: str, run_dir: str) -> list[str]:
     """What of a run ``stage_dir`` holds, named from ``run_dir``."""
     rel = os.path.relpath(stage_dir, run_dir)
-    return [name if rel == "." else os.path.join(rel, name) for name in preflight.held(stage_dir)]
+    return [name if rel == "." else os.path.join(rel, name) for name in RunDir(stage_dir).held()]
 
 
 def _differences(a, b, prefix: str = "") -> str:
@@ -324,10 +325,11 @@ def run(config: ConfigDict) -> dict:
     roles = ("teacher", "student") if uses_teacher(config) else ("student",)
     preflight.model_configs(planned, roles, len(tokenizer))
     created = [folder for folder in _folders(config) if not os.path.exists(folder)]
-    preflight.writable(config.run_dir)
+    folder = RunDir(config.run_dir)
+    preflight.writable(folder)
     fresh = False
     try:
-        with runlock.hold(config.run_dir):
+        with runlock.hold(folder):
             fresh = _check_same_run(config)  # last of the checks: it records the run's config in its folder
             return _stages(config)
     except BaseException:
@@ -388,7 +390,7 @@ def test(config: ConfigDict, distilled: ConfigDict, index: int, results: dict | 
     sets = cfglib.test_sets(config)
     out: dict = {}
     for k, (name, source, split) in enumerate(sets):
-        path = os.path.join(config.run_dir, "test.json" if k == 0 else f"test_{name}.json")
+        path = RunDir(config.run_dir).test("" if k == 0 else name)
         if os.path.exists(path):
             if lead:
                 print(f"stage {index}/{index} test {name}: done before ({path})")
@@ -422,8 +424,9 @@ def _test_models(config: ConfigDict, distilled: ConfigDict) -> list[tuple[str, s
         [("teacher", "teacher", distilled.teacher.path)] if any(methods.get(m).teacher for m in arms) else []
     )
     out.append(("student init", "student", distilled.student.path))
-    out.append((f"student {distilled.method}", "student", os.path.join(config.run_dir, "best")))
-    out += [(f"student {m}", "student", os.path.join(config.run_dir, m, "best")) for m in arms[1:]]
+    folder = RunDir(config.run_dir)
+    out.append((f"student {distilled.method}", "student", folder.best))
+    out += [(f"student {m}", "student", folder.stage(m).best) for m in arms[1:]]
     return [x for x in out if x[2]]
 
 

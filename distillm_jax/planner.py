@@ -23,7 +23,6 @@ from ml_collections import ConfigDict
 from distillm_jax import lora, methods, models, settings
 from distillm_jax import sharding as shd
 from distillm_jax.generate import cache_slots_held
-from distillm_jax.models import hub
 
 GIB = 2**30
 MARGIN = 0.9  # the share of a device's memory a plan may use
@@ -38,25 +37,6 @@ class _MeshShape:
     """What ``sharding.logical_to_spec`` reads of a mesh: the size of each axis (no devices needed)."""
 
     shape: dict
-
-
-def mesh_shape(config: ConfigDict, devices: int) -> dict:
-    sizes = {a: config.mesh[a] for a in shd.MESH_AXES}
-    known = math.prod(v for v in sizes.values() if v != -1)
-    if devices % known:
-        raise ValueError(f"mesh {sizes} does not fit {devices} devices")
-    return {a: devices // known if v == -1 else v for a, v in sizes.items()}
-
-
-def hf_config(spec: ConfigDict):
-    """The transformers config of a teacher/student spec: its checkpoint's config.json, or
-    ``spec.config`` for a new model (a hub id needs the hub or its cache)."""
-    from transformers import AutoConfig
-
-    if spec.path:
-        return models.load_hf_config(hub.local_dir(spec.path, weights=False))
-    kwargs = spec.config.to_dict()
-    return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
 
 
 def shard_bytes(hf, dtype, mesh: dict) -> int:
@@ -105,10 +85,10 @@ def _dims(hf) -> dict:
 
 def plan(config: ConfigDict, devices: int) -> dict[str, float]:
     """Bytes per device of each part of the run (``total`` is the peak)."""
-    mesh = mesh_shape(config, devices)
+    mesh = dict(zip(shd.MESH_AXES, shd.mesh_sizes(**config.mesh, devices=devices), strict=True))
     data, tensor = mesh["data"] * mesh["fsdp"], mesh["tensor"]
     c, o = config, config.optim
-    student = hf_config(c.student)
+    student = models.spec_config(c.student)
     s_dtype = c.student.param_dtype or "float32"
     out = {"student params": shard_bytes(student, s_dtype, mesh)}
     trained = out["student params"]
@@ -118,7 +98,7 @@ def plan(config: ConfigDict, devices: int) -> dict[str, float]:
     out["AdamW state"] = 2 * trained * (1.5 if o.grad_accum > 1 else 1)
     teacher, method = None, methods.get(c.method)
     if method.teacher:
-        teacher = hf_config(c.teacher)
+        teacher = models.spec_config(c.teacher)
         out["teacher params"] = shard_bytes(teacher, c.teacher.param_dtype or c.teacher.dtype, mesh)
 
     d = _dims(student)

@@ -13,25 +13,14 @@ from ml_collections import ConfigDict
 from distillm_jax import methods, sharding
 from distillm_jax.config import ConfigError
 from distillm_jax.models.hf_io import CheckpointError
-
-RUN_FILES = ("checkpoints", "summary.json", "metrics.jsonl", "best", "final")  # what a run writes
-
-
-def held(run_dir: str) -> list[str]:
-    """The parts of a run ``run_dir`` holds (an empty ``checkpoints/`` counts: a run was started there)."""
-    return [name for name in RUN_FILES if os.path.exists(os.path.join(run_dir, name))]
+from distillm_jax.rundir import RunDir
 
 
-def has_checkpoint(run_dir: str) -> bool:
-    ckpts = os.path.join(run_dir, "checkpoints")
-    return os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))
-
-
-def writable(run_dir: str) -> None:
+def writable(run_dir: RunDir) -> None:
     """Create ``run_dir`` and write a file in it, or say in one line why it cannot be."""
-    probe = os.path.join(run_dir, f".write_test.{jax.process_index()}")
+    probe = run_dir.probe(jax.process_index())
     try:
-        os.makedirs(run_dir, exist_ok=True)
+        os.makedirs(run_dir.path, exist_ok=True)
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -59,10 +48,11 @@ def reuse(c: ConfigDict, found: list[str], continuable: bool, nothing: str) -> N
 def run_dir(c: ConfigDict) -> None:
     """A trainer's run folder: writable, reused only to continue its checkpoint, and a finished run whose
     checkpoints are gone never overwritten."""
-    writable(c.run_dir)
-    found = held(c.run_dir)
-    reuse(c, found, has_checkpoint(c.run_dir), "has no checkpoint to continue")
-    if c.resume and not has_checkpoint(c.run_dir):
+    folder = RunDir(c.run_dir)
+    writable(folder)
+    found, started = folder.held(), bool(folder.checkpoint_steps())
+    reuse(c, found, started, "has no checkpoint to continue")
+    if c.resume and not started:
         finished = [name for name in ("summary.json", "final") if name in found]
         if finished:  # a run killed before its first checkpoint holds only metrics and best/ of step 0
             raise ConfigError(
@@ -90,13 +80,13 @@ def model_configs(c: ConfigDict, roles: tuple[str, ...], tokens: int) -> None:
     teacher and student are of one kind (encoder-decoder or decoder-only), each vocabulary holds the
     tokenizer's ``tokens``, and a learned position table holds ``data.max_length``. At paper scale each of
     these would otherwise surface after the first stages have trained."""
-    from distillm_jax import models, planner
+    from distillm_jax import models
 
     found = {}
     for role in roles:
         spec = c[role]
         try:
-            found[role] = planner.hf_config(spec)
+            found[role] = models.spec_config(spec)
         except (CheckpointError, OSError, ValueError) as e:
             raise ConfigError(f"{role}: {e}") from None
     name = lambda role: f"the {role} ({c[role].path or 'a new ' + found[role].model_type})"  # noqa: E731

@@ -10,15 +10,17 @@ import os
 
 import jax
 
+from distillm_jax.rundir import RunDir
+
 
 class Reporter:
-    def __init__(self, run_dir: str, total_steps: int, start_step: int, *, desc: str = "train"):
+    def __init__(self, run_dir: RunDir, total_steps: int, start_step: int, *, desc: str = "train"):
         self.lead = jax.process_index() == 0
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.path = run_dir.metrics
         self.bar = self.tb = None
         if not self.lead:
             return
-        os.makedirs(run_dir, exist_ok=True)
+        os.makedirs(run_dir.path, exist_ok=True)
         self._truncate_after(start_step)
         from tqdm.auto import tqdm
 
@@ -26,7 +28,7 @@ class Reporter:
         try:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            self.tb = SummaryWriter(run_dir.tensorboard)
         except ImportError:  # optional: JSONL and the PNG still hold everything
             self.tb = None
 
@@ -85,9 +87,9 @@ def read_rows(path: str) -> list[dict]:
     return rows
 
 
-def plot_curves(run_dir: str) -> str | None:
+def plot_curves(run_dir: RunDir) -> str | None:
     """``curves.png``: training loss and every evaluation metric against the step."""
-    path = os.path.join(run_dir, "metrics.jsonl")
+    path = run_dir.metrics
     if jax.process_index() != 0 or not os.path.exists(path):
         return None
     try:
@@ -118,7 +120,7 @@ def plot_curves(run_dir: str) -> str | None:
             _plot_sources(ax, train)
         ax.set_xlabel("step")
     fig.tight_layout()
-    out = os.path.join(run_dir, "curves.png")
+    out = run_dir.curves
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

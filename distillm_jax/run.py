@@ -4,13 +4,12 @@ costs seconds; every user mistake found here is a ``ConfigError`` (one line)."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
 from distillm_jax import config as cfglib
-from distillm_jax import lora, models, planner, rundata, settings, sharding
+from distillm_jax import lora, models, rundata, settings, sharding
 from distillm_jax.data import batching, tasks
 from distillm_jax.data import tokenizers as toklib
 from distillm_jax.sampling import Sampler
@@ -27,7 +26,7 @@ def build_model(spec: ConfigDict, mesh, *, trainable: bool) -> nnx.Module:
     if spec.path:
         model = models.from_pretrained(spec.path, **kw)
     else:
-        model = models.create(planner.hf_config(spec), seed=spec.seed, **kw)  # from spec.config
+        model = models.create(models.spec_config(spec), seed=spec.seed, **kw)  # from spec.config
     lo = spec.lora
     if trainable and lo.rank:  # adapters on the frozen weights (kept in the param dtype they load in)
         lora.apply(
@@ -37,12 +36,13 @@ def build_model(spec: ConfigDict, mesh, *, trainable: bool) -> nnx.Module:
 
 
 class Run:
-    """A run's pieces. ``evaluate_only`` (``launch/evaluate.py``, the test stage): the student, the
-    tokenizer and the validation rows; no teacher, no training rows, nothing more read or loaded."""
+    """A run's pieces, from a config that ``config.check`` and ``preflight`` accepted (``trainer.train``,
+    ``pipeline.run`` and the launch scripts check before they build one). ``evaluate_only``
+    (``launch/evaluate.py``, the test stage): the student, the tokenizer and the validation rows; no
+    teacher, no training rows, nothing more read or loaded."""
 
     def __init__(self, config: ConfigDict, *, evaluate_only: bool = False):
-        cfglib.check(config)
-        vocab = planner.hf_config(config.student).vocab_size  # config.json only: no weights read yet
+        vocab = models.spec_config(config.student).vocab_size  # config.json only: no weights read yet
         self.settings = s = settings.build(config, vocab)
         d = s.data
         self.mesh = sharding.make_mesh(**config.mesh)
@@ -67,7 +67,6 @@ class Run:
                 tasks.get("openwebtext"), d.lm_source, d.lm_split, max_rows=d.lm_max_rows, demo_rows=0
             )
             texts = [r["text"] for r in lm]
-        self._check_processes()
         self.student = build_model(config.student, self.mesh, trainable=True)
         enc_dec = hasattr(self.student, "encode")
         self._check_vocab(self.student, "student")
@@ -105,19 +104,6 @@ class Run:
                 f"{len(self.train_rows)} usable training rows are fewer than one batch ({s.optim.batch_size})"
             )
         self.lm_rows = None if texts is None else batching.LazyTokens(texts, self.tokenizer)
-
-    def _check_processes(self) -> None:
-        """With several processes each batch must split over the data shards (no replicated batch)."""
-        if jax.process_count() == 1:
-            return
-        _, shards = sharding.data_shards(self.mesh)
-        s = self.settings
-        for name, size in (("the micro-batch", s.optim.micro), ("eval.batch_size", s.eval.batch_size)):
-            if size % shards:
-                raise cfglib.ConfigError(
-                    f"{name} ({size}) must split over the mesh's {shards} data shards "
-                    "(data x fsdp) when several processes share the batch"
-                )
 
     def _check_vocab(self, model: nnx.Module, role: str) -> None:
         if model.config.vocab < len(self.tokenizer):

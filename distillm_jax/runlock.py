@@ -25,9 +25,9 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
-from distillm_jax.config import ConfigError
+from distillm_jax.errors import ConfigError
+from distillm_jax.rundir import RunDir
 
-NAME = ".lock"
 HEARTBEAT = 10.0  # seconds between touches of a held lock
 STALE_AFTER = 60.0  # seconds untouched that make a lock stale (6 heartbeats: one slow NFS write is no death)
 TAKE_OVER_WAIT = 5.0  # seconds to wait for another process that is taking over the same stale lock
@@ -41,9 +41,9 @@ class RunLock:
     """The lock file of one run folder, held by this process between ``acquire`` and ``release``. Not
     re-entrant (``hold`` is): a second ``RunLock`` of a folder this process holds is refused."""
 
-    def __init__(self, run_dir: str):
-        self.run_dir = run_dir
-        self.path = os.path.join(run_dir, NAME)
+    def __init__(self, run_dir: RunDir | str):
+        folder = RunDir.of(run_dir)
+        self.run_dir, self.path = folder.path, folder.lock
         self.host = socket.gethostname()
         self.token = uuid.uuid4().hex
         self.lost = False  # another process took the lock over (we were thought dead): see _beat
@@ -205,7 +205,7 @@ class RunLock:
 
 
 @contextmanager
-def hold(run_dir: str) -> Iterator[None]:
+def hold(run_dir: RunDir | str) -> Iterator[None]:
     """Hold ``run_dir`` for this run (re-entrant: the pipeline holds a folder and the trainer inside it may
     take the same one again; the file is removed when the outermost ``hold`` exits, exception or not).
 
@@ -216,7 +216,7 @@ def hold(run_dir: str) -> Iterator[None]:
     if jax.process_index() != 0:
         yield
         return
-    key = os.path.realpath(run_dir)
+    key = os.path.realpath(str(run_dir))
     with _guard:
         lock, depth = _held.get(key, (None, 0))
         if lock is None:
@@ -287,7 +287,7 @@ def _fs_now(folder: str) -> float:
     ``folder``. On NFS both this and the holder's heartbeat are the server's clock, so a host whose clock
     is off does not see live locks as stale; locally it is the machine's clock. ``time.time()`` if the
     probe cannot be written."""
-    probe = os.path.join(folder, f"{NAME}.now.{uuid.uuid4().hex}")
+    probe = f"{RunDir.of(folder).lock}.now.{uuid.uuid4().hex}"
     try:
         os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
         try:

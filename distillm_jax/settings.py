@@ -18,6 +18,7 @@ from distillm_jax import config as cfglib
 from distillm_jax import losses, methods, step
 from distillm_jax.data import batching
 from distillm_jax.generate import Sampling
+from distillm_jax.rundir import RunDir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +94,7 @@ class SGO:
 
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
-    run_dir: str
+    run_dir: RunDir
     seed: int
     resume: bool
     method: methods.Method
@@ -150,13 +151,13 @@ def _fields(cls, group: ConfigDict, **given) -> dict:
 
 def build(c: ConfigDict, vocab: int) -> RunSettings:
     """The settings of a config that ``config.check`` accepted, for a student of ``vocab`` entries (its
-    config.json's: ``planner.hf_config``)."""
+    config.json's: ``models.spec_config``)."""
     d, o, e = c.data, c.offpolicy, c.eval
     lengths = batching.Lengths(d.max_prompt_length, d.max_length)
     method = methods.get(c.method)
     loss = loss_config(c, vocab)
     return RunSettings(
-        run_dir=c.run_dir,
+        run_dir=RunDir(c.run_dir),
         seed=int(c.seed),
         resume=bool(c.resume),
         method=method,

@@ -27,6 +27,7 @@ from distillm_jax.loop import Interval, Schedule, StopRequest, TrainingError, in
 from distillm_jax.methods import sources
 from distillm_jax.models import dropout
 from distillm_jax.run import Run, build_model
+from distillm_jax.rundir import RunDir
 from distillm_jax.validation import DRAW_SEED_STRIDE
 
 __all__ = [
@@ -78,14 +79,22 @@ class Student:
 
 def train(config: ConfigDict, *, stage: str = "") -> dict:
     """One run: returns its summary (also written to ``run_dir/summary.json``); ``stage`` names it on
-    the progress bar (the pipeline's stage). What can be checked before any model loads is checked first
-    (a mistake costs seconds); the run folder is held for this process alone while it trains."""
+    the progress bar. What can be checked before any model loads is checked first (a mistake costs
+    seconds): the config, the mesh and batch, the tokenizer and the models' config.json files."""
+    cfglib.check(config)
     preflight.mesh_and_batch(config)
     tokens = len(preflight.tokenizers(config))
     roles = ("teacher", "student") if methods.get(config.method).teacher else ("student",)
     preflight.model_configs(config, roles, tokens)
-    preflight.writable(config.run_dir)
-    with runlock.hold(config.run_dir):
+    return train_checked(config, stage=stage)
+
+
+def train_checked(config: ConfigDict, *, stage: str = "") -> dict:
+    """``train`` of a config whose checks ran already (the pipeline checks every stage's at its start);
+    the run folder is held for this process alone while it trains."""
+    folder = RunDir(config.run_dir)
+    preflight.writable(folder)
+    with runlock.hold(folder):
         return _train(config, stage)
 
 
@@ -99,10 +108,10 @@ def _train(config: ConfigDict, stage: str) -> dict:
     student = Student(run, schedule.total)
     source = method.source(run, rows, schedule.total, student.model, student.teacher_state)
     lm = sources.LMText(run) if run.lm_rows is not None else None
-    ckpt = Checkpoints(os.path.join(s.run_dir, "checkpoints"), keep=s.checkpoint_keep)
+    ckpt = Checkpoints(s.run_dir.checkpoints, keep=s.checkpoint_keep)
     state = _resume(run, ckpt, student, source, lm, schedule.total)
     reporter = reporting.Reporter(
-        s.run_dir, schedule.total, state.step, desc=stage or os.path.basename(s.run_dir) or "train"
+        s.run_dir, schedule.total, state.step, desc=stage or os.path.basename(s.run_dir.path) or "train"
     )
     hosts_share = run.batches.num_shards / len(run.batches.shards)
     interval = Interval(s.optim.grad_accum, sgo=method.sgo, adaptive=method.adaptive, hosts_share=hosts_share)
@@ -167,7 +176,7 @@ def _train(config: ConfigDict, stage: str) -> dict:
         finally:  # ... after which the progress bar still ends its line and the SGO feeder stops
             reporter.close()
             source.close()
-    export_model(student.model(), run.tokenizer, os.path.join(s.run_dir, "final"), peft=s.peft)
+    export_model(student.model(), run.tokenizer, s.run_dir.final, peft=s.peft)
     return _summary(run, schedule, state, source, time.time() - start)
 
 
@@ -217,9 +226,7 @@ def _after_eval(run: Run, state, source, student: Student, reporter, done: int, 
     value = metrics[run.validator.key_metric]
     if run.validator.better(value, state.best):
         state.best, state.best_step = value, done
-        export_model(
-            student.model(), run.tokenizer, os.path.join(run.settings.run_dir, "best"), peft=run.settings.peft
-        )
+        export_model(student.model(), run.tokenizer, run.settings.run_dir.best, peft=run.settings.peft)
 
 
 def _summary(run: Run, schedule: Schedule, state: runstate.RunState, source, seconds: float) -> dict:
@@ -227,7 +234,7 @@ def _summary(run: Run, schedule: Schedule, state: runstate.RunState, source, sec
     methods, how the student's samples were used)."""
     s = run.settings
     summary = {
-        "run_dir": s.run_dir,
+        "run_dir": s.run_dir.path,
         "method": s.method.name,
         "loss": s.loss.divergence if s.loss.kd_ratio else "ce",
         "steps": schedule.total,
@@ -243,7 +250,7 @@ def _summary(run: Run, schedule: Schedule, state: runstate.RunState, source, sec
     }
     summary.update(s.method.summary(run, source, state))
     if jax.process_index() == 0:
-        with open(os.path.join(s.run_dir, "summary.json"), "w") as f:
+        with open(s.run_dir.summary, "w") as f:
             json.dump(summary, f, indent=2)
         reporting.plot_curves(s.run_dir)
         print(reporting.summary_table(summary))
@@ -269,6 +276,7 @@ def override(config: ConfigDict, **changes) -> ConfigDict:
 def evaluate_model(config: ConfigDict, seeds: tuple[int, ...]) -> dict:
     """The validation CE of ``config.student`` and its task metric (ROUGE-L / BLEU) for each sampling
     seed, with the final evaluation's protocol: ``{"val_ce", "<metric>": mean, "<metric>_std", "scores"}``."""
+    preflight.mesh_and_batch(config)
     run = Run(config, evaluate_only=True)
     eval_step = step.make_eval_step(run.student, None, step.LossConfig(kd_ratio=0.0))
     out = run.validator.losses(eval_step, step.split_student(run.student)[1], None)

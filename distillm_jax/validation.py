@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from distillm_jax import evaluation
+from distillm_jax import metrics
 from distillm_jax.rundata import Batches, Row
 from distillm_jax.sampling import Sampler
 from distillm_jax.settings import Eval
@@ -69,7 +69,7 @@ class Validator:
             ngram=e.no_repeat_ngram_size if final else 0,
         )
         preds = self.tokenizer.batch_decode(outs, skip_special_tokens=True)
-        return evaluation.METRICS[self.metric_name](preds, self.references)
+        return metrics.METRICS[self.metric_name](preds, self.references)
 
     def evaluate(
         self, eval_step: Callable, params, teacher_state, model: nnx.Module, seed: int, at: int

@@ -60,7 +60,7 @@ def test_done_stage_is_skipped_and_stopped_stage_continues(tmp_path, monkeypatch
     ``resume`` and ``start_if_empty``), and is skipped once its summary is as late as its checkpoints."""
     calls = []
     monkeypatch.setattr(
-        trainer, "train", lambda c, stage: calls.append((c.resume, c.start_if_empty)) or {"steps": 1}
+        trainer, "train_checked", lambda c, stage: calls.append((c.resume, c.start_if_empty)) or {"steps": 1}
     )
     c = load("demo", "tiny")
     c.run_dir, c.resume = str(tmp_path / "run"), False

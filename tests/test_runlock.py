@@ -17,6 +17,9 @@ import pytest
 
 from distillm_jax import runlock
 from distillm_jax.config import ConfigError
+from distillm_jax.rundir import RunDir
+
+LOCK = os.path.basename(RunDir("any").lock)
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLDER = """
@@ -37,7 +40,7 @@ def wait_until(condition, timeout: float = 30.0) -> None:
 
 def write_lock(folder: Path, age: float = 0.0, **info) -> Path:
     """A lock file as another process would leave it, touched ``age`` seconds ago."""
-    path = folder / runlock.NAME
+    path = folder / LOCK
     record = {"host": "elsewhere", "pid": 4321, "started": time.time() - 3600, "token": "theirs"} | info
     path.write_text(json.dumps(record))
     then = time.time() - age
@@ -65,15 +68,15 @@ def test_killed_holder_is_taken_over_at_once(tmp_path, capsys):
         assert "choose another run_dir" in message and "\n" not in message
         holder.kill()  # SIGKILL: no clean-up, the lock file stays
         holder.wait(timeout=30)
-        assert (tmp_path / runlock.NAME).exists()
+        assert (tmp_path / LOCK).exists()
         capsys.readouterr()
         with runlock.hold(str(tmp_path)):
-            held = json.loads((tmp_path / runlock.NAME).read_text())
+            held = json.loads((tmp_path / LOCK).read_text())
             assert held["pid"] == os.getpid()
         assert f"note: took over the lock of {held['host']} pid {holder.pid} (process gone)" in (
             capsys.readouterr().out
         )
-        assert not (tmp_path / runlock.NAME).exists()
+        assert not (tmp_path / LOCK).exists()
     finally:
         holder.kill()
         holder.wait(timeout=30)
@@ -86,13 +89,13 @@ def test_other_host_is_stale_only_without_heartbeat(tmp_path, capsys):
         runlock.hold(str(tmp_path)).__enter__()
     write_lock(tmp_path, age=600)
     with runlock.hold(str(tmp_path)):
-        assert json.loads((tmp_path / runlock.NAME).read_text())["pid"] == os.getpid()
+        assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
     out = capsys.readouterr().out
     assert "note: took over the lock of elsewhere pid 4321 (no heartbeat for 600 s)" in out
 
 
 def test_unreadable_lock_is_judged_by_its_mtime(tmp_path, capsys):
-    path = tmp_path / runlock.NAME
+    path = tmp_path / LOCK
     path.write_text("")  # a crash between the create and the write
     with pytest.raises(ConfigError, match="unreadable lock file"):
         runlock.hold(str(tmp_path)).__enter__()
@@ -136,21 +139,21 @@ def test_a_host_rebooted_under_the_same_name(tmp_path, capsys):
 
 
 def test_reentrant_in_one_process_separate_per_folder(tmp_path):
-    path, sub = tmp_path / runlock.NAME, tmp_path / "teacher"
+    path, sub = tmp_path / LOCK, tmp_path / "teacher"
     sub.mkdir()
     with runlock.hold(str(tmp_path)):
         token = json.loads(path.read_text())["token"]
         with runlock.hold(str(tmp_path)), runlock.hold(str(sub)):  # the trainer inside the pipeline
             assert json.loads(path.read_text())["token"] == token  # the same lock, no second file
-            assert (sub / runlock.NAME).exists()
-        assert path.exists() and not (sub / runlock.NAME).exists()
+            assert (sub / LOCK).exists()
+        assert path.exists() and not (sub / LOCK).exists()
     assert not path.exists()
     assert os.listdir(tmp_path) == ["teacher"]  # no probe or break files left behind
 
 
 def test_heartbeat_touches_the_lock(tmp_path, monkeypatch):
     monkeypatch.setattr(runlock, "HEARTBEAT", 0.05)
-    path = tmp_path / runlock.NAME
+    path = tmp_path / LOCK
     with runlock.hold(str(tmp_path)):
         old = time.time() - 1000
         os.utime(path, (old, old))
@@ -159,9 +162,9 @@ def test_heartbeat_touches_the_lock(tmp_path, monkeypatch):
 
 def test_released_on_an_exception(tmp_path):
     with pytest.raises(RuntimeError, match="boom"), runlock.hold(str(tmp_path)):
-        assert (tmp_path / runlock.NAME).exists()
+        assert (tmp_path / LOCK).exists()
         raise RuntimeError("boom")
-    assert not (tmp_path / runlock.NAME).exists()
+    assert not (tmp_path / LOCK).exists()
     with runlock.hold(str(tmp_path)):  # and taken again without a take-over
         pass
 
@@ -212,7 +215,7 @@ def test_racers_for_a_stale_lock_leave_one_winner(tmp_path, monkeypatch, forced)
         for t in threads:
             t.join(timeout=60)
         assert len(won) == 1 and len(refused) == racers - 1, (won, refused)
-        assert json.loads((tmp_path / runlock.NAME).read_text())["token"] == won[0].token
+        assert json.loads((tmp_path / LOCK).read_text())["token"] == won[0].token
         assert all("is in use by another run" in message for message in refused)
         won[0].release()
         assert os.listdir(tmp_path) == []
@@ -222,7 +225,7 @@ def test_only_process_zero_locks(tmp_path, monkeypatch):
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     write_lock(tmp_path)  # process 0 holds it; the others share the folder
     with runlock.hold(str(tmp_path)):
-        assert json.loads((tmp_path / runlock.NAME).read_text())["host"] == "elsewhere"
+        assert json.loads((tmp_path / LOCK).read_text())["host"] == "elsewhere"
 
 
 def test_a_folder_that_cannot_be_written(tmp_path):
@@ -248,7 +251,7 @@ def test_the_pipeline_and_the_trainer_refuse_a_folder_another_process_trains_in(
         for entry in (pipeline.run, trainer.train):
             with pytest.raises(ConfigError, match=says):
                 entry(c)
-        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [runlock.NAME]
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK]
     finally:
         holder.kill()
         holder.wait()

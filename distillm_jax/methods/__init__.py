@@ -13,6 +13,8 @@ checks, settings, loss and batch source come with it). The method and its baseli
 
 from __future__ import annotations
 
+import importlib
+
 from ml_collections import ConfigDict
 
 from distillm_jax.methods.base import Method
@@ -47,7 +49,8 @@ def add_defaults(c: ConfigDict) -> ConfigDict:
     return c
 
 
-# The package's methods, in the order error messages and tables list them.
-from distillm_jax.methods import distillm2, minillm, plain, sgo  # noqa: E402, F401  (they register themselves)  # noqa: E402, F401, I001
+# The package's methods, registered in the order error messages and tables list them.
+for _module in ("plain", "sgo", "minillm", "distillm2"):
+    importlib.import_module(f"distillm_jax.methods.{_module}")
 
 __all__ = ["REGISTRY", "Method", "add_defaults", "get", "register"]

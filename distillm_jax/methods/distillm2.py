@@ -67,8 +67,8 @@ class DistiLLM2(base.Method):
     def training_rows(self, run: Run) -> list:
         """(prompt, teacher's response, initial student's response) for every training prompt."""
         sampling = run.settings.own.sampling
-        teacher = sources.cached_responses(run, run.teacher, "distillm2_teacher.jsonl", sampling)
-        student = sources.cached_responses(run, run.student, "distillm2_student.jsonl", sampling)
+        teacher = sources.cached_responses(run, run.teacher, "distillm2_teacher", sampling)
+        student = sources.cached_responses(run, run.student, "distillm2_student", sampling)
         return [(p, t, s) for (p, t), (_, s) in zip(teacher, student, strict=True)]
 
     def source(self, run: Run, rows: list, total: int, model_of, teacher_state) -> sources.Feed:

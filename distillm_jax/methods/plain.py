@@ -56,7 +56,7 @@ class SeqKD(base.Method):
 
     def training_rows(self, run: Run) -> list:
         """The teacher's responses to the training prompts (SeqKD's data)."""
-        return sources.cached_responses(run, run.teacher, "seqkd_train.jsonl", run.settings.own)
+        return sources.cached_responses(run, run.teacher, "seqkd_train", run.settings.own)
 
 
 for _method in (SFT(), KD(), SeqKD()):

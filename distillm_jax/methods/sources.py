@@ -35,9 +35,9 @@ if TYPE_CHECKING:
 def cached_responses(run: Run, model: nnx.Module, name: str, sampling: Sampling) -> list:
     """``model``'s responses to the training prompts as (prompt, response) rows, sampled with
     ``sampling`` (the model's own samples: no n-gram ban, which belongs to the evaluation protocol
-    only), generated once and cached in ``run_dir/name``."""
+    only), generated once and cached in the run folder as ``name``."""
     s = run.settings
-    path = os.path.join(s.run_dir, name)
+    path = s.run_dir.cache(name)
     if os.path.exists(path):
         with open(path) as f:
             return [tuple(json.loads(line)) for line in f]
@@ -52,7 +52,7 @@ def cached_responses(run: Run, model: nnx.Module, name: str, sampling: Sampling)
     eos = run.tokenizer.eos_token_id
     rows = [(p, [int(t) for t in o] or [eos]) for (p, _), o in zip(run.train_rows, outs, strict=True)]
     if jax.process_index() == 0:
-        os.makedirs(s.run_dir, exist_ok=True)
+        os.makedirs(s.run_dir.path, exist_ok=True)
         with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps([[int(t) for t in p], r]) + "\n" for p, r in rows)
         os.replace(path + ".tmp", path)

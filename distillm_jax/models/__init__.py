@@ -39,6 +39,7 @@ __all__ = [
     "load_hf_config",
     "position_limit",
     "save_pretrained",
+    "spec_config",
 ]
 
 
@@ -71,6 +72,18 @@ def load_hf_config(directory: str):
         raise CheckpointError(f"corrupt {path}: {e}") from None
     _family(model_type, path)
     return AutoConfig.from_pretrained(directory)
+
+
+def spec_config(spec):
+    """The transformers config of a model spec (``path``, ``config``: a teacher or student of the run's
+    config): its checkpoint's config.json — a hub id's fetched without weights — or ``spec.config`` (HF
+    config kwargs with ``model_type``) for a new model. What every model path of a run starts from."""
+    from transformers import AutoConfig
+
+    if spec.path:
+        return load_hf_config(hub.local_dir(spec.path, weights=False))
+    kwargs = spec.config.to_dict()
+    return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
 
 
 def encoder_decoder(hf_config) -> bool:
