@@ -43,7 +43,7 @@ sys.path.insert(0, ROOT)
 from configs import paper  # noqa: E402
 from distillm_jax import config as cfglib  # noqa: E402
 from distillm_jax import pipeline, reporting, trainer  # noqa: E402
-from distillm_jax.rundir import RunDir  # noqa: E402
+from distillm_jax.run.folder import RunDir  # noqa: E402
 
 # DistiLLM on LoRA adapters: r 16, α 64 on every projection of the (d_model 64) student, at 5× the full
 # fine-tuning rate, as LoRA usually needs (at 1e-3 on q and v only it barely moved: 33.4 -> 34.9).

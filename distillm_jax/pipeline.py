@@ -25,8 +25,10 @@ import jax
 from ml_collections import ConfigDict
 
 from distillm_jax import config as cfglib
-from distillm_jax import methods, planner, preflight, reporting, runlock, trainer
-from distillm_jax.rundir import STAGES, RunDir
+from distillm_jax import methods, reporting, trainer
+from distillm_jax.config import planner, preflight
+from distillm_jax.run import lock as runlock
+from distillm_jax.run.folder import STAGES, RunDir
 from distillm_jax.trainer import override
 
 ROLES = ("teacher", "student")

@@ -10,7 +10,7 @@ import os
 
 import jax
 
-from distillm_jax.rundir import RunDir
+from distillm_jax.run.folder import RunDir
 
 
 class Reporter:

@@ -18,7 +18,7 @@ from flax import nnx
 from distillm_jax import distributed, generate
 from distillm_jax.generate import Sampling
 from distillm_jax.methods import offpolicy
-from distillm_jax.rundata import Batches
+from distillm_jax.run.data import Batches
 
 
 def sgo_batch(inputs: dict, tokens, mask, *, batches: Batches) -> tuple[dict, dict]:

@@ -20,14 +20,17 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from distillm_jax import config as cfglib
-from distillm_jax import methods, preflight, reporting, runlock, runstate, step
-from distillm_jax.checkpointing import Checkpoints
-from distillm_jax.export import export_checkpoint, export_model
+from distillm_jax import methods, reporting, step
+from distillm_jax.config import preflight
 from distillm_jax.loop import Interval, Schedule, StopRequest, TrainingError, inject_fault
 from distillm_jax.methods import sources
 from distillm_jax.models import dropout
-from distillm_jax.run import Run, build_model
-from distillm_jax.rundir import RunDir
+from distillm_jax.run import lock as runlock
+from distillm_jax.run import state as runstate
+from distillm_jax.run.build import Run, build_model
+from distillm_jax.run.checkpoints import Checkpoints
+from distillm_jax.run.export import export_checkpoint, export_model
+from distillm_jax.run.folder import RunDir
 from distillm_jax.validation import DRAW_SEED_STRIDE
 
 __all__ = [

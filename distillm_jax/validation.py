@@ -10,9 +10,9 @@ import numpy as np
 from flax import nnx
 
 from distillm_jax import metrics
-from distillm_jax.rundata import Batches, Row
+from distillm_jax.config.settings import Eval
+from distillm_jax.run.data import Batches, Row
 from distillm_jax.sampling import Sampler
-from distillm_jax.settings import Eval
 
 DRAW_SEED_STRIDE = 1_000_003  # a prime past any step count: no two evaluations' draws share a seed
 

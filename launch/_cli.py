@@ -63,7 +63,7 @@ def usage() -> str:
         lines.append(f"  --{flag.name:<22} {flag.help}")
     lines += [
         "",
-        "every config key, its default and meaning: distillm_jax/defaults.py (also configs/base.py);",
+        "every config key, its default and meaning: distillm_jax/config/defaults.py (also configs/base.py);",
         "the paper's setups and their variants: configs/README.md; this script: launch/README.md",
     ]
     return f"usage: python launch/{script} --config FILE [flags]\n\n" + "\n".join(lines)
@@ -123,7 +123,7 @@ def _quiet_when_full() -> None:
     threading.excepthook = hook
     for name in ("absl", "asyncio"):  # asyncio: "Task exception was never retrieved" at exit
         logging.getLogger(name).addFilter(Drop())
-    from distillm_jax.checkpointing import hush_abandoned_io
+    from distillm_jax.run.checkpoints import hush_abandoned_io
 
     hush_abandoned_io()
 

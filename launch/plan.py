@@ -14,8 +14,8 @@ MEMORY = flags.DEFINE_float("memory_gib", 0.0, "memory of one device in GiB (0: 
 def body(config):
     import jax
 
-    from distillm_jax import pipeline, planner
-    from distillm_jax.config import ConfigError
+    from distillm_jax import pipeline
+    from distillm_jax.config import ConfigError, planner
 
     devices = DEVICES.value or jax.device_count()
     memory = int(MEMORY.value * planner.GIB) or planner.device_memory()

@@ -12,8 +12,8 @@ from ml_collections import ConfigDict
 
 from distillm_jax import config as cfglib
 from distillm_jax import models, trainer
-from distillm_jax import run as run_module
 from distillm_jax.data import tokenizers
+from distillm_jax.run import build as run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -431,7 +431,7 @@ def test_help_on_every_launch_script(script):
         assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr[-2000:]
         assert len(proc.stdout.splitlines()) > 3
         if not script.endswith(".sh"):
-            assert "--config FILE" in proc.stdout and "distillm_jax/defaults.py" in proc.stdout
+            assert "--config FILE" in proc.stdout and "distillm_jax/config/defaults.py" in proc.stdout
 
 
 def test_a_hyphenated_key_is_one_line():

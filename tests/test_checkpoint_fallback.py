@@ -12,7 +12,7 @@ import pytest
 
 from distillm_jax import config as cfglib
 from distillm_jax import models, trainer
-from distillm_jax.checkpointing import Checkpoints
+from distillm_jax.run.checkpoints import Checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from distillm_jax import config as cfglib
-from distillm_jax import methods, pipeline, planner, reporting, sampling, step, trainer
+from distillm_jax import methods, pipeline, reporting, sampling, step, trainer
+from distillm_jax.config import planner
 from distillm_jax.methods import minillm, offpolicy
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,9 +6,7 @@ from distillm_jax import metrics
 
 
 def test_rouge_l_stems_takes_the_best_reference_and_scales_by_100():
-    assert metrics.rouge_l(["the cats are running"], ["the cat is running"]) == pytest.approx(
-        75.0
-    )  # stems
+    assert metrics.rouge_l(["the cats are running"], ["the cat is running"]) == pytest.approx(75.0)  # stems
     # LCS("a b c d", "a c d") = 3: P = 3/4, R = 3/3, F = 6/7
     assert metrics.rouge_l(["a b c d"], [["x y", "a c d"]]) == pytest.approx(100 * 6 / 7)
     assert metrics.rouge_l(["same words", "nothing"], ["same words", "else"]) == pytest.approx(50.0)

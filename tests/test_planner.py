@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from distillm_jax import config as cfglib
-from distillm_jax import lora, planner, settings, sharding, trainer
+from distillm_jax import lora, sharding, trainer
+from distillm_jax.config import planner, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""The run-folder lock (distillm_jax/runlock.py): a live holder refuses a second run, a dead one's lock is
+"""The run-folder lock (distillm_jax/run/lock.py): a live holder refuses a second run, a dead one's lock is
 taken over (SIGKILL on this host: at once; another host: after STALE_AFTER without a heartbeat), nested
 holds of one folder in one process share the lock, and racers for a stale lock leave exactly one winner.
 Waits are on conditions with generous deadlines, never on bare sleeps."""
@@ -15,16 +15,16 @@ from pathlib import Path
 import jax
 import pytest
 
-from distillm_jax import runlock
 from distillm_jax.config import ConfigError
-from distillm_jax.rundir import RunDir
+from distillm_jax.run import lock as runlock
+from distillm_jax.run.folder import RunDir
 
 LOCK = os.path.basename(RunDir("any").lock)
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLDER = """
 import sys, time
-from distillm_jax import runlock
+from distillm_jax.run import lock as runlock
 with runlock.hold(sys.argv[1]):
     print("held", flush=True)
     time.sleep(600)

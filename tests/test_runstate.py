@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from distillm_jax.runstate import VERSION, RunState
+from distillm_jax.run.state import VERSION, RunState
 
 
 def test_round_trip_through_json():

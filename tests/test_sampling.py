@@ -8,10 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from distillm_jax import models, rundata, sharding
+from distillm_jax import models, sharding
 from distillm_jax.data import batching
 from distillm_jax.generate import Sampling
 from distillm_jax.methods import offpolicy
+from distillm_jax.run import data as rundata
 from distillm_jax.sampling import Sampler
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -7,7 +7,8 @@ import jax
 import pytest
 
 from distillm_jax import config as cfglib
-from distillm_jax import losses, settings, trainer
+from distillm_jax import losses, trainer
+from distillm_jax.config import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -39,8 +39,8 @@ def test_the_papers_other_test_sets_read_as_dolly(tmp_path):
     all of (its best) while a model would train on the first."""
     from pathlib import Path
 
-    from distillm_jax import rundata
     from distillm_jax.data import batching, demo
+    from distillm_jax.run import data as rundata
 
     task = tasks.get("dolly")
     samples = Path(__file__).resolve().parents[1] / "configs" / "samples"

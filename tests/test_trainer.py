@@ -119,7 +119,7 @@ def test_half_written_checkpoint_is_never_picked(tmp_path):
     # A write interrupted at step 3: orbax's temporary directory, partly filled.
     (ckpts / "3.orbax-checkpoint-tmp" / "state").mkdir(parents=True)
     (ckpts / "3.orbax-checkpoint-tmp" / "state" / "partial").write_bytes(b"\0" * 10)
-    from distillm_jax.checkpointing import Checkpoints
+    from distillm_jax.run.checkpoints import Checkpoints
 
     manager = Checkpoints(str(ckpts))
     assert manager.latest_step() == 2

@@ -25,8 +25,8 @@ from distillm_jax import step
 from distillm_jax.methods import sources
 
 if TYPE_CHECKING:
-    from distillm_jax.run import Run
-    from distillm_jax.runstate import RunState
+    from distillm_jax.run.build import Run
+    from distillm_jax.run.state import RunState
 
 
 class Method:

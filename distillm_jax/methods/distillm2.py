@@ -18,7 +18,7 @@ from distillm_jax.methods import base, register, sources
 from distillm_jax.methods.plain import check_sampling
 
 if TYPE_CHECKING:
-    from distillm_jax.run import Run
+    from distillm_jax.run.build import Run
 
 
 @dataclasses.dataclass(frozen=True)

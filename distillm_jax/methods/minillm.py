@@ -34,7 +34,7 @@ from distillm_jax.errors import ConfigError
 from distillm_jax.methods import base, offpolicy, register, sources
 
 if TYPE_CHECKING:
-    from distillm_jax.run import Run
+    from distillm_jax.run.build import Run
 
 Array = jax.Array
 

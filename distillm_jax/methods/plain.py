@@ -13,7 +13,7 @@ from distillm_jax.generate import Sampling
 from distillm_jax.methods import base, register, sources
 
 if TYPE_CHECKING:
-    from distillm_jax.run import Run
+    from distillm_jax.run.build import Run
 
 
 class SFT(base.Method):

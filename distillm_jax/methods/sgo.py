@@ -24,8 +24,8 @@ from distillm_jax.errors import ConfigError
 from distillm_jax.methods import base, offpolicy, register, sources
 
 if TYPE_CHECKING:
-    from distillm_jax.run import Run
-    from distillm_jax.runstate import RunState
+    from distillm_jax.run.build import Run
+    from distillm_jax.run.state import RunState
 
 
 class SGOMethod(base.Method):

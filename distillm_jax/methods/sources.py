@@ -26,10 +26,10 @@ from distillm_jax import distributed
 from distillm_jax.data import batching
 from distillm_jax.generate import Sampling
 from distillm_jax.methods import offpolicy
-from distillm_jax.runstate import RunState
+from distillm_jax.run.state import RunState
 
 if TYPE_CHECKING:
-    from distillm_jax.run import Run
+    from distillm_jax.run.build import Run
 
 
 def cached_responses(run: Run, model: nnx.Module, name: str, sampling: Sampling) -> list:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
 from distillm_jax.errors import ConfigError
-from distillm_jax.rundir import RunDir
+from distillm_jax.run.folder import RunDir
 
 HEARTBEAT = 10.0  # seconds between touches of a held lock
 STALE_AFTER = 60.0  # seconds untouched that make a lock stale (6 heartbeats: one slow NFS write is no death)

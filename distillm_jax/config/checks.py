@@ -1,6 +1,7 @@
 """Start-up checks of a run's ``ml_collections`` config (docs/architecture.md §9): every key must be one
-that ``distillm_jax/defaults.py`` defines, with a value of the same type, and the values must make sense
-together; each problem is one line (``ConfigError``) before any model is loaded or any step compiled."""
+that ``defaults.py`` (or a method's ``defaults``) defines, with a value of the same type, and the values
+must make sense together; each problem is one line (``ConfigError``) before any model is loaded or any
+step compiled."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
-from distillm_jax import defaults as default_values
 from distillm_jax import losses, methods
+from distillm_jax.config import defaults as default_values
 from distillm_jax.data import sources, tasks
 from distillm_jax.errors import ConfigError
 from distillm_jax.models import hub

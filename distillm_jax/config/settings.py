@@ -18,7 +18,7 @@ from distillm_jax import config as cfglib
 from distillm_jax import losses, methods, step
 from distillm_jax.data import batching
 from distillm_jax.generate import Sampling
-from distillm_jax.rundir import RunDir
+from distillm_jax.run.folder import RunDir
 
 
 @dataclasses.dataclass(frozen=True)

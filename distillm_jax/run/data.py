@@ -9,9 +9,9 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from distillm_jax import distributed, sharding
-from distillm_jax.config import ConfigError
 from distillm_jax.data import batching, tasks
 from distillm_jax.data.batching import Row
+from distillm_jax.errors import ConfigError
 
 
 def read(task: tasks.Task, source: str, split: str, *, max_rows: int, demo_rows: int) -> list[dict]:

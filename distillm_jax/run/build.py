@@ -9,9 +9,11 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from distillm_jax import config as cfglib
-from distillm_jax import lora, models, rundata, settings, sharding
+from distillm_jax import lora, models, sharding
+from distillm_jax.config import settings
 from distillm_jax.data import batching, tasks
 from distillm_jax.data import tokenizers as toklib
+from distillm_jax.run import data as rundata
 from distillm_jax.sampling import Sampler
 from distillm_jax.validation import Validator
 

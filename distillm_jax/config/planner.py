@@ -20,8 +20,9 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
-from distillm_jax import lora, methods, models, settings
+from distillm_jax import lora, methods, models
 from distillm_jax import sharding as shd
+from distillm_jax.config import settings
 from distillm_jax.generate import cache_slots_held
 
 GIB = 2**30

@@ -11,10 +11,11 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from distillm_jax import config as cfglib
-from distillm_jax import distributed, lora, models, settings, sharding, step
-from distillm_jax.checkpointing import Checkpoints
+from distillm_jax import distributed, lora, models, sharding, step
+from distillm_jax.config import settings
 from distillm_jax.data import tokenizers as toklib
-from distillm_jax.run import build_model
+from distillm_jax.run.build import build_model
+from distillm_jax.run.checkpoints import Checkpoints
 
 
 def export_model(model: nnx.Module, tokenizer, out_dir: str, *, peft: bool = False) -> None:

@@ -11,9 +11,9 @@ import jax
 from ml_collections import ConfigDict
 
 from distillm_jax import methods, sharding
-from distillm_jax.config import ConfigError
+from distillm_jax.errors import ConfigError
 from distillm_jax.models.hf_io import CheckpointError
-from distillm_jax.rundir import RunDir
+from distillm_jax.run.folder import RunDir
 
 
 def writable(run_dir: RunDir) -> None:
