@@ -163,48 +163,50 @@ def _mix(student: Array, teacher: Array, alpha: Array) -> Array:
     )
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled(
-    graphdef,
-    encoder_decoder: bool,
-    settings: tuple,
-    rows: jax.sharding.Sharding | None,
-    mix_graphdef=None,
-):
-    """The jitted generation function for one model graph (and mixer graph, if any) and one set of
-    static settings; its outputs keep the prompts' row sharding ``rows`` (each host then reads the rows
-    it fed, no all-gather). The mixer's state and alpha are arguments, so one compilation serves every
-    alpha and every teacher checkpoint of that graph."""
-    n_new, temperature, top_k, top_p, eos, pad, ngram, start, ends = settings
-    greedy = temperature == 0.0
+@dataclasses.dataclass(frozen=True)
+class Decode:
+    """The static settings of one compiled decode loop (with the model graphs and the rows' sharding,
+    its cache key)."""
 
-    def advance(net, ids, kv_valid, positions, cache, index):
+    n_new: int
+    sampling: Sampling
+    eos: int | None
+    pad: int
+    ngram: int  # no_repeat_ngram_size (0: off)
+    start: int  # an encoder-decoder's decoder start token
+    ends: tuple[int, ...]  # segment_ends(n_new)
+
+
+class _Loop:
+    """One generation, traced: the models (the sampled one, then the mixer if any) each with its own
+    cache, fed the same tokens; ``__call__`` prefills, then runs one ``lax.while_loop`` per cache
+    segment."""
+
+    def __init__(self, nets: list, encoder_decoder: bool, decode: Decode, alpha: Array | None):
+        self.nets, self.enc_dec, self.d, self.alpha = nets, encoder_decoder, decode, alpha
+        self.heads = [net.head().T for net in nets]  # [V, D] rows: see _step_logits
+
+    def advance(self, net, ids, kv_valid, positions, cache, index):
         """``ids`` through one model's decoder into cache slots from ``index`` (T5 takes positions
         from the slots)."""
-        if encoder_decoder:
+        if self.enc_dec:
             return net.hidden(ids, kv_valid, None, None, cache=cache, cache_index=index)
         return net.hidden(ids, kv_valid, positions=positions, cache=cache, cache_index=index)
 
-    def new_cache(net, prompt_ids, prompt_mask, b, slots):
+    def new_cache(self, net, prompt_ids, prompt_mask, b: int, slots: int):
         """One model's empty cache; encoder-decoder models encode the prompt into it, once."""
-        if encoder_decoder:
+        if self.enc_dec:
             return net.init_cache(b, slots, net.encode(prompt_ids, prompt_mask), prompt_mask)
         return net.init_cache(b, slots)
 
-    def run(state, prompt_ids, prompt_mask, rng, mixer=None):
-        nets = [nnx.merge(graphdef, state)]
-        if mixer is not None:
-            nets.append(nnx.merge(mix_graphdef, mixer[0]))
-        b, p = prompt_ids.shape
-        heads = [net.head().T for net in nets]  # [V, D] rows: see _step_logits
-        if not encoder_decoder:
-            prompt_ids, prompt_mask = _left_align(prompt_ids, prompt_mask)
-        offset = first_new_slot(p, encoder_decoder)  # generated token i goes to slot offset + i
-        slots = offset + ends[0]  # the cache's length in the first segment
-        caches = [new_cache(net, prompt_ids, prompt_mask, b, slots) for net in nets]
-        seq = jnp.full((b, offset + n_new), pad, jnp.int32)
-        if encoder_decoder:  # prefill the decoder's start token
-            seq = seq.at[:, 0].set(start)
+    def prefill(self, prompt_ids, prompt_mask, rng) -> tuple:
+        """The loop's first carry: the caches after the prompt (decoder-only) or the start token."""
+        d, (b, p) = self.d, prompt_ids.shape
+        slots = self.offset + d.ends[0]  # the cache's length in the first segment
+        caches = [self.new_cache(net, prompt_ids, prompt_mask, b, slots) for net in self.nets]
+        seq = jnp.full((b, self.offset + d.n_new), d.pad, jnp.int32)
+        if self.enc_dec:  # prefill the decoder's start token
+            seq = seq.at[:, 0].set(d.start)
             kv_valid = jnp.zeros((b, slots), jnp.int32).at[:, 0].set(1)
             first, positions = seq[:, :1], None
         else:  # prefill the prompt
@@ -212,66 +214,96 @@ def _compiled(
             kv_valid = jnp.zeros((b, slots), jnp.int32).at[:, :p].set(prompt_mask)
             first, positions = prompt_ids, L.default_positions(prompt_mask)
         hs, caches = zip(
-            *(advance(net, first, kv_valid, positions, c, 0) for net, c in zip(nets, caches, strict=True)),
+            *(
+                self.advance(n, first, kv_valid, positions, c, 0)
+                for n, c in zip(self.nets, caches, strict=True)
+            ),
             strict=True,
         )
-        lengths = jnp.sum(prompt_mask != 0, axis=1).astype(jnp.int32)  # next position of each row
-
-        def cond(carry):
-            i, done = carry[0], carry[5]
-            return (i < n_new) & ~jnp.all(done)
-
-        def body(carry):
-            i, caches, seq, kv_valid, lasts, done, out_mask, rng = carry
-            logits = [_step_logits(last, head) for last, head in zip(lasts, heads, strict=True)]
-            if mixer is not None:  # padded vocabularies may differ: keep the entries both have
-                v = min(x.shape[-1] for x in logits)
-                logits = [x[:, :v] for x in logits]
-            if ngram > 0:
-                logits = [_ban_repeated_ngrams(x, seq, offset + i, ngram) for x in logits]
-            if not greedy:
-                rng, key = jax.random.split(rng)
-                logits = [_filter(x, temperature, top_k, top_p) for x in logits]
-            scores = logits[0] if mixer is None else _mix(logits[0], logits[1], mixer[1])
-            if greedy:
-                token = jnp.argmax(scores, axis=-1).astype(jnp.int32)
-            else:
-                token = _sample(key, scores).astype(jnp.int32)
-            token = jnp.where(done, pad, token)
-            out_mask = out_mask.at[:, i].set(~done)
-            done = done | (token == eos) if eos is not None else done
-            seq = jax.lax.dynamic_update_slice_in_dim(seq, token[:, None], offset + i, axis=1)
-            kv_valid = jax.lax.dynamic_update_slice_in_dim(
-                kv_valid, jnp.ones((b, 1), jnp.int32), offset + i, 1
-            )
-            pos = None if encoder_decoder else (lengths + i)[:, None]
-            stepped = [
-                advance(net, token[:, None], kv_valid, pos, cache, offset + i)
-                for net, cache in zip(nets, caches, strict=True)
-            ]
-            lasts, caches = zip(*stepped, strict=True)
-            return i + 1, caches, seq, kv_valid, lasts, done, out_mask, rng
-
-        init = (
+        lasts = tuple(h[:, -1:] for h in hs)
+        return (
             jnp.int32(0),
             caches,
             seq,
             kv_valid,
-            tuple(h[:, -1:] for h in hs),
+            lasts,
             jnp.zeros((b,), bool),
-            jnp.zeros((b, n_new), bool),
+            jnp.zeros((b, d.n_new), bool),
             rng,
         )
-        carry = init
-        for j, end in enumerate(ends):
-            if j:  # the next segment's slots, zeroed and not yet valid
-                i, caches, seq, kv_valid, *rest = carry
-                caches = tuple(L.grow_kv_cache(c, offset + end) for c in caches)
-                kv_valid = jnp.pad(kv_valid, ((0, 0), (0, offset + end - kv_valid.shape[1])))
-                carry = (i, caches, seq, kv_valid, *rest)
-            carry = jax.lax.while_loop(lambda c, end=end: cond(c) & (c[0] < end), body, carry)
-        _, _, seq, _, _, _, out_mask, _ = carry
-        return seq[:, offset : offset + n_new], out_mask
+
+    def next_token(self, lasts, seq, i, rng) -> tuple[Array, Array]:
+        """Step ``i``'s token of every row, from the models' last hidden states."""
+        d, sampling = self.d, self.d.sampling
+        logits = [_step_logits(last, head) for last, head in zip(lasts, self.heads, strict=True)]
+        if self.alpha is not None:  # padded vocabularies may differ: keep the entries both have
+            v = min(x.shape[-1] for x in logits)
+            logits = [x[:, :v] for x in logits]
+        if d.ngram > 0:
+            logits = [_ban_repeated_ngrams(x, seq, self.offset + i, d.ngram) for x in logits]
+        greedy = sampling.temperature == 0.0
+        if not greedy:
+            rng, key = jax.random.split(rng)
+            logits = [_filter(x, sampling.temperature, sampling.top_k, sampling.top_p) for x in logits]
+        scores = logits[0] if self.alpha is None else _mix(logits[0], logits[1], self.alpha)
+        if greedy:
+            return jnp.argmax(scores, axis=-1).astype(jnp.int32), rng
+        return _sample(key, scores).astype(jnp.int32), rng
+
+    def body(self, carry):
+        i, caches, seq, kv_valid, lasts, done, out_mask, rng = carry
+        d, b = self.d, seq.shape[0]
+        token, rng = self.next_token(lasts, seq, i, rng)
+        token = jnp.where(done, d.pad, token)
+        out_mask = out_mask.at[:, i].set(~done)
+        done = done | (token == d.eos) if d.eos is not None else done
+        seq = jax.lax.dynamic_update_slice_in_dim(seq, token[:, None], self.offset + i, axis=1)
+        kv_valid = jax.lax.dynamic_update_slice_in_dim(
+            kv_valid, jnp.ones((b, 1), jnp.int32), self.offset + i, 1
+        )
+        pos = None if self.enc_dec else (self.lengths + i)[:, None]
+        stepped = [
+            self.advance(net, token[:, None], kv_valid, pos, cache, self.offset + i)
+            for net, cache in zip(self.nets, caches, strict=True)
+        ]
+        lasts, caches = zip(*stepped, strict=True)
+        return i + 1, caches, seq, kv_valid, lasts, done, out_mask, rng
+
+    def grow(self, carry, end: int):
+        """The next segment's cache slots, zeroed and not yet valid."""
+        i, caches, seq, kv_valid, *rest = carry
+        caches = tuple(L.grow_kv_cache(c, self.offset + end) for c in caches)
+        kv_valid = jnp.pad(kv_valid, ((0, 0), (0, self.offset + end - kv_valid.shape[1])))
+        return (i, caches, seq, kv_valid, *rest)
+
+    def __call__(self, prompt_ids, prompt_mask, rng) -> tuple[Array, Array]:
+        if not self.enc_dec:
+            prompt_ids, prompt_mask = _left_align(prompt_ids, prompt_mask)
+        self.offset = first_new_slot(prompt_ids.shape[1], self.enc_dec)  # new token i goes to offset + i
+        self.lengths = jnp.sum(prompt_mask != 0, axis=1).astype(jnp.int32)  # next position of each row
+        carry = self.prefill(prompt_ids, prompt_mask, rng)
+        for j, end in enumerate(self.d.ends):
+            if j:
+                carry = self.grow(carry, end)
+            running = lambda c, end=end: (c[0] < self.d.n_new) & ~jnp.all(c[5]) & (c[0] < end)  # noqa: E731
+            carry = jax.lax.while_loop(running, self.body, carry)
+        seq, out_mask = carry[2], carry[6]
+        return seq[:, self.offset : self.offset + self.d.n_new], out_mask
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(graphdef, encoder_decoder: bool, decode: Decode, rows, mix_graphdef=None):
+    """The jitted generation function for one model graph (and mixer graph, if any) and one ``Decode``;
+    its outputs keep the prompts' row sharding ``rows`` (each host then reads the rows it fed, no
+    all-gather). The mixer's state and alpha are arguments, so one compilation serves every alpha and
+    every teacher checkpoint of that graph."""
+
+    def run(state, prompt_ids, prompt_mask, rng, mixer=None):
+        nets = [nnx.merge(graphdef, state)]
+        if mixer is not None:
+            nets.append(nnx.merge(mix_graphdef, mixer[0]))
+        alpha = None if mixer is None else mixer[1]
+        return _Loop(nets, encoder_decoder, decode, alpha)(prompt_ids, prompt_mask, rng)
 
     return jax.jit(run, out_shardings=None if rows is None else (rows, rows))
 
@@ -330,21 +362,59 @@ def generate(
       ``tokens [B, max_new_tokens]`` (pad after a row's EOS) and ``mask [B, max_new_tokens]``, True for
       the generated tokens up to and including the first EOS.
     """
-    b, p = np.shape(prompt_ids)
-    if np.shape(prompt_mask) != (b, p):
-        raise ValueError(f"generate: prompt_mask {np.shape(prompt_mask)} must match prompt_ids {(b, p)}")
+    sampling = Sampling(float(temperature), int(top_k), float(top_p))
+    _check_request(
+        model,
+        np.shape(prompt_ids),
+        np.shape(prompt_mask),
+        max_new_tokens,
+        sampling,
+        rng,
+        no_repeat_ngram_size,
+        max_prompt_length,
+        mix_model,
+        mix_alpha,
+    )
+    decode = _decode(model, max_new_tokens, sampling, eos_token_id, pad_token_id, no_repeat_ngram_size)
+    graphdef, state = nnx.split(model)
+    mix_graphdef, mixer = None, None
+    if mix_model is not None:
+        mix_graphdef, mix_state = nnx.split(mix_model)
+        mixer = (mix_state, jnp.float32(mix_alpha))
+    ids, mask, rows = _placed(prompt_ids, prompt_mask, _mesh_of((state, mixer)))
+    rng = jax.random.key(0) if rng is None else rng
+    fn = _compiled(graphdef, hasattr(model, "encode"), decode, rows, mix_graphdef)
+    return fn(state, ids, mask, rng, mixer)
+
+
+def _check_request(
+    model,
+    ids_shape,
+    mask_shape,
+    max_new_tokens,
+    sampling: Sampling,
+    rng,
+    ngram,
+    max_prompt_length,
+    mix_model,
+    mix_alpha,
+) -> None:
+    """``generate``'s arguments, each problem one ``ValueError`` that names the argument."""
+    b, p = ids_shape
+    if mask_shape != (b, p):
+        raise ValueError(f"generate: prompt_mask {mask_shape} must match prompt_ids {(b, p)}")
     if max_prompt_length is not None and p > max_prompt_length:
         raise ValueError(
             f"generate: prompt length {p} exceeds the configured max_prompt_length {max_prompt_length}"
         )
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"generate: max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
-    if temperature < 0 or top_k < 0 or no_repeat_ngram_size < 0:
+    if not 0.0 < sampling.top_p <= 1.0:
+        raise ValueError(f"generate: top_p must be in (0, 1], got {sampling.top_p}")
+    if sampling.temperature < 0 or sampling.top_k < 0 or ngram < 0:
         raise ValueError(
             f"generate: temperature, top_k and no_repeat_ngram_size must be >= 0, got "
-            f"{temperature}, {top_k}, {no_repeat_ngram_size}"
+            f"{sampling.temperature}, {sampling.top_k}, {ngram}"
         )
     if not 0.0 <= mix_alpha <= 1.0:
         raise ValueError(f"generate: mix_alpha must be in [0, 1], got {mix_alpha}")
@@ -357,7 +427,7 @@ def generate(
             f"generate: mix_model is {kinds[not encoder_decoder]} but model is {kinds[encoder_decoder]}; "
             "both must be the same kind"
         )
-    if temperature > 0 and rng is None:
+    if sampling.temperature > 0 and rng is None:
         raise ValueError("generate: sampling (temperature > 0) needs rng, e.g. jax.random.key(0)")
     for net, which in ((model, "model"), (mix_model, "mix_model")):
         limit = None if net is None else _config_value(net, "n_positions", "max_position_embeddings")
@@ -366,34 +436,25 @@ def generate(
                 f"generate: prompt length {p} + max_new_tokens {max_new_tokens} exceeds the {which}'s "
                 f"{limit} positions"
             )
+
+
+def _decode(model, n_new: int, sampling: Sampling, eos_token_id, pad_token_id, ngram: int) -> Decode:
+    """The loop's settings, EOS / pad / decoder start defaulting to the model's config."""
     eos = eos_token_id if eos_token_id is not None else _config_value(model, "eos_token_id")
     pad = pad_token_id if pad_token_id is not None else _config_value(model, "pad_token_id")
     pad = pad if pad is not None else (eos if eos is not None else 0)
     start = _config_value(model, "decoder_start_token_id")
     start = start if start is not None else pad
-    settings = (
-        max_new_tokens,
-        float(temperature),
-        int(top_k),
-        float(top_p),
-        eos,
-        pad,
-        no_repeat_ngram_size,
-        start,
-        segment_ends(max_new_tokens),
-    )
-    graphdef, state = nnx.split(model)
-    mix_graphdef, mixer = None, None
-    if mix_model is not None:
-        mix_graphdef, mix_state = nnx.split(mix_model)
-        mixer = (mix_state, jnp.float32(mix_alpha))
+    return Decode(n_new, sampling, eos, pad, ngram, start, segment_ends(n_new))
+
+
+def _placed(prompt_ids, prompt_mask, mesh) -> tuple[Array, Array, jax.sharding.Sharding | None]:
+    """The prompts on the model's mesh: rows over the data axes when they divide evenly, else
+    replicated; and that sharding (None without a mesh)."""
     ids, mask = jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32)
-    mesh, rows = _mesh_of((state, mixer)), None
-    if mesh is not None:  # rows over the data axes when they divide evenly, else replicated
-        rows = shd.batch_sharding(mesh)
-        if b % (mesh.shape["data"] * mesh.shape["fsdp"]):
-            rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        ids, mask = (jax.device_put(x, rows) for x in (ids, mask))
-    rng = jax.random.key(0) if rng is None else rng
-    fn = _compiled(graphdef, encoder_decoder, settings, rows, mix_graphdef)
-    return fn(state, ids, mask, rng, mixer)
+    if mesh is None:
+        return ids, mask, None
+    rows = shd.batch_sharding(mesh)
+    if ids.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.device_put(ids, rows), jax.device_put(mask, rows), rows

@@ -66,6 +66,10 @@ class Student:
     def model(self, params=None) -> nnx.Module:
         return nnx.merge(self.graph, self.params if params is None else params, self.rest)
 
+    def export(self, run: Run, path: str) -> None:
+        """The student as an HF checkpoint (and its adapters in PEFT's layout when asked) at ``path``."""
+        export_model(self.model(), run.tokenizer, path, peft=run.settings.student.lora.peft)
+
     def update(self, batch: dict, done: int, micro: int) -> dict:
         """One micro-batch of update ``done`` + 1 (``done``: updates so far); dropout draws a key per
         micro-batch from (seed, update, micro-batch): the same on a resume."""
@@ -179,7 +183,7 @@ def _train(config: ConfigDict, stage: str) -> dict:
         finally:  # ... after which the progress bar still ends its line and the SGO feeder stops
             reporter.close()
             source.close()
-    export_model(student.model(), run.tokenizer, s.run_dir.final, peft=s.peft)
+    student.export(run, s.run_dir.final)
     return _summary(run, schedule, state, source, time.time() - start)
 
 
@@ -229,7 +233,7 @@ def _after_eval(run: Run, state, source, student: Student, reporter, done: int, 
     value = metrics[run.validator.key_metric]
     if run.validator.better(value, state.best):
         state.best, state.best_step = value, done
-        export_model(student.model(), run.tokenizer, run.settings.run_dir.best, peft=run.settings.peft)
+        student.export(run, run.settings.run_dir.best)
 
 
 def _summary(run: Run, schedule: Schedule, state: runstate.RunState, source, seconds: float) -> dict:

@@ -179,10 +179,11 @@ def test_compiles_once_per_shape():
     model, ids, mask = load("gpt2")
     generate(model, ids, mask, 4)
     generate(model, ids, mask, 4)
-    from distillm_jax.generate import _compiled
+    from distillm_jax.generate import Decode, Sampling, _compiled
 
     # the settings generate() derives for gpt2's config (eos = pad = start = 1), greedy, 4 new tokens
-    fn = _compiled(nnx.graphdef(model), False, (4, 0.0, 0, 1.0, 1, 1, 0, 1, (4,)), None, None)
+    decode = Decode(4, Sampling(0.0, 0, 1.0), eos=1, pad=1, ngram=0, start=1, ends=(4,))
+    fn = _compiled(nnx.graphdef(model), False, decode, None, None)
     assert fn._cache_size() == 1  # the second call reused the first compilation
     generate(model, ids[:, 1:], mask[:, 1:], 4)  # a new prompt length: exactly one more
     assert fn._cache_size() == 2

@@ -22,6 +22,42 @@ from distillm_jax.run.folder import RunDir
 
 
 @dataclasses.dataclass(frozen=True)
+class Lora:
+    rank: int  # 0: no adapters
+    alpha: float
+    dropout: float
+    targets: tuple[str, ...]
+    peft: bool  # exports also write the adapters in PEFT's layout
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A teacher or student as the config names it (``teacher.*`` / ``student.*``): a checkpoint or hub id
+    (``path``), or a new model from HF config kwargs (``config``, with ``model_type``)."""
+
+    path: str
+    config: dict
+    seed: int
+    dtype: str  # compute dtype
+    param_dtype: str  # "": the dtype (a trained model keeps float32 unless set)
+    dropout: float | None  # None: the checkpoint's rates
+    lora: Lora
+
+    @classmethod
+    def of(cls, spec: ConfigDict) -> ModelSpec:
+        lo = spec.lora
+        return cls(
+            path=spec.path,
+            config=spec.config.to_dict(),
+            seed=int(spec.seed),
+            dtype=spec.dtype,
+            param_dtype=spec.param_dtype,
+            dropout=None if spec.get("dropout") is None else float(spec.dropout),
+            lora=Lora(int(lo.rank), float(lo.alpha), float(lo.dropout), tuple(lo.targets), bool(lo.peft)),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class Data:
     task: str
     languages: str
@@ -97,6 +133,10 @@ class RunSettings:
     run_dir: RunDir
     seed: int
     resume: bool
+    mesh: dict  # data, fsdp, tensor (-1: the devices the others leave)
+    tokenizer: str  # "": the student's checkpoint's; "demo" / "bytes": built in; else a directory
+    teacher: ModelSpec
+    student: ModelSpec
     method: methods.Method
     own: Any  # the method's own settings (``Method.settings``)
     data: Data
@@ -107,7 +147,6 @@ class RunSettings:
     checkpoint_interval: int  # 0: at every evaluation
     checkpoint_keep: int
     log_interval: int
-    peft: bool  # exports also write the adapters in PEFT's layout
 
     def new_tokens(self, group: SGO | Eval) -> int:
         """A sampler's fixed number of new tokens: its ``max_new_tokens``, or the response's room."""
@@ -160,6 +199,10 @@ def build(c: ConfigDict, vocab: int) -> RunSettings:
         run_dir=RunDir(c.run_dir),
         seed=int(c.seed),
         resume=bool(c.resume),
+        mesh={k: int(v) for k, v in c.mesh.items()},
+        tokenizer=c.tokenizer,
+        teacher=ModelSpec.of(c.teacher),
+        student=ModelSpec.of(c.student),
         method=method,
         own=loss.own,
         data=Data(**_fields(Data, d, lengths=lengths)),
@@ -170,5 +213,4 @@ def build(c: ConfigDict, vocab: int) -> RunSettings:
         checkpoint_interval=int(c.checkpoint.interval),
         checkpoint_keep=int(c.checkpoint.keep),
         log_interval=int(c.log_interval),
-        peft=bool(c.student.lora.peft),
     )

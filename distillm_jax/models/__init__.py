@@ -82,7 +82,7 @@ def spec_config(spec):
 
     if spec.path:
         return load_hf_config(hub.local_dir(spec.path, weights=False))
-    kwargs = spec.config.to_dict()
+    kwargs = dict(spec.config.to_dict() if hasattr(spec.config, "to_dict") else spec.config)
     return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
 
 

@@ -18,13 +18,15 @@ from distillm_jax.sampling import Sampler
 from distillm_jax.validation import Validator
 
 
-def build_model(spec: ConfigDict, mesh, *, trainable: bool) -> nnx.Module:
+def build_model(spec: settings.ModelSpec | ConfigDict, mesh, *, trainable: bool) -> nnx.Module:
     """A checkpoint (``spec.path``) or a new random model (``spec.config``), placed on ``mesh``. A
     trained model keeps float32 params unless ``param_dtype`` says otherwise (AdamW's updates are small);
     its dropout rates are the checkpoint's or ``spec.dropout`` (they act only in its train steps)."""
+    if isinstance(spec, ConfigDict):  # a config's teacher / student group
+        spec = settings.ModelSpec.of(spec)
     dtype = jnp.dtype(spec.dtype)
     param_dtype = jnp.dtype(spec.param_dtype or ("float32" if trainable else spec.dtype))
-    kw = dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh, dropout=spec.get("dropout"))
+    kw = dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh, dropout=spec.dropout)
     if spec.path:
         model = models.from_pretrained(spec.path, **kw)
     else:
@@ -32,7 +34,7 @@ def build_model(spec: ConfigDict, mesh, *, trainable: bool) -> nnx.Module:
     lo = spec.lora
     if trainable and lo.rank:  # adapters on the frozen weights (kept in the param dtype they load in)
         lora.apply(
-            model, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=tuple(lo.targets), seed=spec.seed
+            model, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=lo.targets, seed=spec.seed
         )
     return model
 
@@ -44,15 +46,16 @@ class Run:
     teacher, no training rows, nothing more read or loaded."""
 
     def __init__(self, config: ConfigDict, *, evaluate_only: bool = False):
-        vocab = models.spec_config(config.student).vocab_size  # config.json only: no weights read yet
+        student = settings.ModelSpec.of(config.student)
+        vocab = models.spec_config(student).vocab_size  # config.json only: no weights read yet
         self.settings = s = settings.build(config, vocab)
         d = s.data
-        self.mesh = sharding.make_mesh(**config.mesh)
+        self.mesh = sharding.make_mesh(**s.mesh)
         self.task = tasks.get(d.task, d.languages)
         try:
-            self.tokenizer = toklib.load(config.tokenizer, config.student.path)
+            self.tokenizer = toklib.load(s.tokenizer, s.student.path)
             if s.method.teacher:
-                toklib.check_same(self.tokenizer, config.teacher.path)
+                toklib.check_same(self.tokenizer, s.teacher.path)
         except ValueError as e:
             raise cfglib.ConfigError(str(e)) from None
         raw_train = None
@@ -69,7 +72,7 @@ class Run:
                 tasks.get("openwebtext"), d.lm_source, d.lm_split, max_rows=d.lm_max_rows, demo_rows=0
             )
             texts = [r["text"] for r in lm]
-        self.student = build_model(config.student, self.mesh, trainable=True)
+        self.student = build_model(s.student, self.mesh, trainable=True)
         enc_dec = hasattr(self.student, "encode")
         self._check_vocab(self.student, "student")
         if s.loss.lm_coef > 0 and enc_dec:
@@ -94,7 +97,7 @@ class Run:
         if evaluate_only:
             return
         if s.method.teacher:
-            self.teacher = build_model(config.teacher, self.mesh, trainable=False)
+            self.teacher = build_model(s.teacher, self.mesh, trainable=False)
             self._check_vocab(self.teacher, "teacher")
             if hasattr(self.teacher, "encode") != enc_dec:
                 raise cfglib.ConfigError(

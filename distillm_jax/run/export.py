@@ -46,7 +46,7 @@ def export_checkpoint(config: ConfigDict, at: int | None = None, out_dir: str | 
     """Write the student of ``config.run_dir``'s checkpoint ``at`` (default: the latest) as an HF
     checkpoint; returns its directory."""
     cfglib.check(config)
-    s = settings.build(config, models.spec_config(config.student).vocab_size)
+    s = settings.build(config, models.spec_config(settings.ModelSpec.of(config.student)).vocab_size)
     ckpt = Checkpoints(s.run_dir.checkpoints, keep=s.checkpoint_keep)
     try:
         steps = ckpt.manager.all_steps()
@@ -61,12 +61,12 @@ def export_checkpoint(config: ConfigDict, at: int | None = None, out_dir: str | 
                 f"{out_dir} already exists; an export never writes over a folder (a run's best/ or final/ "
                 "among them): choose a new --out"
             )
-        mesh = sharding.make_mesh(**config.mesh)
-        student = build_model(config.student, mesh, trainable=True)
+        mesh = sharding.make_mesh(**s.mesh)
+        student = build_model(s.student, mesh, trainable=True)
         graph, params, rest = step.split_student(student)
         params, _, _ = ckpt.restore(at, params, step.init_opt_state(s.optim.adamw(1), params))
     finally:
         ckpt.close()
-    tokenizer = toklib.load(config.tokenizer, config.student.path)
-    export_model(nnx.merge(graph, params, rest), tokenizer, out_dir, peft=s.peft)
+    tokenizer = toklib.load(s.tokenizer, s.student.path)
+    export_model(nnx.merge(graph, params, rest), tokenizer, out_dir, peft=s.student.lora.peft)
     return out_dir
