@@ -67,11 +67,6 @@ def trains_first(spec: ConfigDict) -> bool:
     return bool(spec.train_steps or spec.train_epochs) and spec.get("start", "init") == "init"
 
 
-def uses_teacher(config: ConfigDict) -> bool:
-    """Some method of the run reads the teacher (``sft`` alone does not: no teacher stage then)."""
-    return any(methods.get(m).teacher for m in cfglib.compared(config))
-
-
 def sft_config(c: ConfigDict, role: str) -> ConfigDict:
     """The SFT stage of ``role``: its spec trained as the student, CE only, checkpoints chosen by the
     validation CE (no sampling during SFT)."""
@@ -111,7 +106,7 @@ def stages(config: ConfigDict, *, planning: bool = False) -> list[Stage]:
     the memory planner reads them, before any stage has run)."""
     out, c = [], config
     for role in ROLES:
-        if role == "teacher" and not uses_teacher(config):
+        if role not in cfglib.roles(config):
             continue
         if trains_first(config[role]):
             out.append(Stage(STAGES[role], sft_config(config, role)))
@@ -298,7 +293,7 @@ def _note_skipped(c: ConfigDict) -> None:
             if spec.train_steps
             else f"{role}.train_epochs={spec.train_epochs}"
         )
-        if role == "teacher" and not uses_teacher(c):
+        if role not in cfglib.roles(c):
             print(f"note: no method of this run reads the teacher: its SFT stage ({asked}) is skipped")
         elif spec.tuned and spec.path:
             print(
@@ -324,8 +319,7 @@ def run(config: ConfigDict) -> dict:
     _warn_if_too_big(config)
     planned = next(stage.config for stage in stages(config, planning=True) if stage.name == "distill")
     tokenizer = preflight.tokenizers(planned)  # of the models the stages start from: files, no weights
-    roles = ("teacher", "student") if uses_teacher(config) else ("student",)
-    preflight.model_configs(planned, roles, len(tokenizer))
+    preflight.model_configs(planned, cfglib.roles(config), len(tokenizer))
     created = [folder for folder in _folders(config) if not os.path.exists(folder)]
     folder = RunDir(config.run_dir)
     preflight.writable(folder)
@@ -422,9 +416,7 @@ def test(config: ConfigDict, distilled: ConfigDict, index: int, results: dict | 
 def _test_models(config: ConfigDict, distilled: ConfigDict) -> list[tuple[str, str, str]]:
     """(name, spec role, checkpoint) of every model the test stage scores."""
     arms = cfglib.compared(config)
-    out = (
-        [("teacher", "teacher", distilled.teacher.path)] if any(methods.get(m).teacher for m in arms) else []
-    )
+    out = [("teacher", "teacher", distilled.teacher.path)] if "teacher" in cfglib.roles(config) else []
     out.append(("student init", "student", distilled.student.path))
     folder = RunDir(config.run_dir)
     out.append((f"student {distilled.method}", "student", folder.best))

@@ -20,7 +20,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from distillm_jax import config as cfglib
-from distillm_jax import methods, reporting, step
+from distillm_jax import reporting, step
 from distillm_jax.config import preflight
 from distillm_jax.loop import Interval, Schedule, StopRequest, TrainingError, inject_fault
 from distillm_jax.methods import sources
@@ -91,8 +91,7 @@ def train(config: ConfigDict, *, stage: str = "") -> dict:
     cfglib.check(config)
     preflight.mesh_and_batch(config)
     tokens = len(preflight.tokenizers(config))
-    roles = ("teacher", "student") if methods.get(config.method).teacher else ("student",)
-    preflight.model_configs(config, roles, tokens)
+    preflight.model_configs(config, cfglib.roles(config), tokens)
     return train_checked(config, stage=stage)
 
 

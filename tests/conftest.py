@@ -26,6 +26,70 @@ import jax  # noqa: E402  (after the flags above)
 import pytest  # noqa: E402
 from jax.sharding import AxisType  # noqa: E402
 
+# Tests of 5 s or more on 2 cores (measured 2026-12-06; compile-bound: the T5 family against
+# transformers, statistics over many draws, command lines) that carry no ``slow`` mark of their own: the
+# full suite runs them, the daily subset (-m 'not slow') leaves them out. Their lighter siblings (other
+# families, other parameters) stay in it.
+SLOW_CASES = frozenset(
+    (
+        "test_bad_input.py::test_cli_config_errors_are_one_line",
+        "test_bad_input.py::test_cli_unknown_key_and_wrong_type_are_one_line",
+        "test_bad_input.py::test_ctrl_c_and_sigterm_before_the_first_step_stop_at_once_with_one_line",
+        "test_bad_input.py::test_empty_missing_or_null_responses_and_long_prompts_are_counted",
+        "test_chunked_losses.py::test_chunked_equals_plain[fkl-1]",
+        "test_demo_data.py::test_shipped_long_teacher_knows_the_long_task",
+        "test_demo_data.py::test_shipped_teacher_knows_the_current_task",
+        "test_dropout.py::test_dropout_sites_are_transformers_sites[t5]",
+        "test_dropout.py::test_dropout_sites_are_transformers_sites[t5_v1_1]",
+        "test_dropout.py::test_rate_zero_is_the_plain_step_bit_for_bit[gpt2]",
+        "test_dropout.py::test_rate_zero_is_the_plain_step_bit_for_bit[t5]",
+        "test_dropout.py::test_rate_zero_trains_as_before_dropout_existed[t5]",
+        "test_dropout.py::test_rates_come_from_the_config_and_the_override",
+        "test_dropout.py::test_train_mode_matches_transformers_dropout_statistics[gpt2-attn_pdrop]",
+        "test_dropout.py::test_train_mode_matches_transformers_dropout_statistics[gpt2-embd_pdrop]",
+        "test_dropout.py::test_train_mode_matches_transformers_dropout_statistics[gpt2-resid_pdrop]",
+        "test_dropout.py::test_train_mode_matches_transformers_dropout_statistics[llama-attention_dropout]",
+        "test_dropout.py::test_train_mode_matches_transformers_dropout_statistics[opt-attention_dropout]",
+        "test_dropout.py::test_train_mode_matches_transformers_dropout_statistics[opt-dropout]",
+        "test_dropout.py::test_train_mode_matches_transformers_dropout_statistics[opt_350m_style-dropout]",
+        "test_dropout.py::test_train_mode_matches_transformers_dropout_statistics[t5-dropout_rate]",
+        "test_dropout.py::test_train_mode_matches_transformers_dropout_statistics[t5_v1_1-dropout_rate]",
+        "test_generate.py::test_a_cache_grown_in_segments_generates_what_one_cache_does[gpt2]",
+        "test_generate.py::test_a_cache_grown_in_segments_generates_what_one_cache_does[t5]",
+        "test_generate.py::test_first_sampled_token_follows_softmax_of_logits_over_temperature",
+        "test_generate.py::test_mixed_first_token_follows_the_mixture_of_both_filtered_models",
+        "test_generate.py::test_sampling_reproducible_and_top_k_1_is_greedy",
+        "test_hub_stub.py::test_models",
+        "test_install.py::test_installed_wheel_checks_configs_without_the_repository",
+        "test_methods.py::test_a_new_method_with_a_setting_of_its_own_is_one_file",
+        "test_models.py::test_causal_query_blocks_match_transformers[gpt2]",
+        "test_models.py::test_causal_query_blocks_match_transformers[mistral]",
+        "test_models.py::test_causal_query_blocks_match_transformers[t5]",
+        "test_models.py::test_logits_match_transformers_reference[t5]",
+        "test_planner.py::test_parameter_shards_are_exact[8]",
+        "test_sampling.py::test_fresh_sgo_batch_built_on_the_devices_equals_the_host_batch[gpt2-12]",
+        "test_sampling.py::test_fresh_sgo_batch_built_on_the_devices_equals_the_host_batch[llama-7]",
+        "test_sampling.py::test_fresh_sgo_batch_built_on_the_devices_equals_the_host_batch[t5-12]",
+        "test_sources.py::test_hub_datasets_as_users_meet_them",
+        "test_step.py::test_distillation_step_lowers_the_divergence",
+        "test_step.py::test_weight_decay_leaves_biases_and_norm_scales_alone[gpt2]",
+    )
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``SLOW_CASES`` get the ``slow`` mark. The workers take tests one by one (``--dist loadgroup``),
+    so the load evens out; the tests of a module that share a module-scoped fixture (a run trained
+    once, the hub stand-in, the benchmarks' run) form one group on one worker, so that fixture still
+    runs once."""
+    for item in items:
+        if item.nodeid.removeprefix("tests/") in SLOW_CASES:
+            item.add_marker(pytest.mark.slow)
+        info = getattr(item, "_fixtureinfo", None)
+        defs = info.name2fixturedefs.values() if info is not None else ()
+        if any(d and d[-1].scope == "module" for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
 
 def pytest_unconfigure(config):
     if _OWN_CACHE and not hasattr(config, "workerinput"):  # the controller, after every worker is done

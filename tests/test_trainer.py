@@ -204,6 +204,8 @@ def test_lm_loss_on_plain_text(tmp_path):
     c = cfglib.load_file(str(ROOT / "configs" / "gpt2_dolly.py"), "tiny")
     c = trainer.override(c, run_dir=str(tmp_path / "run"), optim__steps=2, eval__generate=False)
     c.loss.lm_coef, c.data.lm_source = 0.5, str(text)
+    c.teacher.train_steps = c.student.train_steps = 0  # the distillation stage alone (the pipeline's
+    c.data.test_split = ""  # stages with an LM term: tests/test_configs.py, gpt2_dolly from the hub)
     summary = pipeline.run(c)["student"]
     rows = [r for r in reporting.read_rows(os.path.join(c.run_dir, "metrics.jsonl")) if r["kind"] == "train"]
     assert all(r["lm"] > 0 and r["loss"] == pytest.approx(r["sfkl"] + 0.5 * r["lm"], rel=1e-5) for r in rows)

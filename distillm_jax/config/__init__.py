@@ -13,6 +13,7 @@ from distillm_jax.config.checks import (
     defaults,
     load_file,
     loss_params,
+    roles,
     test_sets,
 )
 
@@ -26,5 +27,6 @@ __all__ = [
     "defaults",
     "load_file",
     "loss_params",
+    "roles",
     "test_sets",
 ]

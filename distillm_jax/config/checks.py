@@ -112,7 +112,7 @@ def check(config: ConfigDict) -> None:
         if spec.dtype not in DTYPES or spec.param_dtype not in ("", *DTYPES):
             raise ConfigError(f"{role}.dtype / {role}.param_dtype must be one of {', '.join(DTYPES)}")
         if not spec.path and not spec.config:
-            if role == "teacher" and not any(methods.get(m).teacher for m in compared(config)):
+            if role not in roles(config):
                 continue
             raise ConfigError(
                 f"{role}.path is empty: give a checkpoint directory or hub id (or {role}.config)"
@@ -262,6 +262,13 @@ def compared(config: ConfigDict) -> list[str]:
         if method not in out:
             out.append(method)
     return out
+
+
+def roles(config: ConfigDict) -> tuple[str, ...]:
+    """The models a config's runs read: the student, and the teacher when a method it trains reads one
+    (``sft`` alone does not: no teacher to check, load or fine-tune then)."""
+    teacher = any(methods.get(m).teacher for m in compared(config))
+    return ("teacher", "student") if teacher else ("student",)
 
 
 def loss_params(config: ConfigDict) -> dict[str, float]:

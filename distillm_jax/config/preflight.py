@@ -10,7 +10,8 @@ import os
 import jax
 from ml_collections import ConfigDict
 
-from distillm_jax import methods, sharding
+from distillm_jax import sharding
+from distillm_jax.config.checks import roles
 from distillm_jax.errors import ConfigError
 from distillm_jax.models.hf_io import CheckpointError
 from distillm_jax.run.folder import RunDir
@@ -68,7 +69,7 @@ def tokenizers(c: ConfigDict):
 
     try:
         tokenizer = toklib.load(c.tokenizer, c.student.path)
-        if methods.get(c.method).teacher:
+        if "teacher" in roles(c):
             toklib.check_same(tokenizer, c.teacher.path)
     except (ValueError, CheckpointError) as e:
         raise ConfigError(str(e)) from None
