@@ -63,27 +63,6 @@ def lora_bytes(hf, spec: ConfigDict, dtype) -> int:
     return sum(v.get_value().nbytes for _, v in nnx.to_flat_state(nnx.state(model, lora.TRAINABLE)))
 
 
-def _dims(hf) -> dict:
-    c = hf.to_dict()
-
-    def first(*names, default=None):
-        return next((c[n] for n in names if c.get(n) is not None), default)
-
-    d = first("hidden_size", "n_embd", "d_model")
-    heads = first("num_attention_heads", "n_head", "num_heads")
-    enc_dec = c.get("model_type") in ("t5", "mt5")
-    layers = first("num_hidden_layers", "n_layer", "num_layers")
-    return {
-        "enc_layers": layers if enc_dec else 0,
-        "layers": first("num_decoder_layers", default=layers) if enc_dec else layers,  # the decoder's
-        "d": d,
-        "heads": heads,
-        "kv": first("num_key_value_heads", default=heads) * first("head_dim", "d_kv", default=d // heads),
-        "vocab": c["vocab_size"],
-        "enc_dec": enc_dec,
-    }
-
-
 def plan(config: ConfigDict, devices: int) -> dict[str, float]:
     """Bytes per device of each part of the run (``total`` is the peak)."""
     mesh = dict(zip(shd.MESH_AXES, shd.mesh_sizes(**config.mesh, devices=devices), strict=True))
@@ -102,33 +81,33 @@ def plan(config: ConfigDict, devices: int) -> dict[str, float]:
         teacher = models.spec_config(c.teacher)
         out["teacher params"] = shard_bytes(teacher, c.teacher.param_dtype or c.teacher.dtype, mesh)
 
-    d = _dims(student)
+    d = models.dims(student)
     el = jnp.dtype(c.student.dtype).itemsize
     rows = math.ceil(o.batch_size // o.grad_accum / data)
     p, total_len = c.data.max_prompt_length, c.data.max_length
-    t = total_len - p if d["enc_dec"] else total_len
+    t = total_len - p if d.enc_dec else total_len
 
     def layer(tokens: int, keys: int) -> float:  # a layer's saved activations, bytes
-        return rows * tokens * (34 * d["d"] + 5 * d["heads"] * keys) * el / 2 / tensor
+        return rows * tokens * (34 * d.d + 5 * d.heads * keys) * el / 2 / tensor
 
-    cross = p if d["enc_dec"] else 0  # the decoder also attends over the prompt
-    acts = d["enc_layers"] * layer(p, p) + d["layers"] * layer(t, t + cross)
-    logits = 4 * rows * (settings.chunk_size(c, d["vocab"]) or t) * d["vocab"] * 4 / tensor
+    cross = p if d.enc_dec else 0  # the decoder also attends over the prompt
+    acts = d.enc_layers * layer(p, p) + d.layers * layer(t, t + cross)
+    logits = 4 * rows * (settings.chunk_size(c, d.vocab) or t) * d.vocab * 4 / tensor
     out["activations (est.)"] = ACTIVATION_SCALE * (acts + logits)
 
     # The largest sampler the run holds: evaluation samples the student; the method's own samplers
     # (methods.Method.samplers) may hold several models' KV caches at once (MiniLLM's mixture).
     samplers = [*((("student",),) if c.eval.generate else ()), *method.samplers]
-    dims = {"student": d, "teacher": _dims(teacher) if teacher is not None else d}
+    dims = {"student": d, "teacher": models.dims(teacher) if teacher is not None else d}
     gen = 0.0
     if samplers:
         gen_rows = math.ceil(max(c.eval.batch_size, o.batch_size // o.grad_accum) / data)
 
-        held_len = cache_slots_held(p, total_len - p, d["enc_dec"])  # the cache grows in segments
+        held_len = cache_slots_held(p, total_len - p, d.enc_dec)  # the cache grows in segments
 
-        def cache(model: dict) -> float:  # K and V of every slot held
-            kv = 2 * model["layers"] * gen_rows * held_len * model["kv"] * el / tensor
-            return kv + 2 * gen_rows * model["vocab"] * 4  # and a step's logits
+        def cache(model: models.Dims) -> float:  # K and V of every slot held
+            kv = 2 * model.layers * gen_rows * held_len * model.kv * el / tensor
+            return kv + 2 * gen_rows * model.vocab * 4  # and a step's logits
 
         gen = max(sum(cache(dims[name]) for name in held) for held in samplers)
     out["generation KV cache (est.)"] = gen

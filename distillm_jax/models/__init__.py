@@ -32,8 +32,10 @@ FAMILIES: dict[str, ModuleType] = {t: m for m in _MODULES for t in m.MODEL_TYPES
 __all__ = [
     "FAMILIES",
     "CheckpointError",
+    "Dims",
     "abstract_params",
     "create",
+    "dims",
     "encoder_decoder",
     "from_pretrained",
     "load_hf_config",
@@ -84,6 +86,36 @@ def spec_config(spec):
         return load_hf_config(hub.local_dir(spec.path, weights=False))
     kwargs = dict(spec.config.to_dict() if hasattr(spec.config, "to_dict") else spec.config)
     return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    """The sizes a memory plan reads of a model, as its family reads its config.json (``dims``)."""
+
+    enc_layers: int  # 0 for a decoder-only model
+    layers: int  # the decoder's
+    d: int  # d_model
+    heads: int
+    kv: int  # key / value width per token and layer: kv heads x head dim
+    vocab: int
+    enc_dec: bool
+
+
+def dims(hf_config) -> Dims:
+    """``Dims`` of a transformers config, from its family's own ``Config.from_hf`` (one reading of
+    the HF names: n_embd / hidden_size / d_model, num_key_value_heads, head_dim / d_kv, ...)."""
+    cfg = _family(hf_config.model_type, "the config").Config.from_hf(hf_config)
+    enc_dec = hasattr(cfg, "enc_layers")
+    head_dim = getattr(cfg, "head_dim", None) or getattr(cfg, "d_kv", None) or cfg.d_model // cfg.heads
+    return Dims(
+        enc_layers=cfg.enc_layers if enc_dec else 0,
+        layers=cfg.dec_layers if enc_dec else cfg.layers,
+        d=cfg.d_model,
+        heads=cfg.heads,
+        kv=getattr(cfg, "kv_heads", cfg.heads) * head_dim,
+        vocab=cfg.vocab,
+        enc_dec=enc_dec,
+    )
 
 
 def encoder_decoder(hf_config) -> bool:
