@@ -77,6 +77,7 @@ SLOW_CASES = frozenset(
 )
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     """``SLOW_CASES`` get the ``slow`` mark. The workers take tests one by one (``--dist loadgroup``),
     so the load evens out; the tests of a module that share a module-scoped fixture (a run trained
