@@ -77,19 +77,10 @@ SLOW_CASES = frozenset(
 )
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    """``SLOW_CASES`` get the ``slow`` mark. The workers take tests one by one (``--dist loadgroup``),
-    so the load evens out; the tests of a module that share a module-scoped fixture (a run trained
-    once, the hub stand-in, the benchmarks' run) form one group on one worker, so that fixture still
-    runs once."""
-    for item in items:
-        if item.nodeid.removeprefix("tests/") in SLOW_CASES:
-            item.add_marker(pytest.mark.slow)
-        info = getattr(item, "_fixtureinfo", None)
-        defs = info.name2fixturedefs.values() if info is not None else ()
-        if any(d and d[-1].scope == "module" for d in defs):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+def pytest_itemcollected(item):
+    """``SLOW_CASES`` get the ``slow`` mark."""
+    if item.nodeid.removeprefix("tests/") in SLOW_CASES:
+        item.add_marker(pytest.mark.slow)
 
 
 def pytest_unconfigure(config):
