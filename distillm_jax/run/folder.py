@@ -8,7 +8,7 @@ A training run (``trainer.train``)::
     summary.json           written when the run ends
     best/  final/          exports (HF layout): the best evaluation's student, the last one's
     <cache>.jsonl          a method's cached responses (SeqKD, DistiLLM-2)
-    .lock                  held while a process trains here (``runlock``)
+    .lock                  held while a process trains here (``run/lock.py``)
 
 A pipeline (``pipeline.run``) is a run folder too — its distillation run's files — plus::
 
