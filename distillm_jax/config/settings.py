@@ -138,7 +138,6 @@ class RunSettings:
     teacher: ModelSpec
     student: ModelSpec
     method: methods.Method
-    own: Any  # the method's own settings (``Method.settings``)
     data: Data
     optim: Optim
     eval: Eval
@@ -147,6 +146,11 @@ class RunSettings:
     checkpoint_interval: int  # 0: at every evaluation
     checkpoint_keep: int
     log_interval: int
+
+    @property
+    def own(self) -> Any:
+        """The method's own settings (``Method.settings``), as its loss sees them."""
+        return self.loss.own
 
     def new_tokens(self, group: SGO | Eval) -> int:
         """A sampler's fixed number of new tokens: its ``max_new_tokens``, or the response's room."""
@@ -193,8 +197,6 @@ def build(c: ConfigDict, vocab: int) -> RunSettings:
     config.json's: ``models.spec_config``)."""
     d, o, e = c.data, c.offpolicy, c.eval
     lengths = batching.Lengths(d.max_prompt_length, d.max_length)
-    method = methods.get(c.method)
-    loss = loss_config(c, vocab)
     return RunSettings(
         run_dir=RunDir(c.run_dir),
         seed=int(c.seed),
@@ -203,13 +205,12 @@ def build(c: ConfigDict, vocab: int) -> RunSettings:
         tokenizer=c.tokenizer,
         teacher=ModelSpec.of(c.teacher),
         student=ModelSpec.of(c.student),
-        method=method,
-        own=loss.own,
+        method=methods.get(c.method),
         data=Data(**_fields(Data, d, lengths=lengths)),
         optim=Optim(**_fields(Optim, c.optim)),
         eval=Eval(**_fields(Eval, e, sampling=Sampling.of(e))),
         sgo=SGO(**_fields(SGO, o, sampling=Sampling.of(o))),
-        loss=loss,
+        loss=loss_config(c, vocab),
         checkpoint_interval=int(c.checkpoint.interval),
         checkpoint_keep=int(c.checkpoint.keep),
         log_interval=int(c.log_interval),
