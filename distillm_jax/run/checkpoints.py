@@ -188,11 +188,16 @@ class Checkpoints:
             failed = True
             raise
         finally:
-            self.manager.close()
-            if failed and jax.process_index() == 0 and os.path.isdir(self.directory):
-                for name in os.listdir(self.directory):
-                    if name.endswith(TMP_SUFFIX):
-                        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            try:
+                self.manager.close()  # may itself raise a write's failure (orbax finalizes on close)
+            except BaseException:
+                failed = True
+                raise
+            finally:
+                if failed and jax.process_index() == 0 and os.path.isdir(self.directory):
+                    for name in os.listdir(self.directory):
+                        if name.endswith(TMP_SUFFIX):
+                            shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
 
 def _damage(e: BaseException) -> str | None:
