@@ -223,9 +223,23 @@ def make_train_step(
     with LoRA adapters, params (and the optimizer state) are the adapters only.
     """
     s_graph, params, frozen = split_student(student)
-    t_graph = None if teacher is None else nnx.graphdef(teacher)
     params = _like_params(params, params)
     opt_state = init_opt_state(tx, params)
+    shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
+    jitted = jit_train_step(s_graph, None if teacher is None else nnx.graphdef(teacher), tx, cfg, shardings)
+    return TrainStep(jitted, frozen), params, opt_state
+
+
+def jit_train_step(
+    s_graph: nnx.GraphDef,
+    t_graph: nnx.GraphDef | None,
+    tx: optax.GradientTransformation,
+    cfg: LossConfig,
+    shardings,
+) -> Callable:
+    """``jit(step)(params, opt_state, frozen, teacher_state, batch, rng)``, params and optimizer state
+    donated and kept in ``shardings`` (theirs): the one program ``make_train_step`` runs and
+    ``config/compiled.py`` compiles for a TPU slice from abstract arguments."""
 
     def step(params, opt_state, frozen, teacher_state, batch, rng):
         def loss_fn(p):
@@ -241,9 +255,7 @@ def make_train_step(
         metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
         return params, opt_state, metrics
 
-    shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
-    jitted = jax.jit(step, donate_argnums=(0, 1), out_shardings=(*shardings, None))
-    return TrainStep(jitted, frozen), params, opt_state
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=(*shardings, None))
 
 
 def make_eval_step(student: nnx.Module, teacher: nnx.Module | None, cfg: LossConfig) -> Callable:
@@ -251,7 +263,12 @@ def make_eval_step(student: nnx.Module, teacher: nnx.Module | None, cfg: LossCon
     over the batch's target tokens, so that a validation set split into batches gives the exact
     token-level mean (sum of sums / sum of tokens)."""
     s_graph, _, frozen = split_student(student)
-    t_graph = None if teacher is None else nnx.graphdef(teacher)
+    step = jit_eval_step(s_graph, None if teacher is None else nnx.graphdef(teacher), cfg)
+    return lambda params, teacher_state, batch: step(params, frozen, teacher_state, batch)
+
+
+def jit_eval_step(s_graph: nnx.GraphDef, t_graph: nnx.GraphDef | None, cfg: LossConfig) -> Callable:
+    """``jit(step)(params, frozen, teacher_state, batch)``: ``make_eval_step``'s program."""
     cfg = dataclasses.replace(cfg, lm_coef=0.0, objective=None)  # ground truth, CE and the divergence
 
     @jax.jit
@@ -262,4 +279,4 @@ def make_eval_step(student: nnx.Module, teacher: nnx.Module | None, cfg: LossCon
         tokens = jnp.sum(batch["loss_mask"] != 0).astype(jnp.float32)
         return {"tokens": tokens, **{f"{k}_sum": v * tokens for k, v in metrics.items()}}
 
-    return lambda params, teacher_state, batch: step(params, frozen, teacher_state, batch)
+    return step

@@ -180,7 +180,7 @@ def test_fraction_dropped_is_the_rate():
     over the share kept, as torch's ``nn.Dropout`` does, so the expectation is unchanged; a second call
     in the same trace draws a new mask, and an odd last axis is drawn as any other."""
     site = dropout.Dropout(0.3)
-    site.keys = dropout._Keys(jax.random.key(1))
+    site.keys = dropout.Keys(jax.random.key(1))
     x = jnp.ones((200, 501))
     a, b = np.asarray(site(x)), np.asarray(site(x))
     assert (a == 0).mean() == pytest.approx(0.3, abs=0.005)

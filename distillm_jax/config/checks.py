@@ -16,7 +16,7 @@ from distillm_jax import losses, methods
 from distillm_jax.config import defaults as default_values
 from distillm_jax.data import sources, tasks
 from distillm_jax.errors import ConfigError
-from distillm_jax.models import hub
+from distillm_jax.models import hub, stack
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 DTYPES = ("float32", "bfloat16")
@@ -124,6 +124,8 @@ def check(config: ConfigDict) -> None:
                 f"{role}.dropout must be in [0, 1) (every dropout site of the model at that rate; "
                 f"unset: the checkpoint's own rates), got {spec.dropout}"
             )
+        if spec.remat not in stack.POLICIES:
+            raise ConfigError(f"{role}.remat must be one of {', '.join(stack.POLICIES)}, got {spec.remat!r}")
         if spec.train_steps < 0 or spec.train_epochs < 0 or spec.train_rows < 0:
             raise ConfigError(f"{role}.train_steps, train_epochs and train_rows must be >= 0")
         if not spec.path and "model_type" not in spec.config:

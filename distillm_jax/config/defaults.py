@@ -18,6 +18,12 @@ def model_spec(path: str = "", dtype: str = "float32") -> ConfigDict:
             # = the rates of the checkpoint's config.json, as transformers trains it (GPT-2 / OPT / T5:
             # 0.1); a number sets every dropout site of the model to it (0: none).
             "dropout": config_dict.placeholder(float),
+            # How its layers run in training and scoring (models/stack.py): scan_layers compiles one
+            # layer body for the whole stack (big models compile in seconds, not minutes; one extra copy
+            # of the layers' params per device); remat recomputes each layer's activations in the
+            # backward pass instead of keeping them: none | full | dots | dots_no_batch. Same numbers.
+            "scan_layers": False,
+            "remat": "none",
             # A first stage of SFT on the task (the paper's fine-tuned teacher and the student's "init"),
             # from `path` (a pretrained model) or from `config`, in run_dir/teacher or run_dir/student_sft;
             # the checkpoint with the best validation CE goes on. train_steps, else train_epochs.

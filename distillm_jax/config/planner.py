@@ -68,7 +68,7 @@ def plan(config: ConfigDict, devices: int) -> dict[str, float]:
     mesh = dict(zip(shd.MESH_AXES, shd.mesh_sizes(**config.mesh, devices=devices), strict=True))
     data, tensor = mesh["data"] * mesh["fsdp"], mesh["tensor"]
     c, o = config, config.optim
-    student = models.spec_config(c.student)
+    student = models.spec_config(c.student, planning=True)
     s_dtype = c.student.param_dtype or "float32"
     out = {"student params": shard_bytes(student, s_dtype, mesh)}
     trained = out["student params"]
@@ -78,7 +78,7 @@ def plan(config: ConfigDict, devices: int) -> dict[str, float]:
     out["AdamW state"] = 2 * trained * (1.5 if o.grad_accum > 1 else 1)
     teacher, method = None, methods.get(c.method)
     if method.teacher:
-        teacher = models.spec_config(c.teacher)
+        teacher = models.spec_config(c.teacher, planning=True)
         out["teacher params"] = shard_bytes(teacher, c.teacher.param_dtype or c.teacher.dtype, mesh)
 
     d = models.dims(student)

@@ -18,6 +18,7 @@ from distillm_jax import config as cfglib
 from distillm_jax import losses, methods, step
 from distillm_jax.data import batching
 from distillm_jax.generate import Sampling
+from distillm_jax.models import stack
 from distillm_jax.run.folder import RunDir
 
 
@@ -42,6 +43,7 @@ class ModelSpec:
     param_dtype: str  # "": the dtype (a trained model keeps float32 unless set)
     dropout: float | None  # None: the checkpoint's rates
     lora: Lora
+    layers: stack.Layers = dataclasses.field(default_factory=stack.Layers)  # scanned, rematerialised
 
     @classmethod
     def of(cls, spec: ConfigDict) -> ModelSpec:
@@ -54,6 +56,7 @@ class ModelSpec:
             param_dtype=spec.param_dtype,
             dropout=None if spec.get("dropout") is None else float(spec.dropout),
             lora=Lora(int(lo.rank), float(lo.alpha), float(lo.dropout), tuple(lo.targets), bool(lo.peft)),
+            layers=stack.Layers(bool(spec.get("scan_layers", False)), str(spec.get("remat", "none"))),
         )
 
 

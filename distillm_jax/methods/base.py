@@ -68,6 +68,11 @@ class Method:
         """The train step's loss on a batch and its metrics: CE and the divergence (``step``)."""
         return step.ce_and_divergence(student, teacher, batch, cfg)
 
+    def batch_like(self, batch: dict) -> dict:
+        """The batch its loss reads, shaped from a ground-truth host batch of the same rows (what
+        ``config/compiled.py`` compiles the train step for)."""
+        return batch
+
     def training_rows(self, run: Run) -> list:
         """The rows its epochs go over: ground truth (a cache of a model's responses for some)."""
         return run.train_rows

@@ -64,6 +64,9 @@ class DistiLLM2(base.Method):
         ce = losses.cross_entropy(jax.lax.stop_gradient(s_tgo), batch["labels"], batch["loss_mask"])
         return loss, {"ce": ce, **parts}
 
+    def batch_like(self, batch: dict) -> dict:
+        return {**batch, "sgo": dict(batch)}
+
     def training_rows(self, run: Run) -> list:
         """(prompt, teacher's response, initial student's response) for every training prompt."""
         sampling = run.settings.own.sampling

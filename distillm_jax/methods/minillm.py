@@ -371,6 +371,10 @@ class MiniLLM(base.Method):
             cfg.own,
         )
 
+    def batch_like(self, batch: dict) -> dict:
+        logp = np.zeros(batch["labels"].shape, np.float32)
+        return {**batch, "old_logp": logp, "teacher_logp": logp}
+
     def updates_per_epoch(self, batches: int, own: MiniLLMSettings) -> int:
         """An epoch of prompts: every rollout trains ``ppo_epochs`` steps' worth."""
         return batches * own.ppo_epochs

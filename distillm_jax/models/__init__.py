@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from distillm_jax import sharding as shd
-from distillm_jax.models import gpt2, hf_io, hub, llama, opt, t5
+from distillm_jax.models import gpt2, hf_io, hub, llama, opt, shapes, t5
 from distillm_jax.models.hf_io import CheckpointError
 
 _MODULES: tuple[ModuleType, ...] = (gpt2, llama, opt, t5)
@@ -76,15 +76,19 @@ def load_hf_config(directory: str):
     return AutoConfig.from_pretrained(directory)
 
 
-def spec_config(spec):
+def spec_config(spec, *, planning: bool = False):
     """The transformers config of a model spec (``path``, ``config``: a teacher or student of the run's
     config): its checkpoint's config.json — a hub id's fetched without weights — or ``spec.config`` (HF
-    config kwargs with ``model_type``) for a new model. What every model path of a run starts from."""
+    config kwargs with ``model_type``) for a new model. What every model path of a run starts from.
+    ``planning``: a hub model of the paper configs takes its shape from ``shapes.KNOWN`` (no hub)."""
     from transformers import AutoConfig
 
-    if spec.path:
+    kwargs = shapes.known(spec.path) if planning and spec.path and not hub.is_local(spec.path) else None
+    if spec.path and kwargs is None:
         return load_hf_config(hub.local_dir(spec.path, weights=False))
-    kwargs = dict(spec.config.to_dict() if hasattr(spec.config, "to_dict") else spec.config)
+    if kwargs is None:
+        kwargs = spec.config.to_dict() if hasattr(spec.config, "to_dict") else spec.config
+    kwargs = dict(kwargs)
     return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
 
 
@@ -145,9 +149,13 @@ def _builder(hf_config, param_dtype, dtype, seed: int = 0, dropout: float | None
     return family, cfg, build
 
 
-def abstract_model(hf_config, param_dtype=jnp.float32) -> nnx.Module:
-    """The model with shape-only parameters (nothing allocated): what the memory planner reads."""
-    _, _, build = _builder(hf_config, param_dtype, param_dtype)
+def abstract_model(
+    hf_config, param_dtype=jnp.float32, *, dtype=None, dropout: float | None = None
+) -> nnx.Module:
+    """The model with shape-only parameters (nothing allocated): what the memory planner reads and
+    ``config/compiled.py`` compiles; ``dtype`` (default: ``param_dtype``) and ``dropout`` as in
+    ``create``."""
+    _, _, build = _builder(hf_config, param_dtype, dtype or param_dtype, dropout=dropout)
     return nnx.eval_shape(build)
 
 

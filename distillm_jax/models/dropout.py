@@ -50,11 +50,11 @@ class Rates:
 _FIELDS = dataclasses.fields(Rates)
 
 
-class _Keys:
+class Keys:
     """A site's key stream within one trace: call ``n`` folds in ``n`` (plain Python: not model state)."""
 
-    def __init__(self, key: jax.Array):
-        self.key, self.calls = key, 0
+    def __init__(self, key: jax.Array, calls: int = 0):
+        self.key, self.calls = key, calls
 
     def next(self) -> jax.Array:
         key = jax.random.fold_in(self.key, self.calls)
@@ -96,18 +96,18 @@ class Dropout(nnx.Module):
         return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
 
 
-def _sites(model: nnx.Module) -> list[Dropout]:
+def sites(model: nnx.Module) -> list[Dropout]:
     """Every dropout block with a rate above 0, in the model's fixed traversal order."""
     return [m for _, m in nnx.iter_modules(model) if isinstance(m, Dropout) and m.drop > 0]
 
 
 def active(model: nnx.Module) -> bool:
     """Whether the model has any dropout to turn on (a family site or a LoRA adapter)."""
-    return bool(_sites(model))
+    return bool(sites(model))
 
 
 def set_key(model: nnx.Module, key: jax.Array | None) -> None:
     """Dropout on for the model's following forward passes, drawn from ``key`` (each site folds in its
     index), or off with ``None``. Meant for the student merged inside a jitted train step."""
-    for i, site in enumerate(_sites(model)):
-        site.keys = None if key is None else _Keys(jax.random.fold_in(key, i))
+    for i, site in enumerate(sites(model)):
+        site.keys = None if key is None else Keys(jax.random.fold_in(key, i))

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from distillm_jax.models import stack
 from distillm_jax.models.dropout import Dropout
 
 Array = jax.Array
@@ -45,19 +46,31 @@ def zeros_param(shape: Sequence[int], axes: Sequence[str | None], dtype) -> nnx.
     return nnx.Param(jnp.zeros(tuple(shape), dtype), axes=tuple(axes))
 
 
+def _gelu_exact(x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+# One function object per name: a block's graph holds it, so identical blocks have equal graphs (a scanned
+# stack needs that) and a rebuilt model hits the jit cache.
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": _gelu_exact,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
 def activation(name: str):
     """HF activation names -> functions (gelu_new is the tanh approximation)."""
-    table = {
-        "relu": jax.nn.relu,
-        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-        "silu": jax.nn.silu,
-        "swish": jax.nn.silu,
-    }
-    if name not in table:
-        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(table)}")
-    return table[name]
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
 
 
 class RMSNorm(nnx.Module):
@@ -492,11 +505,14 @@ class CausalLM(nnx.Module):
         q_slots = cache_index + jnp.arange(input_ids.shape[1])
         mask = slot_mask(q_slots, attention_mask, window=self.config.window)
         x = self.embed_inputs(input_ids, positions)
+        if cache is None:  # training, evaluation, scoring: as the model's layer setting says
+            x = stack.run(self.layers, x, lambda b, x: b(x, mask, positions, None, 0)[0], stack.setting(self))
+            return self.finish(x), None
         new_cache = []
-        for i, block in enumerate(self.layers):
-            x, c = block(x, mask, positions, None if cache is None else cache[i], cache_index)
+        for block, layer_cache in zip(self.layers, cache, strict=True):
+            x, c = block(x, mask, positions, layer_cache, cache_index)
             new_cache.append(c)
-        return self.finish(x), (None if cache is None else new_cache)
+        return self.finish(x), new_cache
 
     def __call__(self, input_ids, attention_mask):
         """Float32 logits [B, T, V]; left padding allowed."""

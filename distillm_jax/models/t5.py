@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from distillm_jax.models import layers as L
+from distillm_jax.models import stack
 from distillm_jax.models.dropout import Dropout, Rates
 from distillm_jax.models.hf_io import Rule, merge_heads, split_heads, transposed
 
@@ -173,8 +174,7 @@ class Model(nnx.Module):
         mask = L.slot_mask(pos, attention_mask, causal=False)
         bias = self.encoder.position_bias(pos, pos)
         x = self.encoder.embed_drop(self.shared(input_ids))
-        for block in self.encoder.blocks:
-            x = block(x, mask, bias)[0]
+        x = stack.run(self.encoder.blocks, x, lambda b, x: b(x, mask, bias)[0], stack.setting(self))
         return self.encoder.final_drop(self.encoder.norm(x))
 
     def init_cache(self, batch: int, slots: int, encoder_hidden, encoder_mask) -> list[L.Cache]:
@@ -209,17 +209,19 @@ class Model(nnx.Module):
         cross_mask = L.slot_mask(q_pos, enc_mask, causal=False)
         x = self.decoder.embed_drop(self.shared(decoder_input_ids))
         new_cache = []
-        for i, block in enumerate(self.decoder.blocks):
-            if cache is None:
-                self_kv, cross = None, block.cross.kv(encoder_hidden)
-            else:
-                c = cache[i]
-                self_kv, cross = {"k": c["k"], "v": c["v"]}, {"k": c["ck"], "v": c["cv"]}
+        if cache is None:  # training, evaluation, scoring: as the model's layer setting says
+
+            def layer(block, x):
+                cross = block.cross.kv(encoder_hidden)
+                return block(x, mask, bias, cache=None, cache_index=0, cross=cross, cross_mask=cross_mask)[0]
+
+            x = stack.run(self.decoder.blocks, x, layer, stack.setting(self))
+        for block, c in zip(self.decoder.blocks, cache or (), strict=cache is not None):
+            self_kv, cross = {"k": c["k"], "v": c["v"]}, {"k": c["ck"], "v": c["cv"]}
             x, kv = block(
                 x, mask, bias, cache=self_kv, cache_index=cache_index, cross=cross, cross_mask=cross_mask
             )
-            if cache is not None:
-                new_cache.append({**cache[i], **kv})
+            new_cache.append({**c, **kv})
         x = self.decoder.final_drop(self.decoder.norm(x))
         if self.config.tied:  # HF does this before a tied head (T5's embeddings are not scaled on input)
             x = x * self.config.d_model**-0.5

@@ -13,6 +13,7 @@ from distillm_jax import lora, models, sharding
 from distillm_jax.config import settings
 from distillm_jax.data import batching, tasks
 from distillm_jax.data import tokenizers as toklib
+from distillm_jax.models import stack
 from distillm_jax.run import data as rundata
 from distillm_jax.sampling import Sampler
 from distillm_jax.validation import Validator
@@ -24,19 +25,24 @@ def build_model(spec: settings.ModelSpec | ConfigDict, mesh, *, trainable: bool)
     its dropout rates are the checkpoint's or ``spec.dropout`` (they act only in its train steps)."""
     if isinstance(spec, ConfigDict):  # a config's teacher / student group
         spec = settings.ModelSpec.of(spec)
-    dtype = jnp.dtype(spec.dtype)
-    param_dtype = jnp.dtype(spec.param_dtype or ("float32" if trainable else spec.dtype))
+    dtype, param_dtype = model_dtypes(spec, trainable)
     kw = dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh, dropout=spec.dropout)
     if spec.path:
         model = models.from_pretrained(spec.path, **kw)
     else:
         model = models.create(models.spec_config(spec), seed=spec.seed, **kw)  # from spec.config
+    stack.configure(model, spec.layers)
     lo = spec.lora
     if trainable and lo.rank:  # adapters on the frozen weights (kept in the param dtype they load in)
         lora.apply(
             model, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=lo.targets, seed=spec.seed
         )
     return model
+
+
+def model_dtypes(spec: settings.ModelSpec, trainable: bool) -> tuple[jnp.dtype, jnp.dtype]:
+    """(compute dtype, param dtype) of a model: a trained one keeps float32 params unless set."""
+    return jnp.dtype(spec.dtype), jnp.dtype(spec.param_dtype or ("float32" if trainable else spec.dtype))
 
 
 class Run:
