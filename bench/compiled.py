@@ -4,10 +4,11 @@ the scanned stack, FLOPs against the model formula, the train step's roofline ti
 bounds, and each stage's hours on that slice as a lower bound (its optimizer updates × micro-batches ×
 the train step's roofline). Needs libtpu (requirements-dev.txt).
 
-``python bench/compiled.py [--configs gpt2_dolly,...] [--loop]``: one JSON line per (config, stage,
-setting) appended to ``bench/results/compiled_tpu.jsonl`` (a killed run keeps what it finished; a line
-already there is not measured again); ``--loop`` also compiles each stage without the scan (slow: the
-"before" column)."""
+``python bench/compiled.py [--configs gpt2_dolly,...] [--loop] [--json OUT]``: one JSON line per
+(config, stage, setting) appended to ``bench/results/compiled_tpu.jsonl`` as it goes (a killed run keeps
+what it finished; a line already there is not measured again), then every line into ``--json``
+(``bench/run_all.py`` renders it). ``--loop`` also compiles each stage without the scan (slow: the
+"before" column). About an hour on 2 cores."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
 
+import common  # noqa: E402
 import jax  # noqa: E402
 
 from distillm_jax import pipeline  # noqa: E402
@@ -93,7 +95,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default=",".join(SLICES))
     ap.add_argument("--loop", action="store_true", help="also compile without the scan (the slow 'before')")
+    ap.add_argument("--table", action="store_true", help="print the results as BENCHMARKS.md's table")
+    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "compiled_cpu.json"))
     args = ap.parse_args()
+    if args.table:
+        return print(table([json.loads(line) for line in OUT.read_text().splitlines()]))
     done = set()
     if OUT.exists():
         for line in OUT.read_text().splitlines():
@@ -119,6 +125,37 @@ def main() -> None:
                     f"compile {sum(r['compile_s'].values()):.0f} s",
                     flush=True,
                 )
+    rows = [json.loads(line) for line in OUT.read_text().splitlines()]
+    common.write_rows(args.json, args, rows, slices=SLICES)
+
+
+def table(rows: list[dict]) -> str:
+    """One row per (config, stage, setting), in the order measured."""
+    out = [
+        "| config (slice) | stage | layers | peak GiB / HBM (compiler) | planner GiB | compile s: train / "
+        "eval / samplers | instructions (train step) | train TFLOP: compiler / formula | roofline ms | "
+        "tokens/s ≤ | stage hours ≥ |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        c = r["compile_s"]
+        samplers = sum(v for k, v in c.items() if "sampler" in k)
+        layers = ("scan" if r["scan"] else "loop") + (
+            "" if r["remat"] == "none" else f" + remat {r['remat']}"
+        )
+        fits = "" if r["fits"] else " **does not fit**"
+        refused = r["train_tflop"] == 0
+        out.append(
+            f"| {r['config']} ({r['topology']}) | {r['stage']} ({r['method']}) | {layers} | "
+            f"{r['peak_gib']:.2f} / {r['hbm_gib']:.2f}{fits} | {r['planner_gib']:.2f} | "
+            f"{c.get('train step', 0):.0f} / {c.get('eval step', 0):.0f} / {samplers:.0f} | "
+            f"{r['instructions'].get('train step', 0):,} | "
+            + ("refused (HBM) | – | – | – |" if refused else (
+                f"{r['train_tflop']:.1f} / {r['formula_tflop']:.1f} | {r['train_roofline_ms']:.0f} | "
+                f"{r['tokens_per_s_bound']:,.0f} | {r['hours_bound']:.2f} |"
+            ))
+        )  # fmt: skip
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,15 @@ BENCHES = (
         "seeds excludes 0 (issue 32)",
     ),
     Bench(
+        "compiled",
+        "compiled.py",
+        "Compiled for TPU: every stage of the six paper configs, from a CPU host",
+        cpu=(("", ()),),
+        quick=(),  # libtpu compiles; tests/test_compiled.py checks the planner it drives
+        target="every stage of every paper config fits a slice we suggest; the compiler's figures beside the "
+        "planner's (issue 35)",
+    ),
+    Bench(
         "accelerator",
         "accelerator.py",
         "One accelerator: GPT-2 XL → GPT-2 train step, bfloat16",
@@ -173,6 +182,7 @@ def run(bench: Bench, runs: Sequence, results: str, tag: str, log, run_dirs: str
 def _tables() -> dict[str, Callable[[dict], str]]:
     """Each benchmark's markdown table of one results file (imported here: the scripts import jax)."""
     import accelerator
+    import compiled
     import evidence
     import forward
     import generate
@@ -191,6 +201,7 @@ def _tables() -> dict[str, Callable[[dict], str]]:
         ),
         "evidence": lambda r: evidence.tables(r, markdown=True),
         "accelerator": lambda r: accelerator.table(r["rows"]),
+        "compiled": lambda r: compiled.table(r["rows"]),
     }
 
 

@@ -63,7 +63,8 @@ def compiled_plan(config, topology: str) -> None:
         plan = compiled.plan_stage(stage.config, topology)
         print(compiled.report(plan, stage.config))
         if not plan.fits:
-            too_big.append(f"stage {stage.name}: {compiled.advice(plan, stage.config)}")
+            role = "teacher" if stage.name == "teacher" else "student"  # the group the stage trains
+            too_big.append(f"stage {stage.name}: {compiled.advice(plan, stage.config, role)}")
     if too_big:
         print(f"error: {too_big[0]}", file=sys.stderr)
         sys.exit(2)

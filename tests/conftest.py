@@ -82,6 +82,7 @@ SLOW_CASES = frozenset(
 # starting last would leave one worker alone at the end.
 LONG_FILES = {
     "test_configs.py": 380,
+    "test_compiled.py": 300,  # compiles for TPU slices (2026-12-06)
     "test_dropout.py": 260,
     "test_bad_input.py": 230,
     "test_benches.py": 170,
@@ -89,6 +90,7 @@ LONG_FILES = {
     "test_generate.py": 150,
     "test_pods.py": 130,
     "test_models.py": 90,
+    "test_stack.py": 90,
 }
 
 

@@ -57,7 +57,15 @@ def _loss_and_grads(name: str, how: stack.Layers, rate: float) -> tuple:
     return float(loss), jax.tree.leaves(grads)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "opt", "t5"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("gpt2", marks=pytest.mark.slow),
+        "llama",
+        "opt",
+        pytest.param("t5", marks=pytest.mark.slow),
+    ],
+)
 def test_scan_and_remat_give_the_loops_loss_and_gradients(name):
     rate = 0.0 if name == "llama" else 0.2  # llama's only site (attention) is off in its config
     ref_loss, ref_grads = _loss_and_grads(name, stack.Layers(), rate)
@@ -68,6 +76,7 @@ def test_scan_and_remat_give_the_loops_loss_and_gradients(name):
             np.testing.assert_allclose(g, r, rtol=2e-4, atol=1e-6, err_msg=str(how))
 
 
+@pytest.mark.slow
 def test_a_scanned_rematerialised_train_step_learns_as_the_loop_does():
     def losses(how):
         student = stack.configure(models.from_pretrained(str(FIXTURES / "gpt2"), dropout=0.1), how)

@@ -18,6 +18,7 @@ negative)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import math
@@ -318,8 +319,13 @@ def formula_flops(
     return out * batches
 
 
-def plan_stage(config: ConfigDict, topology_name: str) -> StagePlan:
-    """Compile every program of one stage (a checked stage config) for the slice ``topology_name``."""
+def plan_stage(config: ConfigDict, topology_name: str, *, depth: dict[str, int] | None = None) -> StagePlan:
+    """Compile every program of one stage (a checked stage config) for the slice ``topology_name``.
+
+    The compiler's cost analysis counts a loop's body once, so a scanned stack's FLOPs and HBM traffic
+    are those of one layer: they are then measured on the same step with its stacks looped at 1 and 2
+    layers (``depth``: only the train step, each role's layer count) and extrapolated to the full depth,
+    exactly, since every layer costs the same and the rest does not change."""
     devices = topology(topology_name)
     target = chip(topology_name)
     from jax.experimental import topologies
@@ -336,11 +342,18 @@ def plan_stage(config: ConfigDict, topology_name: str) -> StagePlan:
                 s.loss, chunk_size=losses.auto_chunk_size(vocab, s.student.dtype, "tpu")
             ),
         )
+    teacher_hf = models.spec_config(config.teacher, planning=True) if s.method.teacher else None
+    if depth is not None:  # looped, at these depths
+        student_hf, teacher_hf = _deeper(student_hf, depth["student"]), _deeper(teacher_hf, depth["teacher"])
+        looped = {
+            r: dataclasses.replace(
+                getattr(s, r), layers=dataclasses.replace(getattr(s, r).layers, scan=False)
+            )
+            for r in ("student", "teacher")
+        }
+        s = dataclasses.replace(s, **looped)
     student = _model(s.student, student_hf, trainable=True)
-    teacher, teacher_hf = None, None
-    if s.method.teacher:
-        teacher_hf = models.spec_config(config.teacher, planning=True)
-        teacher = _model(s.teacher, teacher_hf, trainable=False)
+    teacher = None if teacher_hf is None else _model(s.teacher, teacher_hf, trainable=False)
     enc_dec = hasattr(student, "encode")
 
     s_graph, params, frozen = step.split_student(student)
@@ -364,6 +377,11 @@ def plan_stage(config: ConfigDict, topology_name: str) -> StagePlan:
         s_graph, t_graph, tx, s.loss, jax.tree.map(lambda x: x.sharding, (params, opt_state))
     )
     programs = [_compile("train step", train, (*resident_args, batch, key), (0, 1, 2, 3))]
+    if depth is not None:
+        return StagePlan(programs, 0, 0.0, 0, len(devices), target, topology_name)
+    scanned = s.student.layers.scan or (teacher is not None and s.teacher.layers.scan)
+    if scanned and programs[0].arguments:
+        programs[0] = _at_full_depth(programs[0], config, topology_name, student_hf, teacher_hf)
     resident = programs[0].arguments - programs[0].extra
     if not programs[0].arguments:  # refused: count the states exactly instead
         resident = _bytes(resident_args)
@@ -374,6 +392,37 @@ def plan_stage(config: ConfigDict, topology_name: str) -> StagePlan:
     flops = formula_flops(s, (student, student_hf), teacher and (teacher, teacher_hf), micro, batches)
     tokens = micro * s.data.lengths.max_length
     return StagePlan(programs, resident, flops / len(devices), tokens, len(devices), target, topology_name)
+
+
+def _deeper(hf, layers: int):
+    """A copy of a transformers config with ``layers`` layers in each of its stacks."""
+    if hf is None:
+        return None
+    hf = copy.deepcopy(hf)
+    for name in ("n_layer", "num_hidden_layers", "num_layers", "num_decoder_layers"):
+        if hasattr(hf, name):
+            setattr(hf, name, layers)
+    return hf
+
+
+def _at_full_depth(train: Program, config: ConfigDict, topology_name: str, student_hf, teacher_hf) -> Program:
+    """The scanned train step's FLOPs and HBM traffic at its models' full depth (``plan_stage``)."""
+
+    def cost(student: int, teacher: int) -> tuple[float, float]:
+        p = plan_stage(config, topology_name, depth={"student": student, "teacher": teacher}).programs[0]
+        return (p.flops, p.traffic) if p.arguments else (math.nan, math.nan)  # nan: refused
+
+    base = cost(1, 1)
+    per_student = [b - a for a, b in zip(base, cost(2, 1), strict=True)]
+    per_teacher = [b - a for a, b in zip(base, cost(1, 2), strict=True)] if teacher_hf is not None else [0, 0]
+    if any(math.isnan(x) for x in (*base, *per_student, *per_teacher)):
+        return train
+    n_s = models.dims(student_hf).layers
+    n_t = models.dims(teacher_hf).layers if teacher_hf is not None else 1
+    flops, traffic = (
+        b + (n_s - 1) * ps + (n_t - 1) * pt for b, ps, pt in zip(base, per_student, per_teacher, strict=True)
+    )
+    return dataclasses.replace(train, flops=flops, traffic=traffic)
 
 
 class _Topology:
@@ -436,13 +485,15 @@ def report(plan: StagePlan, config: ConfigDict) -> str:
         f"  {'program':<22} {'compile s':>9} {'args ' + u:>9} {'temp ' + u:>9} {'out ' + u:>9} "
         f"{'peak ' + u:>9} {f:>9} {'roofline ms':>11}"
     ]
-    for p in plan.programs:
+    for i, p in enumerate(plan.programs):
         sizes = " ".join(
             f"{n / unit:9.2f}" for n in (p.arguments, p.temporaries, p.outputs, p.peak(plan.resident))
         )
         refused = "  refused by the compiler: HBM exhausted" if not p.arguments else ""
-        roof = p.roofline(c) * 1e3
-        lines.append(f"  {p.name:<22} {p.seconds:9.1f} {sizes} {p.flops / fl:9.3f} {roof:11.2f}{refused}")
+        # Only the train step's cost is counted whole: the others loop (decode steps, a scanned stack),
+        # and a loop's body is counted once.
+        cost = f"{p.flops / fl:9.3f} {p.roofline(c) * 1e3:11.2f}" if i == 0 else f"{'-':>9} {'-':>11}"
+        lines.append(f"  {p.name:<22} {p.seconds:9.1f} {sizes} {cost}{refused}")
     train = plan.programs[0]
     estimate = planner.plan(config, plan.devices)["total"]
     lines += [
@@ -464,21 +515,20 @@ def report(plan: StagePlan, config: ConfigDict) -> str:
     return "\n".join(lines)
 
 
-def advice(plan: StagePlan, config: ConfigDict) -> str:
+def advice(plan: StagePlan, config: ConfigDict, role: str = "student") -> str:
     """The change that makes a stage fit its slice, found by compiling it: rematerialisation, then
-    smaller micro-batches; else the chips its resident state alone needs."""
+    smaller micro-batches; else the chips its resident state alone needs. ``role``: the config group the
+    stage trains (a teacher's SFT stage trains ``teacher`` as its student)."""
     c = plan.chip
     need = f"needs {plan.peak / GIB:.2f} GiB per device, more than the {c.hbm / GIB:.2f} GiB of a {c.kind}"
     o = config.optim
     data, fsdp, _ = shd.mesh_sizes(**config.mesh, devices=plan.devices)
     remat = {} if config.student.remat != "none" else {"remat": "full"}
-    tries = [("student.remat=full", remat, {})] if remat else []
+    tries = [(f"{role}.remat=full", remat, {})] if remat else []
     for accum in (o.grad_accum * k for k in (2, 4, 8)):
         if o.batch_size % accum == 0 and (o.batch_size // accum) % (data * fsdp) == 0:
             label = f"optim.grad_accum={accum}"
-            tries.append(
-                (f"student.remat=full and {label}" if remat else label, remat, {"grad_accum": accum})
-            )
+            tries.append((f"{role}.remat=full and {label}" if remat else label, remat, {"grad_accum": accum}))
     for label, student, optim in tries:
         changed = ConfigDict(config.to_dict())
         changed.student.update(student)
@@ -490,5 +540,5 @@ def advice(plan: StagePlan, config: ConfigDict) -> str:
     return (
         f"{need}, with rematerialisation and micro-batches down to one row per data shard: its params and "
         f"optimizer state alone need about {chips} chips (mesh.fsdp over a larger slice), or train LoRA "
-        "adapters (student.lora.rank), or keep params in bfloat16 (student.param_dtype)"
+        f"adapters ({role}.lora.rank), or keep params in bfloat16 ({role}.param_dtype)"
     )

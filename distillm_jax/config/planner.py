@@ -5,10 +5,12 @@ Parameters and optimizer state are exact: every parameter's shape and logical ax
 code run abstractly (``models.abstract_params``), and the config's mesh and sharding rules give each
 device's shard. Activations and the sampler's KV cache are estimates: the student's saved activations per
 layer follow Korthikanti et al. (2022) — ``rows·T·(34·d + 5·heads·T)`` bytes in 16-bit, no recomputation —
-the logits count four ``[rows, T, V]`` float32 buffers (teacher, student, their softmaxes / gradient), or
-one chunk's worth with ``loss.chunk_size``; the sum is scaled to what XLA compiles
-(``ACTIVATION_SCALE``). Training and generation do not overlap, so the peak is the
-larger of the two on top of the states. A 10 % margin is kept for XLA's scratch and fragmentation.
+with ``student.remat`` only each layer's input is kept, plus one layer's activations rebuilt at a time; the
+logits count four ``[rows, T, V]`` float32 buffers (teacher, student, their softmaxes / gradient), or
+one chunk's worth with ``loss.chunk_size``; the sum is scaled to what XLA compiles (``ACTIVATION_SCALE``);
+a scanned stack (``scan_layers``) adds one copy of its params. Training and generation do not overlap, so
+the peak is the larger of the two on top of the states. A 10 % margin is kept for XLA's scratch and
+fragmentation.
 """
 
 from __future__ import annotations
@@ -92,6 +94,10 @@ def plan(config: ConfigDict, devices: int) -> dict[str, float]:
 
     cross = p if d.enc_dec else 0  # the decoder also attends over the prompt
     acts = d.enc_layers * layer(p, p) + d.layers * layer(t, t + cross)
+    how = settings.ModelSpec.of(c.student).layers
+    if how.remat != "none":  # each layer's input kept; one layer's activations rebuilt at a time
+        inputs = rows * (d.enc_layers * p + d.layers * t) * d.d * el / tensor
+        acts = inputs + max(layer(p, p) if d.enc_layers else 0.0, layer(t, t + cross))
     logits = 4 * rows * (settings.chunk_size(c, d.vocab) or t) * d.vocab * 4 / tensor
     out["activations (est.)"] = ACTIVATION_SCALE * (acts + logits)
 
@@ -111,6 +117,10 @@ def plan(config: ConfigDict, devices: int) -> dict[str, float]:
 
         gen = max(sum(cache(dims[name]) for name in held) for held in samplers)
     out["generation KV cache (est.)"] = gen
+    scanned = [(role, out[f"{role} params"]) for role in ("student", "teacher") if f"{role} params" in out]
+    copies = sum(n for role, n in scanned if c[role].get("scan_layers"))
+    if copies:  # a scanned stack stacks its layers' shards inside the step: one more copy of them
+        out["scanned stack copies"] = copies
     states = sum(v for k, v in out.items() if "est." not in k)
     out["total"] = states + max(out["activations (est.)"], gen)
     return out
