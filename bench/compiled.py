@@ -95,6 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default=",".join(SLICES))
     ap.add_argument("--loop", action="store_true", help="also compile without the scan (the slow 'before')")
+    ap.add_argument("--loop-only", action="store_true", help="only the compiles without the scan")
     ap.add_argument("--table", action="store_true", help="print the results as BENCHMARKS.md's table")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "compiled_cpu.json"))
     args = ap.parse_args()
@@ -110,7 +111,8 @@ def main() -> None:
     for name in args.configs.split(","):
         topology = SLICES[name]
         for stage in pipeline.stages(cfglib.load_file(str(ROOT / "configs" / f"{name}.py")), planning=True):
-            settings = [(True, "none")] + ([(False, "none")] if args.loop else [])
+            settings = [] if args.loop_only else [(True, "none")]
+            settings += [(False, "none")] if args.loop or args.loop_only else []
             for scan, remat in settings:
                 if (name, stage.name, scan, remat) in done:
                     continue

@@ -57,6 +57,7 @@ def compiled_plan(config, topology: str) -> None:
     from distillm_jax import pipeline
     from distillm_jax.config import compiled
 
+    compiled.topology(topology)  # a bad slice name or no libtpu: one line before anything else
     too_big = []
     for stage in pipeline.stages(config, planning=True):
         print(f"stage {stage.name} ({stage.config.method}, {stage.config.run_dir}), compiled for {topology}:")
