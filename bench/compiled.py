@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(SLICES))
     ap.add_argument("--loop", action="store_true", help="also compile without the scan (the slow 'before')")
     ap.add_argument("--loop-only", action="store_true", help="only the compiles without the scan")
+    ap.add_argument("--remat", default="none", help="the scanned stacks' first remat setting (none | full)")
     ap.add_argument("--table", action="store_true", help="print the results as BENCHMARKS.md's table")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "compiled_cpu.json"))
     args = ap.parse_args()
@@ -112,13 +113,13 @@ def main() -> None:
     for name in args.configs.split(","):
         topology = SLICES[name]
         for stage in pipeline.stages(cfglib.load_file(str(ROOT / "configs" / f"{name}.py")), planning=True):
-            settings = [] if args.loop_only else [(True, "none")]
+            settings = [] if args.loop_only else [(True, args.remat)]
             settings += [(False, "none")] if args.loop or args.loop_only else []
             for scan, remat in settings:
                 if (name, stage.name, scan, remat) in done:
                     continue
                 r = measure(name, stage, topology, scan, remat)
-                if not r["fits"] and scan:  # the change that makes it fit, compiled
+                if not r["fits"] and scan and remat == "none":  # the change that makes it fit, compiled
                     settings.append((True, "full"))
                 with OUT.open("a") as f:
                     f.write(json.dumps(r) + "\n")
@@ -128,8 +129,16 @@ def main() -> None:
                     f"compile {sum(r['compile_s'].values()):.0f} s",
                     flush=True,
                 )
-    rows = [json.loads(line) for line in OUT.read_text().splitlines()]
-    common.write_rows(args.json, args, rows, slices=SLICES)
+    rows = {}  # the last measurement of each (config, stage, setting), in the order first measured
+    for line in OUT.read_text().splitlines():
+        r = json.loads(line)
+        rows[r["config"], r["stage"], r["scan"], r["remat"]] = r
+    stages = ("teacher", "student_sft", "distill")
+    order = sorted(
+        rows.values(),
+        key=lambda r: (list(SLICES).index(r["config"]), stages.index(r["stage"]), r["scan"], r["remat"]),
+    )
+    common.write_rows(args.json, args, order, slices=SLICES)
 
 
 def table(rows: list[dict]) -> str:
