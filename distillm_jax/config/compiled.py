@@ -36,7 +36,7 @@ from distillm_jax import sharding as shd
 from distillm_jax.config import settings
 from distillm_jax.data import batching
 from distillm_jax.errors import ConfigError
-from distillm_jax.models import stack
+from distillm_jax.models import dropout, stack
 
 GIB = 2**30
 LIBTPU = "pip install 'libtpu==0.0.42.*'  (the libtpu that jax[tpu]==0.10.2 pins)"
@@ -100,9 +100,9 @@ def chip(topology_name: str) -> Chip:
     return CHIPS[prefix]
 
 
-def topology(name: str) -> list:
-    """The devices of the TPU slice ``name`` (``v5e:2x2``, ``v4:2x2x2``, ...) to compile for, from this
-    host; one line naming the install when libtpu is missing."""
+def topology(name: str):
+    """The topology (``.devices``) of the TPU slice ``name`` (``v5e:2x2``, ``v4:2x2x2``, ...) to compile
+    for, from this host; one line naming the install when libtpu is missing."""
     c = chip(name)
     if importlib.util.find_spec("libtpu") is None:
         raise ConfigError(f"compiling for a TPU slice needs TPU's compiler: {LIBTPU}")
@@ -118,7 +118,7 @@ def topology(name: str) -> list:
     from jax.experimental import topologies
 
     try:
-        return topologies.get_topology_desc(topology_name=name, platform="tpu", **dict(c.options)).devices
+        return topologies.get_topology_desc(topology_name=name, platform="tpu", **dict(c.options))
     except Exception as e:  # libtpu and the compiler name what they refused
         raise ConfigError(f"topology {name}: {str(e).strip().splitlines()[0]}") from None
 
@@ -141,9 +141,6 @@ class Program:
 
     def peak(self, resident: int) -> int:
         return resident + self.extra + self.temporaries + self.outputs - self.aliased
-
-    def roofline(self, c: Chip) -> float:
-        return max(self.flops / c.flops, self.traffic / c.bandwidth)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,12 +333,13 @@ def plan_stage(config: ConfigDict, topology_name: str, *, depth: dict[str, int] 
     are those of one layer: they are then measured on the same step with its stacks looped at 1 and 2
     layers (``depth``: only the train step, each role's layer count) and extrapolated to the full depth,
     exactly, since every layer costs the same and the rest does not change."""
-    devices = topology(topology_name)
+    slice_ = topology(topology_name)
+    devices = slice_.devices
     target = chip(topology_name)
     from jax.experimental import topologies
 
     sizes = shd.mesh_sizes(**config.mesh, devices=len(devices))
-    mesh = topologies.make_mesh(_Topology(devices), sizes, shd.MESH_AXES)
+    mesh = topologies.make_mesh(slice_, sizes, shd.MESH_AXES)
     student_hf = models.spec_config(config.student, planning=True)
     vocab = models.dims(student_hf).vocab
     s = settings.build(config, vocab)
@@ -380,7 +378,7 @@ def plan_stage(config: ConfigDict, topology_name: str, *, depth: dict[str, int] 
     batch = _on_mesh(host, mesh)
     batches = sum(1 for b in (host, *host.values()) if isinstance(b, dict) and "labels" in b)
     key = None
-    if s.method.dropout and _dropout_on(student):
+    if s.method.dropout and dropout.active(student):
         key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(mesh, PartitionSpec()))
     resident_args = (params, opt_state, frozen, t_state)
     train = step.jit_train_step(
@@ -433,19 +431,6 @@ def _at_full_depth(train: Program, config: ConfigDict, topology_name: str, stude
         b + (n_s - 1) * ps + (n_t - 1) * pt for b, ps, pt in zip(base, per_student, per_teacher, strict=True)
     )
     return dataclasses.replace(train, flops=flops, traffic=traffic)
-
-
-class _Topology:
-    """What ``topologies.make_mesh`` reads of a topology: its devices."""
-
-    def __init__(self, devices):
-        self.devices = devices
-
-
-def _dropout_on(model) -> bool:
-    from distillm_jax.models import dropout
-
-    return dropout.active(model)
 
 
 def _samplers(s: settings.RunSettings, mesh, student, teacher, micro: int) -> list[Program]:
