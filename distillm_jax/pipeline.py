@@ -25,7 +25,7 @@ import jax
 from ml_collections import ConfigDict
 
 from distillm_jax import config as cfglib
-from distillm_jax import methods, reporting, trainer
+from distillm_jax import methods, reporting, storage, trainer
 from distillm_jax.config import planner, preflight
 from distillm_jax.run import lock as runlock
 from distillm_jax.run.folder import STAGES, RunDir
@@ -47,10 +47,9 @@ class Stage:
         """Finished: its summary is written and no checkpoint is older than it says (a folder whose later
         checkpoints were removed, to go back, is continued from the latest one left)."""
         folder = self.folder
-        if not os.path.exists(folder.summary):
+        if not storage.exists(folder.summary):
             return False
-        with open(folder.summary) as f:
-            steps = json.load(f).get("steps", 0)
+        steps = json.loads(storage.read_text(folder.summary)).get("steps", 0)
         saved = folder.checkpoint_steps()
         return not saved or saved[-1] >= steps
 
@@ -135,8 +134,7 @@ def _run_stage(stage: Stage, index: int, count: int) -> dict:
     if stage.done:
         if lead:
             print(f"stage {index}/{count} {stage.name}: done before, in {c.run_dir}")
-        with open(stage.folder.summary) as f:
-            return json.load(f)
+        return json.loads(storage.read_text(stage.folder.summary))
     if lead:
         what = c.method if methods.get(c.method).teacher else "SFT"
         print(f"stage {index}/{count} {stage.name}: {what} -> {c.run_dir}")
@@ -168,12 +166,11 @@ def _check_same_run(c: ConfigDict) -> bool:
     mine = _plain(c.to_dict(), OWN)
     preflight.writable(RunDir(c.run_dir))
     found = _found(c)
-    recorded = os.path.exists(path) and bool(found)
+    recorded = storage.exists(path) and bool(found)
     if not recorded:  # not started by this pipeline (or not at all)
         preflight.reuse(c, found, bool(found), "holds no run to continue")
     else:
-        with open(path) as f:
-            theirs = json.load(f)
+        theirs = json.loads(storage.read_text(path))
         diff = _differences(theirs, mine)
         finished = _finished_otherwise(c, theirs) if diff else ""
         if finished:
@@ -187,10 +184,7 @@ def _check_same_run(c: ConfigDict) -> bool:
                 "--config.resume=True to continue it with these settings"
             )
     if jax.process_index() == 0:
-        os.makedirs(c.run_dir, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(mine, f, indent=1, sort_keys=True)
-        os.replace(path + ".tmp", path)
+        storage.write(path, json.dumps(mine, indent=1, sort_keys=True))
     return not recorded
 
 
@@ -217,7 +211,7 @@ def _finished_otherwise(c: ConfigDict, theirs: dict) -> str:
     for stage in stages(c):
         if stage.done and before.get(stage.name) != _made_of(stage):
             return stage.name
-    if os.path.exists(RunDir(c.run_dir).test()) and old_test != _test_spec(c):
+    if storage.exists(RunDir(c.run_dir).test()) and old_test != _test_spec(c):
         return "test"
     return ""
 
@@ -255,16 +249,17 @@ def _undo(c: ConfigDict, created: list[str]) -> None:
     if jax.process_index() or _found(c):
         return
     with contextlib.suppress(FileNotFoundError):
-        os.remove(RunDir(c.run_dir).run_config)
+        storage.remove(RunDir(c.run_dir).run_config)
     for folder in sorted(created, key=len, reverse=True):
         with contextlib.suppress(OSError):
-            os.rmdir(folder)  # only if empty
+            if not storage.is_remote(folder):  # a bucket has no empty folders to remove
+                os.rmdir(folder)  # only if empty
 
 
 def _held_in(stage_dir: str, run_dir: str) -> list[str]:
     """What of a run ``stage_dir`` holds, named from ``run_dir``."""
-    rel = os.path.relpath(stage_dir, run_dir)
-    return [name if rel == "." else os.path.join(rel, name) for name in RunDir(stage_dir).held()]
+    rel = stage_dir[len(run_dir) :].strip("/") if stage_dir.startswith(run_dir) else stage_dir
+    return [f"{rel}/{name}" if rel else name for name in RunDir(stage_dir).held()]
 
 
 def _differences(a, b, prefix: str = "") -> str:
@@ -320,7 +315,9 @@ def run(config: ConfigDict) -> dict:
     planned = next(stage.config for stage in stages(config, planning=True) if stage.name == "distill")
     tokenizer = preflight.tokenizers(planned)  # of the models the stages start from: files, no weights
     preflight.model_configs(planned, cfglib.roles(config), len(tokenizer))
-    created = [folder for folder in _folders(config) if not os.path.exists(folder)]
+    # the local folders this start makes (``_undo``); a bucket has none to make, and is not asked before
+    # ``writable`` has said in one line whether it can be written at all
+    created = [f for f in _folders(config) if not storage.is_remote(f) and not os.path.exists(f)]
     folder = RunDir(config.run_dir)
     preflight.writable(folder)
     fresh = False
@@ -387,11 +384,10 @@ def test(config: ConfigDict, distilled: ConfigDict, index: int, results: dict | 
     out: dict = {}
     for k, (name, source, split) in enumerate(sets):
         path = RunDir(config.run_dir).test("" if k == 0 else name)
-        if os.path.exists(path):
+        if storage.exists(path):
             if lead:
                 print(f"stage {index}/{index} test {name}: done before ({path})")
-            with open(path) as f:
-                scores = json.load(f)
+            scores = json.loads(storage.read_text(path))
         else:
             if lead:
                 print(f"stage {index}/{index} test {name}: {split} over seeds {seeds} -> {path}")
@@ -404,9 +400,7 @@ def test(config: ConfigDict, distilled: ConfigDict, index: int, results: dict | 
                 c.data.valid_split, c.data.max_valid_rows = split, 0
                 scores[model] = trainer.evaluate_model(c, seeds)
             if lead:
-                with open(path + ".tmp", "w") as f:
-                    json.dump(scores, f, indent=1)
-                os.replace(path + ".tmp", path)
+                storage.write(path, json.dumps(scores, indent=1))
         if lead:
             print(test_table(scores, config, results or {}, f"{name}: {split}"))
         out[name] = scores

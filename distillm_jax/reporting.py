@@ -1,16 +1,24 @@
 """What a user sees of a run: a progress bar (step, loss, tokens/s, ETA), ``metrics.jsonl`` and
 TensorBoard rows in the run folder, a summary table at the end and ``curves.png`` of the training
-curves. Only the lead process (process 0) writes."""
+curves. Only the lead process (process 0) writes.
+
+A bucket has no append: there the rows are kept in memory and ``metrics.jsonl`` is written whole, at an
+evaluation, before each checkpoint (``flush``: a resumed run finds every row up to its checkpoint) and at
+most every ``FLUSH_SECONDS`` between them; TensorBoard's event files go through ``storage`` too."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
+import time
 
 import jax
 
+from distillm_jax import storage
 from distillm_jax.run.folder import RunDir
+
+FLUSH_SECONDS = 30.0  # a bucket's metrics.jsonl is rewritten at most this often between evaluations
 
 
 class Reporter:
@@ -18,9 +26,11 @@ class Reporter:
         self.lead = jax.process_index() == 0
         self.path = run_dir.metrics
         self.bar = self.tb = None
+        self.buffered: list[str] | None = [] if run_dir.remote else None  # a bucket's rows, all of them
+        self.flushed = time.monotonic()
         if not self.lead:
             return
-        os.makedirs(run_dir.path, exist_ok=True)
+        storage.makedirs(run_dir.path)
         self._truncate_after(start_step)
         from tqdm.auto import tqdm
 
@@ -28,25 +38,34 @@ class Reporter:
         try:
             from tensorboardX import SummaryWriter
 
+            if run_dir.remote:
+                _register_bucket_events()
             self.tb = SummaryWriter(run_dir.tensorboard)
         except ImportError:  # optional: JSONL and the PNG still hold everything
             self.tb = None
 
     def _truncate_after(self, step: int) -> None:
         """A resumed run rewrites the rows after its checkpoint, so the file reads like one run."""
-        if not os.path.exists(self.path):
+        if not storage.exists(self.path):
             return
-        keep = [r for r in read_rows(self.path) if r["step"] <= step]
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in keep)
+        keep = [json.dumps(r) + "\n" for r in read_rows(self.path) if r["step"] <= step]
+        if self.buffered is not None:
+            self.buffered = keep
+        storage.write(self.path, "".join(keep))
 
     def log(self, step: int, kind: str, values: dict) -> None:
         """One row: kind "train" (per log interval) or "eval"."""
         if not self.lead:
             return
         row = {"step": step, "kind": kind, **{k: float(v) for k, v in values.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        line = json.dumps(row) + "\n"
+        if self.buffered is None:
+            with open(self.path, "a") as f:
+                f.write(line)
+        else:
+            self.buffered.append(line)
+            if kind == "eval" or time.monotonic() - self.flushed > FLUSH_SECONDS:
+                self.flush()
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(f"{kind}/{k}", float(v), step)
@@ -55,6 +74,16 @@ class Reporter:
             self.bar.set_postfix(shown, refresh=False)
         else:
             self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+
+    def flush(self) -> None:
+        """Write the rows kept in memory (a bucket's) and TensorBoard's events out now."""
+        if not self.lead:
+            return
+        if self.buffered is not None:
+            storage.write(self.path, "".join(self.buffered))
+            self.flushed = time.monotonic()
+        if self.tb is not None:
+            self.tb.flush()
 
     def write(self, text: str) -> None:
         """A line above the progress bar (the lead process only)."""
@@ -66,6 +95,8 @@ class Reporter:
             self.bar.update(steps)
 
     def close(self) -> None:
+        if self.buffered is not None:
+            self.flush()
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
@@ -75,8 +106,7 @@ class Reporter:
 def read_rows(path: str) -> list[dict]:
     """The rows of a ``metrics.jsonl``; a last line cut short (a kill or a full disk mid-write) is left
     out, any other bad line is an error."""
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
+    lines = [line for line in storage.read_text(path).splitlines() if line.strip()]
     rows = []
     for k, line in enumerate(lines):
         try:
@@ -90,7 +120,7 @@ def read_rows(path: str) -> list[dict]:
 def plot_curves(run_dir: RunDir) -> str | None:
     """``curves.png``: training loss and every evaluation metric against the step."""
     path = run_dir.metrics
-    if jax.process_index() != 0 or not os.path.exists(path):
+    if jax.process_index() != 0 or not storage.exists(path):
         return None
     try:
         import matplotlib
@@ -121,8 +151,10 @@ def plot_curves(run_dir: RunDir) -> str | None:
         ax.set_xlabel("step")
     fig.tight_layout()
     out = run_dir.curves
-    fig.savefig(out, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    storage.write(out, png.getvalue())
     return out
 
 
@@ -158,3 +190,36 @@ def summary_table(s: dict) -> str:
     head = f"{s['run_dir']}: {s['method']} ({s['loss']}), {s['steps']} steps in {s['seconds']:.0f} s; "
     head += f"best {s['metric']} {s['best']:.4f} at step {s['best_step']} (exported to best/)"
     return head + "\n" + table(rows)
+
+
+class _BucketEvents:
+    """A TensorBoard event file in a bucket for ``tensorboardX``: the events are kept and the object is
+    written whole at each flush (tensorboardX's own GCS writer needs google-cloud-storage's client)."""
+
+    def __init__(self, path: str):
+        self.path, self.buffer = path, io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+
+    def flush(self) -> None:
+        storage.write(self.path, self.buffer.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _BucketEventFiles:
+    def open(self, path: str) -> _BucketEvents:
+        return _BucketEvents(path)
+
+    def directory_check(self, path: str) -> None:  # a bucket needs no folders
+        pass
+
+
+def _register_bucket_events() -> None:
+    """Route tensorboardX's event files under ``gs://`` and ``s3://`` through ``storage``."""
+    from tensorboardX import record_writer
+
+    for scheme in ("gs", "s3"):
+        record_writer.register_writer_factory(scheme, _BucketEventFiles())

@@ -20,7 +20,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from distillm_jax import config as cfglib
-from distillm_jax import reporting, step
+from distillm_jax import reporting, step, storage
 from distillm_jax.config import preflight
 from distillm_jax.loop import Interval, Schedule, StopRequest, TrainingError, inject_fault
 from distillm_jax.methods import sources
@@ -134,6 +134,7 @@ def _train(config: ConfigDict, stage: str) -> dict:
         if lm is not None:
             state.lm_order = list(lm.order.position)
         source.save(state)
+        reporter.flush()  # a bucket's metrics.jsonl holds every row up to the checkpoint
         ckpt.save(done, student.params, student.opt_state, state.to_json())
 
     start, failed = time.time(), False
@@ -256,8 +257,7 @@ def _summary(run: Run, schedule: Schedule, state: runstate.RunState, source, sec
     }
     summary.update(s.method.summary(run, source, state))
     if jax.process_index() == 0:
-        with open(s.run_dir.summary, "w") as f:
-            json.dump(summary, f, indent=2)
+        storage.write(s.run_dir.summary, json.dumps(summary, indent=2))
         reporting.plot_curves(s.run_dir)
         print(reporting.summary_table(summary))
         line = s.method.report(summary)

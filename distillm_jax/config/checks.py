@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
-from distillm_jax import losses, methods
+from distillm_jax import losses, methods, storage
 from distillm_jax.config import defaults as default_values
 from distillm_jax.data import sources, tasks
 from distillm_jax.errors import ConfigError
@@ -85,6 +85,7 @@ def check(config: ConfigDict) -> None:
         losses.validate(config.loss.name, **loss_params(config))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _check_places(config)
     if not 0.0 <= config.loss.kd_ratio <= 1.0:
         raise ConfigError(f"loss.kd_ratio must be in [0, 1], got {config.loss.kd_ratio}")
     if config.loss.chunk_size < -1:
@@ -134,10 +135,10 @@ def check(config: ConfigDict) -> None:
         raise ConfigError(f"student.start must be one of {', '.join(STARTS)}, got {config.student.start!r}")
     for key in ("source", "lm_source"):
         src = d[key]
-        if src and sources.is_local(src) and not os.path.exists(os.path.expanduser(src)):
+        if src and sources.is_local(src) and not _exists(src, f"data.{key}"):
             raise ConfigError(f"data.{key} {src} does not exist")
     for name, src, _ in test_sets(config)[1:]:
-        if sources.is_local(src) and not os.path.exists(os.path.expanduser(src)):
+        if sources.is_local(src) and not _exists(src, f"data.test_sets: {name}'s source"):
             raise ConfigError(f"data.test_sets: {name}'s source {src} does not exist")
     _check_one_file(d)
     if config.loss.lm_coef > 0 and not d.lm_source:
@@ -177,10 +178,31 @@ def _check_finite(node: ConfigDict, prefix: str = "") -> None:
             raise ConfigError(f"{prefix}{key} must be a finite number, got {value}")
 
 
+def _check_places(config: ConfigDict) -> None:
+    """Every path of the config is local, a hub id, or in a bucket the storage layer serves."""
+    places = [("run_dir", config.run_dir, True), ("tokenizer", config.tokenizer, False)]
+    places += [(f"{role}.path", config[role].path, False) for role in ("teacher", "student")]
+    places += [(f"data.{key}", config.data[key], False) for key in ("source", "lm_source")]
+    for key, path, run in places:
+        problem = storage.scheme_problem(path, run=run) if path else None
+        if problem:
+            raise ConfigError(f"{key} {path}: {problem}")
+
+
+def _exists(path: str, what: str) -> bool:
+    """Whether a data file or folder is there; a bucket that refuses the question is one line."""
+    try:
+        return storage.exists(storage.absolute(path))
+    except ConfigError:
+        raise
+    except Exception as e:  # no bucket, no permission, no credentials
+        raise ConfigError(f"{what} {path}: cannot read it ({storage.reason(e)})") from None
+
+
 def _check_one_file(d: ConfigDict) -> None:
     """A single data file holds one split: two splits of it must both be slices (else the validation
     rows would be the training rows, and ``best/`` chosen on them)."""
-    if not (d.source and sources.is_local(d.source) and os.path.isfile(os.path.expanduser(d.source))):
+    if not (d.source and sources.is_local(d.source) and storage.isfile(storage.absolute(d.source))):
         return
     keys = [k for k in ("train_split", "valid_split", "test_split") if d[k]]
     whole = [k for k in keys if sources.parse_split(d[k])[1] is None]

@@ -5,12 +5,10 @@ seconds and one ``error:`` line."""
 
 from __future__ import annotations
 
-import os
-
 import jax
 from ml_collections import ConfigDict
 
-from distillm_jax import sharding
+from distillm_jax import sharding, storage
 from distillm_jax.config.checks import roles
 from distillm_jax.errors import ConfigError
 from distillm_jax.models.hf_io import CheckpointError
@@ -18,16 +16,9 @@ from distillm_jax.run.folder import RunDir
 
 
 def writable(run_dir: RunDir) -> None:
-    """Create ``run_dir`` and write a file in it, or say in one line why it cannot be."""
-    probe = run_dir.probe(jax.process_index())
-    try:
-        os.makedirs(run_dir.path, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        reason = e.strerror or type(e).__name__
-        raise ConfigError(f"cannot write run_dir {run_dir} ({reason}); choose another run_dir") from None
+    """Create ``run_dir`` and write a file in it, or say in one line why it cannot be (in a bucket also: no
+    such bucket, no permission, no credentials)."""
+    storage.check_writable(run_dir.path, "run_dir")
 
 
 def reuse(c: ConfigDict, found: list[str], continuable: bool, nothing: str) -> None:

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import itertools
 import json
-import os
 import re
 from urllib.parse import parse_qsl
 
+from distillm_jax import storage
 from distillm_jax.models import hub
 
 LOCAL_FORMATS = ("jsonl", "json", "parquet", "csv")
@@ -57,8 +58,11 @@ class HubSource:
 
 
 def is_local(source: str) -> bool:
-    """A path on disk, or written as one (``./x``, ``/x``, ``~/x``, ``x.jsonl``): never a hub id."""
-    return hub.is_local(source) or ("?" not in source and source.rsplit(".", 1)[-1].lower() in LOCAL_FORMATS)
+    """Files, not a hub dataset: a path on disk, or written as one (``./x``, ``/x``, ``~/x``, ``x.jsonl``),
+    or a bucket's file or folder (``gs://…``)."""
+    if storage.is_remote(source) or hub.is_local(source):
+        return True
+    return "?" not in source and source.rsplit(".", 1)[-1].lower() in LOCAL_FORMATS
 
 
 def parse_hub(source: str) -> HubSource:
@@ -117,22 +121,23 @@ def read(source: str, split: str, *, max_rows: int = 0, stream: bool = False) ->
 
 
 def _read_local(source: str, split: str) -> list[dict]:
-    path = os.path.expanduser(source)
+    path = storage.absolute(source)
     name, piece, percent = parse_split(split)
-    if os.path.isdir(path):
-        found = [os.path.join(path, f"{name}.{ext}") for ext in LOCAL_FORMATS]
-        found = [f for f in found if os.path.isfile(f)]
+    if storage.isdir(path):
+        found = [storage.join(path, f"{name}.{ext}") for ext in LOCAL_FORMATS]
+        found = [f for f in found if storage.isfile(f)]
         if not found:
             kinds = f"{name}.jsonl, .json, .parquet or .csv"
             raise FileNotFoundError(f"no data file for split {name!r} in {source} (expected {kinds})")
         path = found[0]
-    elif not os.path.isfile(path):
+    elif not storage.isfile(path):
         raise FileNotFoundError(f"data file {source} does not exist")
     return sliced(read_file(path), piece, percent)
 
 
 def read_file(path: str) -> list[dict]:
-    """Rows of one local file; a malformed one is a one-line ValueError naming the file and line."""
+    """Rows of one file (local or in a bucket); a malformed one is a one-line ValueError naming the file
+    and line."""
     ext = path.rsplit(".", 1)[-1].lower()
     if ext not in LOCAL_FORMATS:
         raise ValueError(f"data file {path}: unknown format .{ext} (use .jsonl, .json, .parquet or .csv)")
@@ -140,11 +145,13 @@ def read_file(path: str) -> list[dict]:
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_table(path).to_pylist()
+            with storage.open(path, "rb") as f:
+                return pq.read_table(f).to_pylist()
         except Exception as e:  # pyarrow raises its own error types for a corrupt file
             raise ValueError(f"data file {path} is not a readable parquet file ({e})") from None
     try:
-        with open(path, encoding="utf-8", newline="" if ext == "csv" else None) as f:
+        text = io.StringIO(storage.read_text(path), newline="" if ext == "csv" else None)
+        with text as f:
             if ext == "csv":  # an empty cell is None, as the hub's CSV loader gives it
                 return [{k: (v if v != "" else None) for k, v in row.items()} for row in csv.DictReader(f)]
             if ext == "jsonl":

@@ -44,9 +44,9 @@ def load(spec: str, student_path: str = ""):
     where = spec or student_path
     if not where:
         raise ValueError("no tokenizer: set `tokenizer` (a directory, 'demo' or 'bytes') for a new student")
-    where = hub.local_dir(where, weights=False)  # a hub id (org/name[@revision]): its files, no weights
+    asked, where = where, hub.local_dir(where, weights=False, model=False)  # a hub id's or bucket's files
     if not _has_tokenizer(where):
-        raise ValueError(f"{where} has no tokenizer files; set `tokenizer` to a directory that has them")
+        raise ValueError(f"{asked} has no tokenizer files; set `tokenizer` to a directory that has them")
     tok = _auto(where)
     if tok.pad_token_id is None:  # GPT-2 / OPT / Llama convention: pad with EOS, masked out anyway
         tok.pad_token = tok.eos_token
@@ -79,7 +79,7 @@ def check_same(tokenizer, teacher_path: str) -> None:
     """Error when the teacher checkpoint ships a tokenizer with a different vocabulary."""
     if not teacher_path:
         return
-    teacher_path = hub.local_dir(teacher_path, weights=False)
+    teacher_path = hub.local_dir(teacher_path, weights=False, model=False)
     if not _has_tokenizer(teacher_path):
         return
     theirs = _auto(teacher_path)

@@ -15,14 +15,13 @@ its own (``methods/minillm.py``).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import jax
 from flax import nnx
 
-from distillm_jax import distributed
+from distillm_jax import distributed, storage
 from distillm_jax.data import batching
 from distillm_jax.generate import Sampling
 from distillm_jax.methods import offpolicy
@@ -38,9 +37,8 @@ def cached_responses(run: Run, model: nnx.Module, name: str, sampling: Sampling)
     only), generated once and cached in the run folder as ``name``."""
     s = run.settings
     path = s.run_dir.cache(name)
-    if os.path.exists(path):
-        with open(path) as f:
-            return [tuple(json.loads(line)) for line in f]
+    if storage.exists(path):
+        return [tuple(json.loads(line)) for line in storage.read_text(path).splitlines() if line.strip()]
     outs = run.sampler.responses(
         model,
         run.train_rows,
@@ -52,10 +50,7 @@ def cached_responses(run: Run, model: nnx.Module, name: str, sampling: Sampling)
     eos = run.tokenizer.eos_token_id
     rows = [(p, [int(t) for t in o] or [eos]) for (p, _), o in zip(run.train_rows, outs, strict=True)]
     if jax.process_index() == 0:
-        os.makedirs(s.run_dir.path, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps([[int(t) for t in p], r]) + "\n" for p, r in rows)
-        os.replace(path + ".tmp", path)
+        storage.write(path, "".join(json.dumps([[int(t) for t in p], r]) + "\n" for p, r in rows))
     return rows
 
 

@@ -202,14 +202,15 @@ def from_pretrained(
     param_dtype = param_dtype or dtype
     family, cfg, build = _builder(hf_config, param_dtype, dtype, dropout=dropout)
     graphdef, abstract = nnx.split(nnx.eval_shape(build))
-    tensors = hf_io.open_checkpoint(directory)
+    weights = hub.weights_at(path_or_hub_id, directory)  # a bucket's are read in place
+    tensors = hf_io.open_checkpoint(weights)
     if hasattr(family, "canonical_keys"):
         tensors = family.canonical_keys(tensors)
     state = hf_io.load_state(
         abstract,
         family.hf_rules(cfg),
         tensors,
-        where=directory,
+        where=weights,
         mesh=mesh,
         ignore=family.ignore_hf_key,
     )

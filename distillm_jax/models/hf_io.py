@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
@@ -22,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from distillm_jax import sharding as shd
+from distillm_jax import storage
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -113,11 +115,10 @@ def _hf_slice(raw: np.ndarray, part: tuple[int, int, int] | None) -> np.ndarray:
 
 def _read_header(path: str) -> tuple[dict, int]:
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > os.path.getsize(path) - 8:
-                raise ValueError("header length beyond the end of the file")
-            header = json.loads(f.read(n))
+        (n,) = struct.unpack("<Q", storage.read_bytes(path, 0, 8))
+        if n > storage.size(path) - 8:
+            raise ValueError("header length beyond the end of the file")
+        header = json.loads(storage.read_bytes(path, 8, 8 + n))
     except FileNotFoundError:
         raise CheckpointError(f"missing weight file {path}") from None
     except (struct.error, ValueError, UnicodeDecodeError) as e:
@@ -125,10 +126,27 @@ def _read_header(path: str) -> tuple[dict, int]:
     return header, 8 + n
 
 
+class Ranged:
+    """A tensor of a safetensors file in a bucket, read (one ranged request) when ``np.asarray`` asks: a
+    checkpoint is loaded tensor by tensor, never copied whole to the host's disk."""
+
+    def __init__(self, path: str, offset: int, dtype: np.dtype, shape: tuple[int, ...]):
+        self.path, self.offset, self.dtype, self.shape = path, offset, np.dtype(dtype), shape
+        self.ndim = len(shape)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        n = self.dtype.itemsize * int(np.prod(self.shape))
+        raw = storage.read_bytes(self.path, self.offset, self.offset + n)
+        out = np.frombuffer(raw, self.dtype).reshape(self.shape)
+        return out if dtype is None else out.astype(dtype)
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Every tensor of one file as a read-only memory map: nothing is read until it is used."""
+    """Every tensor of one file as a read-only memory map (in a bucket: a ``Ranged`` read): nothing is
+    read until it is used."""
     header, start = _read_header(path)
-    size = os.path.getsize(path)
+    size = storage.size(path)
+    lazy = storage.is_remote(path)
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -138,9 +156,12 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         shape = tuple(info["shape"])
         if dtype is None or start + end > size or end - begin != dtype.itemsize * int(np.prod(shape)):
             raise CheckpointError(f"corrupt safetensors file {path}: bad entry for tensor {name!r}")
-        out[name] = (
-            np.memmap(path, dtype, "r", offset=start + begin, shape=shape) if shape else np.zeros((), dtype)
-        )
+        if lazy:
+            out[name] = Ranged(path, start + begin, dtype, shape)
+        elif shape:
+            out[name] = np.memmap(path, dtype, "r", offset=start + begin, shape=shape)
+        else:
+            out[name] = np.zeros((), dtype)
     return out
 
 
@@ -166,8 +187,13 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: di
 def _read_bin(path: str) -> dict[str, np.ndarray]:
     from distillm_jax.models.torch_bin import read_torch_bin
 
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise CheckpointError(f"missing weight file {path}")
+    if storage.is_remote(path):  # a pickle is not read by ranges: a local copy, gone once mapped
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, os.path.basename(path))
+            storage.download(path, local)
+            return _read_bin(local)
     try:
         return read_torch_bin(path)
     except ValueError as e:  # a refused pickle or a corrupt file: its one line
@@ -181,19 +207,18 @@ def open_checkpoint(directory: str) -> dict[str, np.ndarray]:
         (WEIGHTS, INDEX, read_safetensors),
         (TORCH_WEIGHTS, TORCH_INDEX, _read_bin),
     ):
-        if os.path.exists(os.path.join(directory, index)):
-            path = os.path.join(directory, index)
+        if storage.exists(storage.join(directory, index)):
+            path = storage.join(directory, index)
             try:
-                with open(path) as f:
-                    files = sorted(set(json.load(f)["weight_map"].values()))
+                files = sorted(set(json.loads(storage.read_text(path))["weight_map"].values()))
             except (ValueError, KeyError, AttributeError) as e:
                 raise CheckpointError(f"corrupt index file {path}: {e}") from None
             tensors: dict[str, np.ndarray] = {}
             for name in files:
-                tensors.update(read(os.path.join(directory, name)))
+                tensors.update(read(storage.join(directory, name)))
             return tensors
-        if os.path.exists(os.path.join(directory, single)):
-            return read(os.path.join(directory, single))
+        if storage.exists(storage.join(directory, single)):
+            return read(storage.join(directory, single))
     raise CheckpointError(f"no {WEIGHTS}, {INDEX}, {TORCH_WEIGHTS} or {TORCH_INDEX} in {directory}")
 
 
@@ -250,7 +275,7 @@ def load_state(
         if tuple(raw.shape) != tuple(hf_shape):
             got, need = tuple(raw.shape), tuple(hf_shape)
             raise CheckpointError(f"tensor {rule.hf} in {where} has shape {got}, the config needs {need}")
-        host = np.asarray(rule.to_ours(_hf_slice(raw, rule.part))).astype(want.dtype)
+        host = np.asarray(rule.to_ours(_hf_slice(np.asarray(raw), rule.part))).astype(want.dtype)
         if shardings is None:
             value = jnp.asarray(host)
         else:

@@ -2,6 +2,9 @@
 ``refs/pr/24``, a tag or a commit), resolved to a local snapshot directory once, so that the weights, the
 config and the tokenizer all come from the same revision.
 
+A checkpoint folder in a bucket (``gs://…``, ``s3://…``) is used in place: its small files (configs,
+tokenizer) are copied to a local cache for transformers, its weights read from the bucket by ``hf_io``.
+
 Only what a run reads is downloaded: configs, tokenizer files and one weight format — safetensors where
 the revision has them, else ``pytorch_model*.bin`` (read without torch, ``torch_bin.py``). Many older
 hub models (OPT, OpenLLaMA, mT5) ship only ``.bin`` on ``main``; their safetensors live in unmerged
@@ -10,8 +13,12 @@ hub models (OPT, OpenLLaMA, mT5) ship only ``.bin`` on ``main``; their safetenso
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import os
 
+from distillm_jax import storage
+from distillm_jax.errors import ConfigError
 from distillm_jax.models.hf_io import CheckpointError
 
 SMALL_FILES = ["*.json", "*.model", "*.txt", "*.tiktoken"]  # configs and tokenizers, never code
@@ -20,7 +27,10 @@ TORCH_BIN = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 
 
 def is_local(path: str) -> bool:
-    """A directory on disk, or a path written as one (``./x``, ``/x``, ``~/x``): never a hub id."""
+    """A directory on disk, or a path written as one (``./x``, ``/x``, ``~/x``): never a hub id (nor a
+    bucket URL)."""
+    if storage.is_remote(path):
+        return False
     return os.path.exists(os.path.expanduser(path)) or path.startswith((".", "/", "~"))
 
 
@@ -70,12 +80,52 @@ def download(hub_id: str, *, weights: bool = True) -> str:
         ) from None
 
 
-def local_dir(path_or_hub_id: str, *, weights: bool = True) -> str:
+def local_dir(path_or_hub_id: str, *, weights: bool = True, model: bool = True) -> str:
     """A checkpoint directory for a local path or a hub id (``org/name[@revision]``; ``weights=False``:
-    its configs and tokenizer files only)."""
+    its configs and tokenizer files only). A bucket's folder: a local copy of its small files (its weights
+    stay in the bucket: ``weights_at``), which must hold a model's config.json unless ``model=False`` (a
+    tokenizer's folder)."""
+    if storage.is_remote(path_or_hub_id):
+        return bucket_files(path_or_hub_id, model=model)
     path = os.path.expanduser(path_or_hub_id)
     if os.path.isdir(path):
         return path
     if is_local(path_or_hub_id):
         raise CheckpointError(f"{path_or_hub_id} is not a checkpoint directory")
     return download(path_or_hub_id, weights=weights)
+
+
+def weights_at(path_or_hub_id: str, directory: str) -> str:
+    """Where a checkpoint's weights are read: the bucket folder itself (ranged reads, no copy), else the
+    local directory ``local_dir`` gave."""
+    return storage.absolute(path_or_hub_id) if storage.is_remote(path_or_hub_id) else directory
+
+
+def cache_root() -> str:
+    """Local copies of buckets' small files: ``$DISTILLM_CACHE`` or ``~/.cache/distillm_jax``."""
+    default = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "distillm_jax")
+    return os.path.expanduser(os.environ.get("DISTILLM_CACHE", default))
+
+
+def bucket_files(url: str, *, model: bool = True) -> str:
+    """A local folder holding the configs and tokenizer files of the checkpoint folder ``url`` in a bucket,
+    fetched at every call (a few small files: a re-exported checkpoint is never read stale). Each file is
+    renamed into place whole, so processes of one host may fetch the same folder at once."""
+    url = storage.absolute(url)
+    try:
+        names = storage.listdir(url)
+    except ConfigError:  # an unreachable endpoint, a missing fsspec package: said already
+        raise
+    except Exception as e:  # a bucket's refusal: no bucket, no permission, no credentials
+        raise CheckpointError(f"cannot read {url} ({storage.reason(e)})") from None
+    if model and "config.json" not in names:
+        raise CheckpointError(f"{url} is not a checkpoint folder (no config.json there)")
+    local = os.path.join(cache_root(), "buckets", hashlib.sha1(url.encode()).hexdigest()[:16])
+    os.makedirs(local, exist_ok=True)
+    small = [name for name in names if any(fnmatch.fnmatch(name, pattern) for pattern in SMALL_FILES)]
+    for name in small:
+        storage.write(os.path.join(local, name), storage.read_bytes(storage.join(url, name)))
+    for name in set(os.listdir(local)) - set(small):  # gone from the bucket: gone here
+        if os.path.isfile(os.path.join(local, name)) and not name.endswith(".tmp"):
+            os.remove(os.path.join(local, name))
+    return local

@@ -1,12 +1,13 @@
 """Orbax checkpoints of a run (docs/architecture.md §8): the device state (student params, optimizer state)
 and the host state (step, data position, best metric, ...) saved together under one step number.
 
-Orbax writes each step into a temporary directory and renames it only once every file is complete, so a
-run killed mid-write leaves no directory that ``latest_step`` would pick. A complete checkpoint can still
-go bad afterwards: a disk or bucket that loses or truncates a file, a file system that crashes before its
-data reach the disk, a user who copies half a folder (or makes an empty ``checkpoints/<step>/``). So a
-resume (``restore_latest``) takes the newest checkpoint that reads, and moves each newer one that does not
-aside to ``<step>.corrupt`` (a name orbax does not take for a step; nothing is deleted) with one warning
+Orbax writes each step into a temporary directory and renames it only once every file is complete, so a run
+killed mid-write leaves no directory that ``latest_step`` would pick (in a GCS bucket, which cannot rename,
+it writes the step in place and marks it complete with ``commit_success.txt`` last). A complete checkpoint
+can still go bad afterwards: a disk or bucket that loses or truncates a file, a file system that crashes
+before its data reach the disk, a user who copies half a folder (or makes an empty ``checkpoints/<step>/``).
+So a resume (``restore_latest``) takes the newest checkpoint that reads, and moves each newer one that does
+not aside to ``<step>.corrupt`` (a name orbax does not take for a step; nothing is deleted) with one warning
 line. A checkpoint that reads but holds another model is the user's mistake, not damage: it stays where it
 is, and the resume stops with one line.
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 
 import jax
@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from distillm_jax import storage
 from distillm_jax.models import CheckpointError
 
 # tensorstore's status codes for files that are missing, short or garbled (not for a request that does
@@ -56,7 +57,7 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"  # a step orbax has not finished writing (r
 
 class Checkpoints:
     def __init__(self, directory: str, keep: int = 2):
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.absolute(directory)  # a bucket's URL: orbax writes there itself
         self.keep = keep
         self.manager = self._open()
 
@@ -141,10 +142,10 @@ class Checkpoints:
             for s, why in bad:
                 path, n = self.path(s), 0
                 dest = f"{path}.corrupt"
-                while os.path.exists(dest):
+                while storage.exists(dest):
                     n += 1
                     dest = f"{path}.corrupt-{n}"
-                os.rename(path, dest)
+                storage.rename(path, dest)
                 print(
                     f"warning: checkpoint {path} is incomplete or corrupt ({why}); moved to {dest}, "
                     f"continuing from step {step}",
@@ -172,7 +173,7 @@ class Checkpoints:
             )
 
     def path(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+        return storage.join(self.directory, str(step))
 
     def describe_latest(self) -> str:
         """The latest checkpoint for a message: its path and step, or "none yet"."""
@@ -194,10 +195,10 @@ class Checkpoints:
                 failed = True
                 raise
             finally:
-                if failed and jax.process_index() == 0 and os.path.isdir(self.directory):
-                    for name in os.listdir(self.directory):
+                if failed and jax.process_index() == 0:
+                    for name in storage.listdir(self.directory):
                         if name.endswith(TMP_SUFFIX):
-                            shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+                            storage.rmtree(storage.join(self.directory, name))
 
 
 def _damage(e: BaseException) -> str | None:

@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 import jax
 from flax import nnx
 from ml_collections import ConfigDict
 
 from distillm_jax import config as cfglib
-from distillm_jax import distributed, lora, models, sharding, step
+from distillm_jax import distributed, lora, models, sharding, step, storage
 from distillm_jax.config import settings
 from distillm_jax.data import tokenizers as toklib
 from distillm_jax.run.build import build_model
@@ -28,18 +27,19 @@ def export_model(model: nnx.Module, tokenizer, out_dir: str, *, peft: bool = Fal
     if jax.process_index() != 0:
         return
     tmp = out_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    storage.rmtree(tmp)
     try:  # a full disk (or a signal) mid-write leaves the previous export whole and no half of this one
-        os.makedirs(tmp)
-        adapters = lora.has_adapters(model)
-        models.save_pretrained(lora.merged(model) if adapters else model, tmp, tokenizer=tokenizer)
-        if adapters and peft:
-            lora.save_peft(model, os.path.join(tmp, "adapter"))
+        with storage.staged(tmp) as local:  # a bucket's export is written locally, then uploaded
+            storage.makedirs(local)
+            adapters = lora.has_adapters(model)
+            models.save_pretrained(lora.merged(model) if adapters else model, local, tokenizer=tokenizer)
+            if adapters and peft:
+                lora.save_peft(model, os.path.join(local, "adapter"))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        storage.rmtree(tmp)
         raise
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    storage.rmtree(out_dir)
+    storage.rename(tmp, out_dir)  # in a bucket a copy: a kill in between leaves out_dir.tmp whole
 
 
 def export_checkpoint(config: ConfigDict, at: int | None = None, out_dir: str | None = None) -> str:
@@ -56,7 +56,7 @@ def export_checkpoint(config: ConfigDict, at: int | None = None, out_dir: str | 
         if at not in steps:
             raise cfglib.ConfigError(f"no checkpoint at step {at} in {s.run_dir}; it has {sorted(steps)}")
         out_dir = out_dir or s.run_dir.export(at)
-        if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        if storage.exists(out_dir) and (not storage.isdir(out_dir) or storage.listdir(out_dir)):
             raise cfglib.ConfigError(
                 f"{out_dir} already exists; an export never writes over a folder (a run's best/ or final/ "
                 "among them): choose a new --out"

@@ -10,6 +10,9 @@ A training run (``trainer.train``)::
     <cache>.jsonl          a method's cached responses (SeqKD, DistiLLM-2)
     .lock                  held while a process trains here (``run/lock.py``)
 
+The folder may be local or in a bucket (``gs://…``, ``s3://…``): names join and files are read through
+``storage``, which serves both.
+
 A pipeline (``pipeline.run``) is a run folder too — its distillation run's files — plus::
 
     run_config.json        the config the folder was started with
@@ -22,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from distillm_jax import storage
+
 STAGES = {"teacher": "teacher", "student": "student_sft"}  # a role's SFT stage folder
 
 
@@ -33,11 +38,16 @@ class RunDir:
     def of(cls, folder: RunDir | str) -> RunDir:
         return folder if isinstance(folder, RunDir) else cls(os.fspath(folder))
 
+    @property
+    def remote(self) -> bool:
+        """In a bucket: no appends, no renames (``storage``)."""
+        return storage.is_remote(self.path)
+
     def __str__(self) -> str:
         return self.path
 
     def file(self, name: str) -> str:
-        return os.path.join(self.path, name)
+        return storage.join(self.path, name)
 
     # --- a training run ----------------------------------------------------------------------------
     @property
@@ -80,21 +90,16 @@ class RunDir:
         """``launch/export.py``'s default folder for the checkpoint of ``step``."""
         return self.file(f"export-{step}")
 
-    def probe(self, process: int) -> str:
-        """A file a process writes and removes to learn that the folder is writable."""
-        return self.file(f".write_test.{process}")
-
     WRITTEN = ("checkpoints", "summary.json", "metrics.jsonl", "best", "final")  # a run's own parts
 
     def held(self) -> list[str]:
         """The parts of a run the folder holds (an empty ``checkpoints/`` counts: a run started here)."""
-        return [name for name in self.WRITTEN if os.path.exists(self.file(name))]
+        present = set(storage.listdir(self.path))
+        return [name for name in self.WRITTEN if name in present]
 
     def checkpoint_steps(self) -> list[int]:
         """The steps of the checkpoint folders present, ascending (complete or not: orbax decides)."""
-        if not os.path.isdir(self.checkpoints):
-            return []
-        return sorted(int(d) for d in os.listdir(self.checkpoints) if d.isdigit())
+        return sorted(int(d) for d in storage.listdir(self.checkpoints) if d.isdigit())
 
     # --- a pipeline ----------------------------------------------------------------------------------
     @property

@@ -2,9 +2,10 @@
 command started twice would train twice and write every ``metrics.jsonl`` row twice).
 
 The lock is a plain file, ``run_dir/.lock``, not ``fcntl.flock``/``lockf``: those are unreliable or missing
-on NFS and FUSE-mounted buckets (gcsfuse), where pods keep their runs. What such file systems do provide is
-an exclusive create (``O_CREAT | O_EXCL``; gcsfuse maps it to a create-if-absent precondition), an atomic
-``os.replace`` and modification times, and that is all this module uses.
+on NFS, FUSE-mounted buckets (gcsfuse) and buckets (``gs://``), where pods keep their runs. What all of
+them provide is an exclusive create (``O_CREAT | O_EXCL``; in a bucket, and under gcsfuse, a create-if-absent
+precondition), a whole-file replace and modification times, and that is all this module uses, through
+``storage`` (``create``, ``write``, ``read_stamped``, ``touch``).
 
 A lock file outlives a process killed without notice (SIGKILL, OOM, a lost VM), so it proves nothing by
 existing; a holder proves it is alive by touching it every ``HEARTBEAT`` seconds. A lock is stale, and
@@ -25,6 +26,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
+from distillm_jax import storage
 from distillm_jax.errors import ConfigError
 from distillm_jax.run.folder import RunDir
 
@@ -90,7 +92,7 @@ class RunLock:
         _live.discard(self.token)
         with suppress(OSError):
             if _parse(_read(self.path)[0]).get("token") == self.token:
-                os.remove(self.path)
+                storage.remove(self.path)
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -110,21 +112,14 @@ class RunLock:
         return json.dumps(info).encode()
 
     def _create(self) -> bool:
-        """Create the lock file if there is none (atomic, also on NFS and gcsfuse); False if there is."""
+        """Create the lock file if there is none (atomic, also on NFS, gcsfuse and buckets); False if
+        there is."""
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
+            return storage.create(self.path, self._record())
         except OSError as e:
             raise ConfigError(
-                f"cannot write the lock file {self.path} ({e.strerror or type(e).__name__}); "
-                "choose another run_dir"
+                f"cannot write the lock file {self.path} ({storage.reason(e)}); choose another run_dir"
             ) from None
-        try:
-            os.write(fd, self._record())
-        finally:
-            os.close(fd)
-        return True
 
     def _stale(self, info: dict, age: float) -> str | None:
         """Why the lock described by ``info`` (empty: unreadable) and untouched for ``age`` seconds is
@@ -151,26 +146,21 @@ class RunLock:
         the break file, and a late one finds the lock changed. A break file left by a racer killed in
         those few milliseconds is removed once it is ``STALE_AFTER`` old."""
         brk = f"{self.path}.break.{hashlib.sha1(raw).hexdigest()[:16]}"
-        try:
-            os.close(os.open(brk, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        except FileExistsError:
+        if not storage.create(brk, b""):
             with suppress(FileNotFoundError):
-                if _fs_now(self.run_dir) - os.stat(brk).st_mtime > STALE_AFTER:
-                    os.remove(brk)
+                if _fs_now(self.run_dir) - storage.modified(brk) > STALE_AFTER:
+                    storage.remove(brk)
             return False
         try:
             if _read(self.path)[0] != raw:
                 return False
-            tmp = f"{self.path}.{self.token}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(self._record())
-            os.replace(tmp, self.path)
+            storage.write(self.path, self._record())
             return _parse(_read(self.path)[0]).get("token") == self.token
         except FileNotFoundError:  # released meanwhile: the next pass creates it
             return False
         finally:
             with suppress(FileNotFoundError):
-                os.remove(brk)
+                storage.remove(brk)
 
     def _beat(self) -> None:
         """Touch the lock every ``HEARTBEAT`` seconds while it is still ours (a transient write error is
@@ -184,7 +174,7 @@ class RunLock:
                     who = f"{theirs.get('host')} pid {theirs.get('pid')}" if theirs else "another process"
                     print(f"warning: the lock of {self.run_dir} was taken over by {who}", flush=True)
                     return
-                os.utime(self.path)
+                storage.touch(self.path)
             except FileNotFoundError:
                 self.lost = True
                 print(f"warning: the lock file {self.path} was removed by another process", flush=True)
@@ -216,7 +206,7 @@ def hold(run_dir: RunDir | str) -> Iterator[None]:
     if jax.process_index() != 0:
         yield
         return
-    key = os.path.realpath(str(run_dir))
+    key = str(run_dir) if storage.is_remote(str(run_dir)) else os.path.realpath(str(run_dir))
     with _guard:
         lock, depth = _held.get(key, (None, 0))
         if lock is None:
@@ -235,10 +225,8 @@ def hold(run_dir: RunDir | str) -> Iterator[None]:
 
 
 def _read(path: str) -> tuple[bytes, float]:
-    """The lock's content and mtime. ``fstat`` of an open file, not ``stat`` of a path: opening
-    revalidates NFS's attribute cache (close-to-open), so another host's fresh heartbeat is seen."""
-    with open(path, "rb") as f:
-        return f.read(), os.fstat(f.fileno()).st_mtime
+    """The lock's content and modification time (``storage.read_stamped``: fresh on NFS too)."""
+    return storage.read_stamped(path)
 
 
 def _parse(raw: bytes) -> dict:
@@ -283,20 +271,10 @@ def _boot_id() -> str:
 
 
 def _fs_now(folder: str) -> float:
-    """The file system's "now", as a heartbeat there would record it: the mtime of a probe file touched in
-    ``folder``. On NFS both this and the holder's heartbeat are the server's clock, so a host whose clock
-    is off does not see live locks as stale; locally it is the machine's clock. ``time.time()`` if the
-    probe cannot be written."""
-    probe = f"{RunDir.of(folder).lock}.now.{uuid.uuid4().hex}"
-    try:
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        try:
-            os.utime(probe)
-            return os.stat(probe).st_mtime
-        finally:
-            os.remove(probe)
-    except OSError:
-        return time.time()
+    """The file system's "now", as a heartbeat there would record it (``storage.fs_now``): on NFS and in a
+    bucket both this and the holder's heartbeat are the server's clock, so a host whose clock is off does
+    not see live locks as stale."""
+    return storage.fs_now(RunDir.of(folder).path)
 
 
 _BOOT = _boot_id()  # read once: it cannot change while this process runs
