@@ -255,7 +255,8 @@ def test_a_bucket_run_killed_and_continued_gives_the_run_on_disk(gcs, bucket, on
     """``run_dir=gs://…`` with the teacher read from the bucket: SIGKILL after step 3, the same command
     continues from the bucket's checkpoint of step 2 and ends with the losses, buffer and ROUGE-L of the
     run on disk; the bucket holds every file of a run, its student loads as the disk run's, the command
-    once more finds the run done, and ``launch/export.py`` writes a kept checkpoint into the bucket."""
+    once more finds the run done (another config is refused), and ``launch/export.py`` writes a kept
+    checkpoint into the bucket."""
     run = f"{bucket}/run"
     flags = (f"--config.teacher.path={bucket}/models/teacher",)
     [(rc, out)] = launch(1, run, *flags, env={**gcs.env, "DISTILLM_KILL_AT_STEP": "3"})
@@ -284,6 +285,8 @@ def test_a_bucket_run_killed_and_continued_gives_the_run_on_disk(gcs, bucket, on
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
     [(rc, out)] = launch(1, run, *flags, env=gcs.env)  # the same command once more: nothing to do
     assert rc == 0 and "done before" in out, out[-2000:]
+    [(rc, out)] = launch(1, run, *flags, "--config.optim.steps=5", env=gcs.env)  # another config: refused
+    assert rc == 2 and "holds a run of another config" in out, out[-2000:]
     e = {**os.environ, **gcs.env, "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, "launch/export.py", "--config=configs/demo.py:tiny", f"--config.run_dir={run}"]
     out = subprocess.run([*cmd, "--step=3"], cwd=ROOT, env=e, capture_output=True, text=True, timeout=180)

@@ -9,7 +9,7 @@ from ml_collections import ConfigDict, config_dict
 def model_spec(path: str = "", dtype: str = "float32") -> ConfigDict:
     return ConfigDict(
         {
-            "path": path,  # a checkpoint directory or hub id; "" with `config` set: a new random model
+            "path": path,  # a checkpoint folder (local, gs://, s3://) or hub id; "" + `config`: a new model
             "config": ConfigDict({}, type_safe=False),  # HF config kwargs (with model_type) for a new model
             "seed": 0,  # initialisation seed of a new model
             "dtype": dtype,  # compute dtype: float32 or bfloat16
@@ -50,7 +50,7 @@ def model_spec(path: str = "", dtype: str = "float32") -> ConfigDict:
 
 def get_config() -> ConfigDict:
     c = ConfigDict()
-    c.run_dir = "runs/default"  # checkpoints, metrics.jsonl, tensorboard/, curves.png, best/, final/
+    c.run_dir = "runs/default"  # checkpoints, metrics.jsonl, ...: a local folder or gs://bucket/path
     c.seed = 0
     c.resume = False  # continue the run in run_dir from its latest complete checkpoint (none there: an error)
     c.start_if_empty = False  # with resume=True: start from step 0 when run_dir has no checkpoint yet
@@ -75,8 +75,9 @@ def get_config() -> ConfigDict:
 
     c.data = ConfigDict()
     c.data.task = "dolly"  # dolly | samsum | iwslt2017 | demo | demo_long
-    # "" = the task's hub dataset; else a local .jsonl/.json/.parquet/.csv file or a directory of
-    # <split>.<ext> files, or a hub dataset: org/name[:config][@revision][?data_dir=...&data_files=...]
+    # "" = the task's hub dataset; else a .jsonl/.json/.parquet/.csv file or a directory of <split>.<ext>
+    # files (local, gs:// or s3://), or a hub dataset:
+    # org/name[:config][@revision][?data_dir=...&data_files=...]
     c.data.source = ""
     c.data.languages = "en-de"  # iwslt2017: the translation direction, src-tgt
     c.data.train_split = "train"  # splits may be sliced: train[1000:], train[:10%]
