@@ -100,12 +100,12 @@ def test_remat_and_scan_change_the_program_not_the_parameters():
     """A scanned stack compiles one layer body (a program of a fraction of the instructions: what
     compile time grows with) and counts its FLOPs at full depth; rematerialising it keeps only each
     layer's input instead of every layer's activations; the resident state is the same bytes in all."""
-    deep = dict(ALIGNED, num_hidden_layers=4, max_position_embeddings=512)
+    deep = dict(ALIGNED, num_hidden_layers=4, max_position_embeddings=256)
     settings = {"loop": (False, "none"), "scan": (True, "none"), "scan+remat": (True, "full")}
     plans = {}
     for how, (scan, remat) in settings.items():
         c = _config("sft", deep, scan_layers=scan, remat=remat)
-        c.data.max_prompt_length, c.data.max_length = 256, 512  # long rows: activations dominate
+        c.data.max_prompt_length, c.data.max_length = 128, 256  # long rows: activations dominate
         plans[how] = compiled.plan_stage(c, "v5e:2x2")
     train = {how: plan.programs[0] for how, plan in plans.items()}
     assert plans["loop"].resident == plans["scan"].resident == plans["scan+remat"].resident
