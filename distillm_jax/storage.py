@@ -77,6 +77,9 @@ def absolute(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+EMULATED = ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+
+
 def configure_emulator() -> None:
     """Point tensorstore (orbax's checkpoints) at the GCS emulator that ``STORAGE_EMULATOR_HOST`` names,
     as gcsfs already is; idempotent, a no-op without the variable. gcsfs's zonal-bucket probe speaks gRPC,
@@ -85,9 +88,8 @@ def configure_emulator() -> None:
     if not host:
         return
     url = host if "://" in host else f"http://{host}"
-    os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url.rstrip("/"))
-    os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
-    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    for name, value in zip(EMULATED, (url.rstrip("/"), "emulator", "false"), strict=True):
+        os.environ.setdefault(name, value)
 
 
 def filesystem(path: str) -> tuple[Any, str]:
@@ -406,3 +408,6 @@ def reason(e: BaseException) -> str:
     if isinstance(e, FileNotFoundError):
         return "no such bucket or folder"
     return text[:160]
+
+
+configure_emulator()  # at import, before orbax or gcsfs first reach a bucket (they read the environment)

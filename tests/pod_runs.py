@@ -39,6 +39,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def user_env(env: dict | None = None) -> dict:
+    """The environment a user's command would have: this one with ``env``, on the CPU, without what
+    ``storage.configure_emulator`` derived in the test process (a command must derive it itself)."""
+    kept = {k: v for k, v in os.environ.items() if k not in storage.EMULATED}
+    return {**kept, "JAX_PLATFORMS": "cpu", **(env or {})}
+
+
 def launch(
     processes: int, run_dir: Path | str, *flags: str, env: dict | None = None, timeout: float = 300
 ) -> list:
@@ -59,7 +66,7 @@ def launch(
                 f"--config.distributed.num_processes={processes}",
                 f"--config.distributed.process_id={i}",
             ]
-        e = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", **(env or {})}
+        e = user_env({"JAX_DISABLE_MOST_OPTIMIZATIONS": "1", **(env or {})})
         e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // processes}"
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     deadline, out = time.time() + timeout, []

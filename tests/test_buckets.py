@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from pod_runs import ROOT, launch, rows
+from pod_runs import ROOT, launch, rows, user_env
 
 from distillm_jax import models, storage
 from distillm_jax.config import ConfigError
@@ -172,8 +172,7 @@ def test_models_and_data_from_s3(s3, tmp_path):
 
 def _cli(*flags: str, env: dict) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "launch/train.py", "--config=configs/demo.py:tiny", *flags]
-    e = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
-    return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=180)
+    return subprocess.run(cmd, cwd=ROOT, env=user_env(env), capture_output=True, text=True, timeout=180)
 
 
 class _Forbidden(BaseHTTPRequestHandler):
@@ -287,8 +286,8 @@ def test_a_bucket_run_killed_and_continued_gives_the_run_on_disk(gcs, bucket, on
     assert rc == 0 and "done before" in out, out[-2000:]
     [(rc, out)] = launch(1, run, *flags, "--config.optim.steps=5", env=gcs.env)  # another config: refused
     assert rc == 2 and "holds a run of another config" in out, out[-2000:]
-    e = {**os.environ, **gcs.env, "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, "launch/export.py", "--config=configs/demo.py:tiny", f"--config.run_dir={run}"]
+    e = user_env(gcs.env)
     out = subprocess.run([*cmd, "--step=3"], cwd=ROOT, env=e, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0 and storage.isfile(f"{run}/export-3/model.safetensors"), out.stderr[-2000:]
 
