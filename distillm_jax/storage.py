@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import glob as globlib
 import logging
 import os
 import posixpath
@@ -149,6 +150,15 @@ def listdir(path: str) -> list[str]:
         return sorted({posixpath.basename(e.rstrip("/")) for e in fs.ls(p, detail=False)} - {""})
     except FileNotFoundError:
         return []
+
+
+def glob(pattern: str) -> list[str]:
+    """The files a ``*`` pattern matches (``gs://b/data/*.jsonl``), sorted; URLs stay URLs."""
+    if not is_remote(pattern):
+        return sorted(f for f in globlib.glob(os.path.expanduser(pattern)) if os.path.isfile(f))
+    fs, p = filesystem(pattern)
+    scheme = pattern.split("://", 1)[0]
+    return sorted(f"{scheme}://{f}" for f in fs.glob(p) if fs.isfile(f))
 
 
 def makedirs(path: str) -> None:

@@ -122,6 +122,9 @@ def test_models_and_data_from_a_bucket(bucket, tmp_path):
             str(tmp_path / name), "train[2:5]"
         )
     assert sources.read(f"{bucket}/data", "train") == rows  # a folder: its train.jsonl
+    for k, part in enumerate((rows[:3], rows[3:])):  # a pattern: its files in the order of their names
+        storage.write(f"{bucket}/parts/part-{k}.jsonl", "".join(json.dumps(r) + "\n" for r in part))
+    assert sources.read(f"{bucket}/parts/*.jsonl", "train[1:]") == rows[1:]
 
 
 @pytest.fixture(scope="module")

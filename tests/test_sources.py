@@ -65,6 +65,29 @@ def test_local_csv_jsonl_slices_and_errors(tmp_path):
         sources.read_file(str(tmp_path / "x.txt"))
 
 
+def test_a_pattern_is_one_split_of_its_files(tmp_path):
+    """``data/*.jsonl``: the files' rows in the order of their names, one split (sliced like one file),
+    and a pattern that matches nothing is one line."""
+    for k in (1, 0):
+        (tmp_path / f"part-{k}.jsonl").write_text(
+            "".join(json.dumps({"i": 2 * k + j}) + "\n" for j in (0, 1))
+        )
+    pattern = str(tmp_path / "part-*.jsonl")
+    assert [r["i"] for r in sources.read(pattern, "train[1:]")] == [1, 2, 3]
+    with pytest.raises(FileNotFoundError, match="no data file matches"):
+        sources.read(str(tmp_path / "none-*.jsonl"), "train")
+    from configs.demo import get_config
+    from distillm_jax.config import ConfigError, checks
+
+    c = get_config("tiny")
+    c.data.source, c.data.train_split, c.data.valid_split, c.data.test_split = pattern, "train", "train", ""
+    with pytest.raises(ConfigError, match="is one file"):
+        checks.check(c)
+    c.data.source = str(tmp_path / "none-*.jsonl")
+    with pytest.raises(ConfigError, match="does not exist"):
+        checks.check(c)
+
+
 def test_translation_pairs_and_their_hub_configs():
     task = tasks.get("iwslt2017", "de-en")
     row = {"translation": {"en": "Hello.", "de": "Hallo."}}

@@ -192,6 +192,8 @@ def _check_places(config: ConfigDict) -> None:
 def _exists(path: str, what: str) -> bool:
     """Whether a data file or folder is there; a bucket that refuses the question is one line."""
     try:
+        if "*" in path:  # a pattern: some file matches it
+            return bool(storage.glob(storage.absolute(path)))
         return storage.exists(storage.absolute(path))
     except ConfigError:
         raise
@@ -200,9 +202,11 @@ def _exists(path: str, what: str) -> bool:
 
 
 def _check_one_file(d: ConfigDict) -> None:
-    """A single data file holds one split: two splits of it must both be slices (else the validation
-    rows would be the training rows, and ``best/`` chosen on them)."""
-    if not (d.source and sources.is_local(d.source) and storage.isfile(storage.absolute(d.source))):
+    """A single data file (or the files of a ``*`` pattern) holds one split: two splits of it must both be
+    slices (else the validation rows would be the training rows, and ``best/`` chosen on them)."""
+    if not (d.source and sources.is_local(d.source)):
+        return
+    if "*" not in d.source and not storage.isfile(storage.absolute(d.source)):  # a pattern: one split too
         return
     keys = [k for k in ("train_split", "valid_split", "test_split") if d[k]]
     whole = [k for k in keys if sources.parse_split(d[k])[1] is None]

@@ -75,8 +75,8 @@ def get_config() -> ConfigDict:
 
     c.data = ConfigDict()
     c.data.task = "dolly"  # dolly | samsum | iwslt2017 | demo | demo_long
-    # "" = the task's hub dataset; else a .jsonl/.json/.parquet/.csv file or a directory of <split>.<ext>
-    # files (local, gs:// or s3://), or a hub dataset:
+    # "" = the task's hub dataset; else a .jsonl/.json/.parquet/.csv file, a pattern of them (data/*.jsonl:
+    # one split) or a directory of <split>.<ext> files (local, gs:// or s3://), or a hub dataset:
     # org/name[:config][@revision][?data_dir=...&data_files=...]
     c.data.source = ""
     c.data.languages = "en-de"  # iwslt2017: the translation direction, src-tgt

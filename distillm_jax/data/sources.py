@@ -123,6 +123,11 @@ def read(source: str, split: str, *, max_rows: int = 0, stream: bool = False) ->
 def _read_local(source: str, split: str) -> list[dict]:
     path = storage.absolute(source)
     name, piece, percent = parse_split(split)
+    if "*" in source:  # files that hold one split between them, read in the order of their names
+        files = storage.glob(path)
+        if not files:
+            raise FileNotFoundError(f"no data file matches {source}")
+        return sliced([row for f in files for row in read_file(f)], piece, percent)
     if storage.isdir(path):
         found = [storage.join(path, f"{name}.{ext}") for ext in LOCAL_FORMATS]
         found = [f for f in found if storage.isfile(f)]
