@@ -152,6 +152,11 @@ def listdir(path: str) -> list[str]:
         return []
 
 
+def is_pattern(path: str) -> bool:
+    """A ``*`` pattern of files (``data/*.jsonl``), not one path."""
+    return "*" in str(path)
+
+
 def glob(pattern: str) -> list[str]:
     """The files a ``*`` pattern matches (``gs://b/data/*.jsonl``), sorted; URLs stay URLs."""
     if not is_remote(pattern):
@@ -359,6 +364,18 @@ def check_writable(path: str, what: str) -> None:
         if is_remote(path) and why != "permission denied" and not _bucket_exists(path):
             why = "no such bucket, or no access to it"
         raise ConfigError(f"cannot write {what} {path} ({why}); choose another {what}") from None
+
+
+@contextlib.contextmanager
+def refused(what: str, error: type[Exception] = ConfigError) -> Iterator[None]:
+    """A bucket's refusal inside (no bucket, no permission, no credentials: each client raises its own
+    type) as one ``error`` line, ``what (why)``; a ConfigError (an unreachable endpoint) passes as it is."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise error(f"{what} ({reason(e)})") from None
 
 
 def endpoint(path: str) -> str:

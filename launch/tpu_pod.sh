@@ -36,7 +36,8 @@ case "$cmd" in
       prev=$a
     done
     case "$run_dir" in
-      gs://*|s3://*) ;;
+      gs://*) ;;
+      s3://*) echo "tpu_pod.sh: run_dir $run_dir: orbax checkpoints to gs:// or a mount only" >&2; exit 2 ;;
       "") echo "tpu_pod.sh: pass --config.run_dir=gs://BUCKET/PATH (the hosts share no disk)" >&2; exit 2 ;;
       *) echo "tpu_pod.sh: note: $run_dir must be a mount every worker sees (NFS, gcsfuse); gs://... needs none" >&2 ;;
     esac

@@ -434,6 +434,16 @@ def test_help_on_every_launch_script(script):
             assert "--config FILE" in proc.stdout and "distillm_jax/config/defaults.py" in proc.stdout
 
 
+def test_tpu_pod_needs_a_run_dir_every_worker_sees():
+    """The hosts of a slice share no disk: ``tpu_pod.sh train`` without a run_dir, or with one in s3://
+    (orbax checkpoints to gs:// only), stops in one line before it reaches any worker."""
+    path = str(ROOT / "launch" / "tpu_pod.sh")
+    for flags in ((), ("--config.run_dir", "s3://b/run")):
+        proc = subprocess.run(["bash", path, "train", "n", "z", *flags], capture_output=True, text=True)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "gs://" in proc.stderr
+
+
 def test_a_hyphenated_key_is_one_line():
     one_line_error(
         cli("--config.optim.batch-size=8"),

@@ -196,15 +196,26 @@ class _Forbidden(BaseHTTPRequestHandler):
 
 
 @pytest.mark.slow
-def test_a_missing_bucket_or_no_permission_is_one_line(gcs, bucket):
-    """Before anything loads: a bucket that does not exist, one that refuses us, a model folder or data
-    file that is not there."""
+def test_a_missing_bucket_or_no_permission_is_one_line(gcs, bucket, tmp_path):
+    """Before anything loads: a bucket that does not exist, one that refuses us (for the run folder, a
+    model or the data), an endpoint that does not answer, a model folder or data file that is not
+    there."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Forbidden)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     forbidden = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{server.server_address[1]}"}
     cases = [
         (("--config.run_dir=gs://no-such-bucket-here/run",), gcs.env, "no such bucket"),
         ((f"--config.run_dir={bucket}/refused",), forbidden, "permission denied"),
+        (
+            (f"--config.run_dir={tmp_path}/a", f"--config.teacher.path={bucket}/m"),
+            forbidden,
+            "permission denied",
+        ),
+        (
+            (f"--config.run_dir={tmp_path}/b", f"--config.data.source={bucket}/d.jsonl"),
+            forbidden,
+            "permission",
+        ),
         (
             (f"--config.run_dir={bucket}/r0",),
             {"STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"},
@@ -226,10 +237,8 @@ def test_a_missing_bucket_or_no_permission_is_one_line(gcs, bucket):
             start = time.time()
             out = _cli(*flags, env=env)
             lines = [x for x in out.stderr.splitlines() if x.strip()]
-            assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), out.stderr[
-                -2000:
-            ]
-            assert words in lines[0], lines[0]
+            assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+            assert lines[0].startswith("error:") and words in lines[0], lines[0]
             assert "stage 1/" not in out.stdout and time.time() - start < 90
     finally:
         server.shutdown()

@@ -190,15 +190,12 @@ def _check_places(config: ConfigDict) -> None:
 
 
 def _exists(path: str, what: str) -> bool:
-    """Whether a data file or folder is there; a bucket that refuses the question is one line."""
-    try:
-        if "*" in path:  # a pattern: some file matches it
+    """Whether a data file or folder is there (a pattern: some file matches it); a bucket that refuses
+    the question is one line."""
+    with storage.refused(f"{what} {path}: cannot read it"):
+        if storage.is_pattern(path):
             return bool(storage.glob(storage.absolute(path)))
         return storage.exists(storage.absolute(path))
-    except ConfigError:
-        raise
-    except Exception as e:  # no bucket, no permission, no credentials
-        raise ConfigError(f"{what} {path}: cannot read it ({storage.reason(e)})") from None
 
 
 def _check_one_file(d: ConfigDict) -> None:
@@ -206,7 +203,7 @@ def _check_one_file(d: ConfigDict) -> None:
     slices (else the validation rows would be the training rows, and ``best/`` chosen on them)."""
     if not (d.source and sources.is_local(d.source)):
         return
-    if "*" not in d.source and not storage.isfile(storage.absolute(d.source)):  # a pattern: one split too
+    if not storage.is_pattern(d.source) and not storage.isfile(storage.absolute(d.source)):  # a pattern too
         return
     keys = [k for k in ("train_split", "valid_split", "test_split") if d[k]]
     whole = [k for k in keys if sources.parse_split(d[k])[1] is None]

@@ -123,7 +123,7 @@ def read(source: str, split: str, *, max_rows: int = 0, stream: bool = False) ->
 def _read_local(source: str, split: str) -> list[dict]:
     path = storage.absolute(source)
     name, piece, percent = parse_split(split)
-    if "*" in source:  # files that hold one split between them, read in the order of their names
+    if storage.is_pattern(source):  # files that hold one split between them, read in name order
         files = storage.glob(path)
         if not files:
             raise FileNotFoundError(f"no data file matches {source}")

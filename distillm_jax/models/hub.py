@@ -18,7 +18,6 @@ import hashlib
 import os
 
 from distillm_jax import storage
-from distillm_jax.errors import ConfigError
 from distillm_jax.models.hf_io import CheckpointError
 
 SMALL_FILES = ["*.json", "*.model", "*.txt", "*.tiktoken"]  # configs and tokenizers, never code
@@ -112,12 +111,8 @@ def bucket_files(url: str, *, model: bool = True) -> str:
     fetched at every call (a few small files: a re-exported checkpoint is never read stale). Each file is
     renamed into place whole, so processes of one host may fetch the same folder at once."""
     url = storage.absolute(url)
-    try:
+    with storage.refused(f"cannot read {url}", CheckpointError):
         names = storage.listdir(url)
-    except ConfigError:  # an unreachable endpoint, a missing fsspec package: said already
-        raise
-    except Exception as e:  # a bucket's refusal: no bucket, no permission, no credentials
-        raise CheckpointError(f"cannot read {url} ({storage.reason(e)})") from None
     if model and "config.json" not in names:
         raise CheckpointError(f"{url} is not a checkpoint folder (no config.json there)")
     local = os.path.join(cache_root(), "buckets", hashlib.sha1(url.encode()).hexdigest()[:16])
